@@ -1,0 +1,1 @@
+"""panicd dispatch side: routing, escalation, channels and webhooks."""

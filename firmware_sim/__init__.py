@@ -1,0 +1,1 @@
+"""Button and receiver simulators, and the storm generator."""

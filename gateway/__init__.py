@@ -1,0 +1,1 @@
+"""panicd ingest side: sources, decode, verify, dedup, locate, store and the daemon."""
