@@ -1,0 +1,394 @@
+"""Load and validate panicd's TOML configuration and its data files.
+
+Every problem becomes one :class:`ConfigError` naming the file, the key (or row) and what
+is wrong, so ``panicd`` and ``panicctl check-config`` can print one line and exit non-zero.
+Secrets are never read from the TOML file: device keys come from the systemd credential
+``device-keys`` or the file named by ``PANICD_DEVICE_KEYS_FILE``, broker passwords from
+the environment or a credential (see :func:`_secret`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+from gateway.model import Device, Gateway, GeoFix, Trust
+
+_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_KODE = re.compile(r"\d\d\.\d\d\.\d\d\.\d{4}")
+_HEX_KEY = re.compile(r"(?:[0-9a-fA-F]{2}){16,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSourceConfig:
+    """One MQTT subscription set on one broker."""
+
+    name: str
+    host: str
+    port: int
+    client_id: str
+    topics: tuple[str, ...]
+    format: str
+    trust: Trust
+    keepalive_s: int
+    tls: bool
+    ca_file: Path | None
+    username: str | None
+    password: str | None = field(repr=False)
+    reconnect_min_s: float
+    reconnect_max_s: float
+    format_options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """Tuning and semantics of the ingest pipeline."""
+
+    batch_max: int = 256
+    batch_window_ms: float = 2.0
+    queue_max: int = 10_000
+    cancel_grace_s: float = 120.0
+    burst_urgent_presses: int = 3
+    drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything panicd needs to start, validated."""
+
+    path: Path
+    site: str
+    database: Path
+    kelurahan_file: Path
+    nearest_within_m: float
+    devices_file: Path
+    devices: Mapping[str, Device]
+    gateways: Mapping[str, Gateway]
+    ingest: IngestConfig
+    mqtt: tuple[MqttSourceConfig, ...]
+    external_index: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+    def device_for(self, format_name: str, ref: str) -> Device | None:
+        """The registered device a frame's identity refers to, for any format."""
+        if format_name in ("native", "lora-frame"):
+            return self.devices.get(ref)
+        device_id = self.external_index.get((format_name, ref))
+        return None if device_id is None else self.devices.get(device_id)
+
+
+class _Table:
+    """A TOML table with the file and key path it came from, for error messages."""
+
+    def __init__(self, file: Path, where: str, data: Mapping[str, Any]) -> None:
+        self.file = file
+        self.where = where
+        self.data = data
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), problem)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self._used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        # bool is an int in Python; a TOML `true` where a number belongs is an error.
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise self.error(name, f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.error(name, f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def require(self, name: str, kind: type | tuple[type, ...]) -> Any:
+        if name not in self.data:
+            raise self.error(name, "is required")
+        return self.get(name, kind)
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = float(self.get(name, (int, float), default))
+        if not low <= value <= high:
+            raise self.error(name, f"must be between {low:g} and {high:g}")
+        return value
+
+    def table(self, name: str) -> _Table:
+        return _Table(self.file, self.key(name), self.get(name, dict, {}))
+
+    def tables(self, name: str) -> list[_Table]:
+        rows = self.get(name, list, [])
+        out = []
+        for index, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ConfigError(self.file, f"{self.key(name)}[{index}]", "expected a table")
+            out.append(_Table(self.file, f"{self.key(name)}[{index}]", row))
+        return out
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self._used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (misspelt?)")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a table",
+        list: "an array",
+    }
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(path, "-", "file not found") from None
+    except PermissionError:
+        raise ConfigError(path, "-", "permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
+
+
+def _fix(table: _Table, name: str) -> GeoFix | None:
+    raw = table.get(name, dict)
+    if raw is None:
+        return None
+    sub = _Table(table.file, table.key(name), raw)
+    lat = sub.require("lat", (int, float))
+    lon = sub.require("lon", (int, float))
+    sub.check_unknown()
+    if not -90 <= lat <= 90:
+        raise sub.error("lat", "must be between -90 and 90")
+    if not -180 <= lon <= 180:
+        raise sub.error("lon", "must be between -180 and 180")
+    return GeoFix(lat=float(lat), lon=float(lon))
+
+
+def _credential(name: str, environ: Mapping[str, str]) -> str | None:
+    """A systemd credential (LoadCredential=) by name, if the service has one."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+
+
+def _secret(env_name: str, credential: str, environ: Mapping[str, str]) -> str | None:
+    """A secret from systemd credentials first, then the environment."""
+    value = _credential(credential, environ)
+    if value is not None:
+        return value
+    return environ.get(env_name) or None
+
+
+def load_device_keys(environ: Mapping[str, str]) -> tuple[Path | None, dict[str, bytes]]:
+    """Device HMAC keys from the ``device-keys`` credential or ``PANICD_DEVICE_KEYS_FILE``.
+
+    The file is TOML: ``DEVICE_ID = "hex key"`` (16 to 64 bytes).
+    """
+    path: Path | None = None
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory and (Path(directory) / "device-keys").exists():
+        path = Path(directory) / "device-keys"
+    elif environ.get("PANICD_DEVICE_KEYS_FILE"):
+        path = Path(environ["PANICD_DEVICE_KEYS_FILE"])
+    if path is None:
+        return None, {}
+    keys: dict[str, bytes] = {}
+    for device_id, value in _read_toml(path).items():
+        if not isinstance(value, str) or not _HEX_KEY.fullmatch(value):
+            # Never echo the value: it is (or was meant to be) a secret.
+            raise ConfigError(path, device_id, "key must be 32 to 128 hex digits")
+        keys[device_id] = bytes.fromhex(value)
+    return path, keys
+
+
+def load_registry(
+    path: Path, keys: Mapping[str, bytes], keys_path: Path | None
+) -> tuple[dict[str, Device], dict[str, Gateway]]:
+    """The device and gateway registry (devices.toml), joined with the device keys."""
+    root = _Table(path, "", _read_toml(path))
+    gateways: dict[str, Gateway] = {}
+    for row in root.tables("gateway"):
+        gateway_id = row.require("id", str)
+        if not _DEVICE_ID.fullmatch(gateway_id):
+            raise row.error("id", "must be letters, digits, '.', '_' or '-' (max 64)")
+        if gateway_id in gateways:
+            raise row.error("id", f"duplicate gateway id {gateway_id}")
+        location = _fix(row, "location")
+        if location is None:
+            raise row.error("location", "is required")
+        gateways[gateway_id] = Gateway(
+            id=gateway_id, location=location, description=row.get("description", str, "")
+        )
+        row.check_unknown()
+    devices: dict[str, Device] = {}
+    external: dict[tuple[str, str], str] = {}
+    for row in root.tables("device"):
+        device_id = row.require("id", str)
+        if not _DEVICE_ID.fullmatch(device_id):
+            raise row.error("id", "must be letters, digits, '.', '_' or '-' (max 64)")
+        if device_id in devices:
+            raise row.error("id", f"duplicate device id {device_id}")
+        mobile = row.get("mobile", bool, False)
+        location = _fix(row, "location")
+        if location is None and not mobile:
+            raise row.error("location", "is required unless mobile = true")
+        kode = row.get("kelurahan", str)
+        if kode is not None and not _KODE.fullmatch(kode):
+            raise row.error("kelurahan", "must be a kode like 35.77.01.1001")
+        ext_raw = row.get("external_ids", dict, {})
+        ext: dict[str, str] = {}
+        for fmt, ref in ext_raw.items():
+            if not isinstance(ref, str) or not ref:
+                raise row.error(f"external_ids.{fmt}", "must be a non-empty string")
+            if (fmt, ref) in external:
+                raise row.error(f"external_ids.{fmt}", f"{ref} is already {external[fmt, ref]}")
+            external[fmt, ref] = device_id
+            ext[fmt] = ref
+        heartbeat = int(row.number("heartbeat_interval_s", 3600, 60, 7 * 86400))
+        devices[device_id] = Device(
+            id=device_id,
+            hardware=row.require("hardware", str),
+            key=keys.get(device_id),
+            location=location,
+            mobile=mobile,
+            address=row.get("address", str, ""),
+            landmark=row.get("landmark", str, ""),
+            kelurahan_kode=kode,
+            heartbeat_interval_s=heartbeat,
+            external_ids=ext,
+        )
+        row.check_unknown()
+    root.check_unknown()
+    for device_id in keys:
+        if device_id not in devices:
+            where = keys_path or "device-keys"
+            raise ConfigError(where, device_id, "key for an unregistered device")
+    return devices, gateways
+
+
+def _mqtt(row: _Table, environ: Mapping[str, str], base: Path) -> MqttSourceConfig:
+    name = row.require("name", str)
+    if not _NAME.fullmatch(name):
+        raise row.error("name", "must be lowercase letters, digits and '-'")
+    fmt = row.get("format", str, "native")
+    topics = row.get("topics", list, ["panicd/v1/dev/+/up", "panicd/v1/gw/+/up"])
+    if not topics or not all(isinstance(t, str) and t for t in topics):
+        raise row.error("topics", "must be a non-empty array of topic filters")
+    try:
+        trust = Trust(row.get("trust", str, "signed" if fmt == "native" else "network"))
+    except ValueError:
+        raise row.error("trust", "must be 'signed' or 'network'") from None
+    if fmt == "native" and trust is not Trust.SIGNED:
+        raise row.error("trust", "native frames are always verified: use 'signed'")
+    ca = row.get("ca_file", str)
+    ca_file = (base / ca) if ca else None
+    if ca_file is not None and not ca_file.exists():
+        raise row.error("ca_file", f"{ca_file} does not exist")
+    options = row.get("format_options", dict, {})
+    if not all(isinstance(v, str) for v in options.values()):
+        raise row.error("format_options", "values must be strings")
+    env_key = f"PANICD_MQTT_{name.upper().replace('-', '_')}_PASSWORD"
+    password = _secret(env_key, f"mqtt-{name}-password", environ)
+    if "password" in row.data:
+        raise row.error("password", f"secrets do not belong in the config file: use {env_key}")
+    low = row.number("reconnect_min_s", 0.5, 0.05, 60)
+    cfg = MqttSourceConfig(
+        name=name,
+        host=row.get("host", str, "127.0.0.1"),
+        port=int(row.number("port", 1883, 1, 65535)),
+        client_id=row.require("client_id", str),
+        topics=tuple(topics),
+        format=fmt,
+        trust=trust,
+        keepalive_s=int(row.number("keepalive_s", 30, 5, 3600)),
+        tls=row.get("tls", bool, False),
+        ca_file=ca_file,
+        username=row.get("username", str),
+        password=password,
+        reconnect_min_s=low,
+        reconnect_max_s=row.number("reconnect_max_s", 30, low, 3600),
+        format_options=dict(options),
+    )
+    row.check_unknown()
+    return cfg
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Load, validate and join the TOML file, the device registry and the device keys."""
+    env = os.environ if environ is None else environ
+    path = path.resolve()
+    base = path.parent
+    root = _Table(path, "", _read_toml(path))
+    panicd = root.table("panicd")
+    site = panicd.get("site", str, "Kota Madiun")
+    database = base / panicd.get("database", str, "panicd.sqlite3")
+    panicd.check_unknown()
+
+    geo = root.table("geo")
+    kelurahan_file = base / geo.get("kelurahan_file", str, "geo/kelurahan.geojson")
+    if not kelurahan_file.exists():
+        raise geo.error("kelurahan_file", f"{kelurahan_file} does not exist")
+    nearest = geo.number("nearest_within_m", 150, 0, 5000)
+    geo.check_unknown()
+
+    ingest_t = root.table("ingest")
+    ingest = IngestConfig(
+        batch_max=int(ingest_t.number("batch_max", 256, 1, 10_000)),
+        batch_window_ms=ingest_t.number("batch_window_ms", 2.0, 0, 1000),
+        queue_max=int(ingest_t.number("queue_max", 10_000, 1, 1_000_000)),
+        cancel_grace_s=ingest_t.number("cancel_grace_s", 120, 0, 86400),
+        burst_urgent_presses=int(ingest_t.number("burst_urgent_presses", 3, 2, 1000)),
+        drain_timeout_s=ingest_t.number("drain_timeout_s", 10, 0.1, 300),
+    )
+    ingest_t.check_unknown()
+
+    devices_t = root.table("devices")
+    devices_file = base / devices_t.get("registry", str, "devices.toml")
+    devices_t.check_unknown()
+    keys_path, keys = load_device_keys(env)
+    devices, gateways = load_registry(devices_file, keys, keys_path)
+
+    sources = tuple(_mqtt(row, env, base) for row in root.tables("mqtt"))
+    names = [s.name for s in sources]
+    for index, name in enumerate(names):
+        if names.index(name) != index:
+            raise ConfigError(path, f"mqtt[{index}].name", f"duplicate source name {name}")
+    root.check_unknown()
+    return Config(
+        path=path,
+        site=site,
+        database=database,
+        kelurahan_file=kelurahan_file,
+        nearest_within_m=nearest,
+        devices_file=devices_file,
+        devices=devices,
+        gateways=gateways,
+        ingest=ingest,
+        mqtt=sources,
+        external_index={
+            (fmt, ref): device.id
+            for device in devices.values()
+            for fmt, ref in device.external_ids.items()
+        },
+    )

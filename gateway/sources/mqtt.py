@@ -1,0 +1,230 @@
+"""MQTT source over aiomqtt 2.5: persistent session, QoS 1, PUBACK only after commit.
+
+aiomqtt does not expose manual acknowledgement, so we switch its paho client to
+``manual_ack_set(True)`` and call ``ack(mid, qos)`` from the ingest pipeline's commit
+callback (MQTT 3.1.1 §4.3.2: the receiver owns the message once it sends PUBACK). A
+message that was never acknowledged is redelivered by the broker when we reconnect with
+the same client id and ``clean_session=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import time
+from collections.abc import Callable
+from functools import partial
+
+import aiomqtt
+import structlog
+
+from gateway.config import MqttSourceConfig
+from gateway.errors import DecodeError
+from gateway.ingest import Inbound, Ingestor, Outcome
+from gateway.model import Frame, Ignored, Reception
+from gateway.sources.decoding import decoder_for
+
+log = structlog.get_logger("panicd.mqtt")
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (AWS architecture blog's variant)."""
+
+    def __init__(self, low: float, high: float, rand: Callable[[], float] = random.random) -> None:
+        self._low = low
+        self._high = high
+        self._rand = rand
+        self._attempt = 0
+
+    def reset(self) -> None:
+        """Start again from the shortest delay."""
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        """The next delay in seconds."""
+        cap = min(self._high, self._low * 2.0**self._attempt)
+        self._attempt = min(self._attempt + 1, 32)
+        return self._low + (cap - self._low) * self._rand()
+
+
+def _payload_bytes(payload: object) -> bytes:
+    match payload:
+        case bytes():
+            return payload
+        case bytearray():
+            return bytes(payload)
+        case str():
+            return payload.encode()
+        case None:
+            return b""
+        case _:
+            return str(payload).encode()
+
+
+class MqttSource:
+    """One broker connection feeding the ingest pipeline."""
+
+    def __init__(
+        self,
+        config: MqttSourceConfig,
+        ingestor: Ingestor,
+        *,
+        drain_timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = config.name
+        self._config = config
+        self._ingestor = ingestor
+        self._drain_timeout_s = drain_timeout_s
+        self._clock = clock
+        self._decode = decoder_for(config.format, config.format_options)
+        self._client: aiomqtt.Client | None = None
+        self._generation = 0
+        self._connected = False
+        self._first_connect = asyncio.Event()
+        self.received = 0
+        self.acked = 0
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up."""
+        return self._connected
+
+    async def wait_connected(self) -> None:
+        """Return once the source has connected the first time."""
+        await self._first_connect.wait()
+
+    @property
+    def client(self) -> aiomqtt.Client | None:
+        """The live client, for publishing presser feedback on the same connection."""
+        return self._client if self._connected else None
+
+    def _make_client(self) -> aiomqtt.Client:
+        cfg = self._config
+        tls_context = None
+        if cfg.tls:
+            tls_context = ssl.create_default_context(
+                cafile=str(cfg.ca_file) if cfg.ca_file else None
+            )
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            identifier=cfg.client_id,
+            clean_session=False,
+            keepalive=cfg.keepalive_s,
+            username=cfg.username,
+            password=cfg.password,
+            tls_context=tls_context,
+            timeout=10,
+        )
+        # The one seam aiomqtt 2.5 lacks: acknowledge after our commit, not on receipt.
+        client._client.manual_ack_set(True)
+        return client
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, receive and reconnect until ``stop``; then drain and disconnect."""
+        cfg = self._config
+        backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        while not stop.is_set():
+            client = self._make_client()
+            try:
+                async with client:
+                    self._generation += 1
+                    self._client = client
+                    for topic in cfg.topics:
+                        await client.subscribe(topic, qos=1)
+                    self._connected = True
+                    self._first_connect.set()
+                    backoff.reset()
+                    log.info(
+                        "mqtt.connected",
+                        source=self.name,
+                        host=cfg.host,
+                        port=cfg.port,
+                        client_id=cfg.client_id,
+                        topics=list(cfg.topics),
+                    )
+                    await self._receive_until(client, stop)
+                    # Keep the connection open while the pipeline commits what we handed
+                    # it, so those PUBACKs still go out on this session.
+                    drained = await self._ingestor.drain(self._drain_timeout_s)
+                    log.info("mqtt.draining_done", source=self.name, drained=drained)
+            except aiomqtt.MqttError as exc:
+                was_connected = self._connected
+                self._connected = False
+                delay = backoff.next_delay()
+                log.warning(
+                    "mqtt.disconnected" if was_connected else "mqtt.connect_failed",
+                    source=self.name,
+                    host=cfg.host,
+                    port=cfg.port,
+                    error=str(exc),
+                    retry_in_s=round(delay, 2),
+                )
+                try:
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+            finally:
+                self._connected = False
+                self._client = None
+        log.info("mqtt.stopped", source=self.name)
+
+    async def _receive_until(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """Pump messages into the pipeline until ``stop`` (or a disconnect raises)."""
+        generation = self._generation
+        async with asyncio.TaskGroup() as group:
+            pump = group.create_task(self._pump(client, generation), name=f"mqtt.{self.name}.pump")
+            stopper = group.create_task(stop.wait(), name=f"mqtt.{self.name}.stop")
+            await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            pump.cancel()
+            stopper.cancel()
+        # A pump that ended with MqttError propagated out of the TaskGroup above.
+
+    async def _pump(self, client: aiomqtt.Client, generation: int) -> None:
+        async for message in client.messages:
+            self.received += 1
+            topic = message.topic.value
+            payload = _payload_bytes(message.payload)
+            reception = Reception(
+                path=f"mqtt:{self.name}:{topic}", received_at=self._clock(), source=self.name
+            )
+            try:
+                decoded: Frame | Ignored | DecodeError = self._decode(topic, payload)
+            except DecodeError as exc:
+                decoded = exc
+            done = partial(self._acknowledge, client, generation, message.mid, message.qos)
+            if isinstance(decoded, Ignored):
+                log.debug("message.ignored", source=self.name, topic=topic, reason=decoded.reason)
+                done(None)
+                continue
+            await self._ingestor.submit(
+                Inbound(
+                    decoded=decoded,
+                    payload=payload,
+                    reception=reception,
+                    format=self._config.format,
+                    trust=self._config.trust,
+                    on_done=done,
+                )
+            )
+
+    def _acknowledge(
+        self,
+        client: aiomqtt.Client,
+        generation: int,
+        mid: int,
+        qos: int,
+        _outcome: Outcome | None,
+    ) -> None:
+        """Send the PUBACK, but only on the connection the message arrived on.
+
+        After a reconnect the old packet id may name another message, so a stale ack is
+        dropped: the broker redelivers that message and it is recognised as a duplicate.
+        """
+        if qos == 0 or generation != self._generation or client is not self._client:
+            return
+        client._client.ack(mid, qos)
+        self.acked += 1

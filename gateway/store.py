@@ -1,0 +1,599 @@
+"""The durable store: SQLite through aiosqlite, WAL, one writer, versioned schema.
+
+The ingest side talks to it through :class:`IngestStore`, a Protocol small enough that a
+PostgreSQL implementation (DESIGN §5) can stand beside this one. All writes of a batch
+happen in one ``BEGIN IMMEDIATE`` transaction; the batch's presses are acknowledged to
+their senders only after ``COMMIT`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import aiosqlite
+
+from gateway.dedup import ActiveIncident
+from gateway.model import PressKind
+from gateway.verify import DeviceState, KnownPress
+
+# Each entry moves the schema from version N to N+1 (PRAGMA user_version). Never edit a
+# shipped migration: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE devices (
+        id            TEXT PRIMARY KEY,
+        last_counter  INTEGER,
+        last_seen_at  REAL,
+        last_kind     TEXT,
+        last_path     TEXT,
+        battery       INTEGER
+    );
+    CREATE TABLE incidents (
+        id               INTEGER PRIMARY KEY,
+        device_id        TEXT NOT NULL,
+        status           TEXT NOT NULL
+                         CHECK (status IN ('open', 'acknowledged', 'resolved', 'cancelled')),
+        test             INTEGER NOT NULL,
+        urgent           INTEGER NOT NULL DEFAULT 0,
+        opened_at        REAL NOT NULL,
+        updated_at       REAL NOT NULL,
+        closed_at        REAL,
+        press_count      INTEGER NOT NULL,
+        last_press_at    REAL NOT NULL,
+        lat              REAL,
+        lon              REAL,
+        location_source  TEXT NOT NULL,
+        kelurahan_kode   TEXT,
+        kelurahan        TEXT,
+        kecamatan        TEXT,
+        kelurahan_match  TEXT NOT NULL,
+        address          TEXT NOT NULL,
+        landmark         TEXT NOT NULL
+    );
+    CREATE INDEX incidents_active ON incidents (device_id, test)
+        WHERE status IN ('open', 'acknowledged');
+    CREATE INDEX incidents_opened ON incidents (opened_at);
+    CREATE TABLE presses (
+        id           INTEGER PRIMARY KEY,
+        device_id    TEXT NOT NULL,
+        counter      INTEGER,
+        kind         TEXT NOT NULL,
+        format       TEXT NOT NULL,
+        trust        TEXT NOT NULL,
+        received_at  REAL NOT NULL,
+        device_time  INTEGER,
+        battery      INTEGER,
+        lat          REAL,
+        lon          REAL,
+        accuracy_m   REAL,
+        incident_id  INTEGER REFERENCES incidents (id),
+        outcome      TEXT NOT NULL
+    );
+    CREATE INDEX presses_device_counter ON presses (device_id, counter);
+    -- A signed counter is never reused, so the database itself refuses a second copy.
+    CREATE UNIQUE INDEX presses_signed_unique ON presses (device_id, counter)
+        WHERE trust = 'signed';
+    CREATE INDEX presses_incident ON presses (incident_id);
+    CREATE TABLE press_paths (
+        press_id        INTEGER NOT NULL REFERENCES presses (id),
+        path            TEXT NOT NULL,
+        first_heard_at  REAL NOT NULL,
+        last_heard_at   REAL NOT NULL,
+        heard           INTEGER NOT NULL DEFAULT 1,
+        rssi            REAL,
+        snr             REAL,
+        PRIMARY KEY (press_id, path)
+    );
+    CREATE TABLE incident_events (
+        id           INTEGER PRIMARY KEY,
+        incident_id  INTEGER NOT NULL REFERENCES incidents (id),
+        at           REAL NOT NULL,
+        event        TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        actor        TEXT,
+        press_id     INTEGER,
+        detail       TEXT
+    );
+    CREATE INDEX incident_events_incident ON incident_events (incident_id, id);
+    CREATE TABLE dead_letters (
+        id           INTEGER PRIMARY KEY,
+        received_at  REAL NOT NULL,
+        source       TEXT NOT NULL,
+        path         TEXT NOT NULL,
+        format       TEXT NOT NULL,
+        device_ref   TEXT,
+        reason       TEXT NOT NULL,
+        detail       TEXT NOT NULL,
+        payload      BLOB NOT NULL
+    );
+    CREATE INDEX dead_letters_received ON dead_letters (received_at);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+ACTIVE_STATUSES = ("open", "acknowledged")
+
+
+@dataclass(frozen=True, slots=True)
+class PressRow:
+    """A new press row."""
+
+    id: int
+    device_id: str
+    counter: int | None
+    kind: str
+    format: str
+    trust: str
+    received_at: float
+    device_time: int | None
+    battery: int | None
+    lat: float | None
+    lon: float | None
+    accuracy_m: float | None
+    incident_id: int | None
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class PathRow:
+    """One path a press was heard on (inserted, or its count bumped)."""
+
+    press_id: int
+    path: str
+    heard_at: float
+    rssi: float | None
+    snr: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentRow:
+    """A new incident row."""
+
+    id: int
+    device_id: str
+    test: bool
+    opened_at: float
+    lat: float | None
+    lon: float | None
+    location_source: str
+    kelurahan_kode: str | None
+    kelurahan: str | None
+    kecamatan: str | None
+    kelurahan_match: str
+    address: str
+    landmark: str
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentChange:
+    """A change to an existing incident; None fields are left as they are."""
+
+    id: int
+    at: float
+    add_presses: int = 0
+    status: str | None = None
+    urgent: bool | None = None
+    lat: float | None = None
+    lon: float | None = None
+    location_source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineRow:
+    """One entry on an incident's timeline: what happened and why."""
+
+    incident_id: int
+    at: float
+    event: str
+    reason: str
+    actor: str | None = None
+    press_id: int | None = None
+    detail: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSeen:
+    """The device's state after the batch (only the newest frame per device is kept)."""
+
+    device_id: str
+    counter: int | None
+    seen_at: float
+    kind: str
+    path: str
+    battery: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    """A frame that was not accepted, kept with its reason."""
+
+    received_at: float
+    source: str
+    path: str
+    format: str
+    device_ref: str | None
+    reason: str
+    detail: str
+    payload: bytes
+
+
+@dataclass(slots=True)
+class BatchWrites:
+    """Everything one ingest batch writes, applied in one transaction."""
+
+    presses: list[PressRow] = field(default_factory=list)
+    paths: list[PathRow] = field(default_factory=list)
+    incidents: list[IncidentRow] = field(default_factory=list)
+    incident_changes: list[IncidentChange] = field(default_factory=list)
+    timeline: list[TimelineRow] = field(default_factory=list)
+    devices: dict[str, DeviceSeen] = field(default_factory=dict)
+    dead_letters: list[DeadLetterRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchState:
+    """What the pipeline must know about a batch's devices before deciding anything."""
+
+    devices: Mapping[str, DeviceState]
+    active: Mapping[str, ActiveIncident]
+    active_test: Mapping[str, ActiveIncident]
+    known: Mapping[tuple[str, int], KnownPress]
+
+
+class IngestStore(Protocol):
+    """The ingest side's view of the store (one implementation per database)."""
+
+    def allocate_press_id(self) -> int:
+        """A fresh press id, valid within the current transaction."""
+        ...
+
+    def allocate_incident_id(self) -> int:
+        """A fresh incident id, valid within the current transaction."""
+        ...
+
+    async def begin(self) -> None:
+        """Start the batch's write transaction."""
+        ...
+
+    async def batch_state(
+        self, device_ids: Iterable[str], keys: Iterable[tuple[str, int]]
+    ) -> BatchState:
+        """Device state, active incidents and already stored presses for a batch."""
+        ...
+
+    async def write(self, writes: BatchWrites) -> None:
+        """Apply a batch's writes inside the open transaction."""
+        ...
+
+    async def commit(self) -> None:
+        """Make the batch durable."""
+        ...
+
+    async def rollback(self) -> None:
+        """Abandon the batch (ids handed out since begin are forgotten)."""
+        ...
+
+
+class StoreError(Exception):
+    """The database refused an operation (corrupt file, newer schema, disk full...)."""
+
+
+def _chunks(items: Sequence[Any], size: int = 400) -> Iterable[Sequence[Any]]:
+    # SQLite caps host parameters per statement (32766 since 3.32, 999 before).
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class SqliteStore:
+    """SQLite implementation of :class:`IngestStore`; an async context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._next_press = 1
+        self._next_incident = 1
+        self._base_press = 1
+        self._base_incident = 1
+
+    async def __aenter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves, so a batch is
+        # exactly one transaction and the write lock is taken before the first read.
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await migrate(self._db)
+            await self._load_ids()
+        except BaseException:
+            await self._db.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The open connection."""
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    async def _load_ids(self) -> None:
+        rows = await self.db.execute_fetchall(
+            "SELECT (SELECT COALESCE(MAX(id), 0) FROM presses),"
+            " (SELECT COALESCE(MAX(id), 0) FROM incidents)"
+        )
+        (max_press, max_incident), *_ = list(rows)
+        self._next_press = self._base_press = int(max_press) + 1
+        self._next_incident = self._base_incident = int(max_incident) + 1
+
+    def allocate_press_id(self) -> int:
+        """A fresh press id, valid within the current transaction."""
+        value = self._next_press
+        self._next_press += 1
+        return value
+
+    def allocate_incident_id(self) -> int:
+        """A fresh incident id, valid within the current transaction."""
+        value = self._next_incident
+        self._next_incident += 1
+        return value
+
+    async def begin(self) -> None:
+        """Start the batch's write transaction."""
+        await self.db.execute("BEGIN IMMEDIATE")
+
+    async def commit(self) -> None:
+        """Make the batch durable."""
+        await self.db.execute("COMMIT")
+        self._base_press = self._next_press
+        self._base_incident = self._next_incident
+
+    async def rollback(self) -> None:
+        """Abandon the batch (ids handed out since begin are forgotten)."""
+        if self.db.in_transaction:
+            await self.db.execute("ROLLBACK")
+        self._next_press = self._base_press
+        self._next_incident = self._base_incident
+
+    async def batch_state(
+        self, device_ids: Iterable[str], keys: Iterable[tuple[str, int]]
+    ) -> BatchState:
+        """Device state, active incidents and already stored presses for a batch."""
+        ids = sorted(set(device_ids))
+        devices: dict[str, DeviceState] = {}
+        active: dict[str, ActiveIncident] = {}
+        active_test: dict[str, ActiveIncident] = {}
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            # Only "?" placeholders are interpolated into these statements.
+            sql = (
+                f"SELECT id, last_counter, last_seen_at, battery FROM devices WHERE id IN ({marks})"  # noqa: S608
+            )
+            rows = await self.db.execute_fetchall(sql, chunk)
+            for row in rows:
+                devices[row[0]] = DeviceState(row[0], row[1], row[2], row[3])
+            sql = f"SELECT id, device_id, test, opened_at, press_count, urgent FROM incidents WHERE device_id IN ({marks}) AND status IN ('open', 'acknowledged') ORDER BY id"  # noqa: S608, E501
+            rows = await self.db.execute_fetchall(sql, chunk)
+            for row in rows:
+                incident = ActiveIncident(
+                    id=row[0],
+                    device_id=row[1],
+                    test=bool(row[2]),
+                    opened_at=row[3],
+                    press_count=row[4],
+                    urgent=bool(row[5]),
+                )
+                # ORDER BY id: if several are active (an operator reopened one), the
+                # newest wins, deterministically.
+                (active_test if incident.test else active)[incident.device_id] = incident
+        known: dict[tuple[str, int], KnownPress] = {}
+        key_list = sorted(set(keys))
+        for chunk in _chunks(key_list, 200):
+            values = ",".join("(?, ?)" for _ in chunk)
+            params = [part for key in chunk for part in key]
+            sql = f"SELECT device_id, counter, id, kind, received_at FROM presses WHERE (device_id, counter) IN (VALUES {values}) ORDER BY id"  # noqa: S608, E501
+            rows = await self.db.execute_fetchall(sql, params)
+            for row in rows:
+                known[row[0], row[1]] = KnownPress(row[2], PressKind(row[3]), row[4])
+        return BatchState(devices, active, active_test, known)
+
+    async def write(self, writes: BatchWrites) -> None:
+        """Apply a batch's writes inside the open transaction."""
+        db = self.db
+        if writes.incidents:
+            await db.executemany(
+                "INSERT INTO incidents (id, device_id, status, test, opened_at, updated_at,"
+                " press_count, last_press_at, lat, lon, location_source, kelurahan_kode,"
+                " kelurahan, kecamatan, kelurahan_match, address, landmark)"
+                " VALUES (?, ?, 'open', ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        i.id,
+                        i.device_id,
+                        int(i.test),
+                        i.opened_at,
+                        i.opened_at,
+                        i.opened_at,
+                        i.lat,
+                        i.lon,
+                        i.location_source,
+                        i.kelurahan_kode,
+                        i.kelurahan,
+                        i.kecamatan,
+                        i.kelurahan_match,
+                        i.address,
+                        i.landmark,
+                    )
+                    for i in writes.incidents
+                ],
+            )
+        if writes.presses:
+            await db.executemany(
+                "INSERT INTO presses (id, device_id, counter, kind, format, trust,"
+                " received_at, device_time, battery, lat, lon, accuracy_m, incident_id,"
+                " outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        p.id,
+                        p.device_id,
+                        p.counter,
+                        p.kind,
+                        p.format,
+                        p.trust,
+                        p.received_at,
+                        p.device_time,
+                        p.battery,
+                        p.lat,
+                        p.lon,
+                        p.accuracy_m,
+                        p.incident_id,
+                        p.outcome,
+                    )
+                    for p in writes.presses
+                ],
+            )
+        if writes.paths:
+            await db.executemany(
+                "INSERT INTO press_paths (press_id, path, first_heard_at, last_heard_at,"
+                " heard, rssi, snr) VALUES (?, ?, ?, ?, 1, ?, ?)"
+                " ON CONFLICT (press_id, path) DO UPDATE SET heard = heard + 1,"
+                " last_heard_at = MAX(last_heard_at, excluded.last_heard_at)",
+                [(p.press_id, p.path, p.heard_at, p.heard_at, p.rssi, p.snr) for p in writes.paths],
+            )
+        if writes.incident_changes:
+            await db.executemany(
+                "UPDATE incidents SET"
+                " press_count = press_count + ?,"
+                " last_press_at = CASE WHEN ? > 0 THEN MAX(last_press_at, ?)"
+                "   ELSE last_press_at END,"
+                " updated_at = MAX(updated_at, ?),"
+                " status = COALESCE(?, status),"
+                " closed_at = CASE WHEN ? IN ('resolved', 'cancelled') THEN ? ELSE closed_at END,"
+                " urgent = COALESCE(?, urgent),"
+                " lat = COALESCE(?, lat), lon = COALESCE(?, lon),"
+                " location_source = COALESCE(?, location_source)"
+                " WHERE id = ?",
+                [
+                    (
+                        c.add_presses,
+                        c.add_presses,
+                        c.at,
+                        c.at,
+                        c.status,
+                        c.status,
+                        c.at,
+                        None if c.urgent is None else int(c.urgent),
+                        c.lat,
+                        c.lon,
+                        c.location_source,
+                        c.id,
+                    )
+                    for c in writes.incident_changes
+                ],
+            )
+        if writes.timeline:
+            await db.executemany(
+                "INSERT INTO incident_events (incident_id, at, event, reason, actor, press_id,"
+                " detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        t.incident_id,
+                        t.at,
+                        t.event,
+                        t.reason,
+                        t.actor,
+                        t.press_id,
+                        None if t.detail is None else json.dumps(t.detail, sort_keys=True),
+                    )
+                    for t in writes.timeline
+                ],
+            )
+        if writes.devices:
+            await db.executemany(
+                "INSERT INTO devices (id, last_counter, last_seen_at, last_kind, last_path,"
+                " battery) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET"
+                " last_counter = COALESCE(excluded.last_counter, last_counter),"
+                " last_seen_at = MAX(COALESCE(last_seen_at, 0), excluded.last_seen_at),"
+                " last_kind = excluded.last_kind, last_path = excluded.last_path,"
+                " battery = COALESCE(excluded.battery, battery)",
+                [
+                    (d.device_id, d.counter, d.seen_at, d.kind, d.path, d.battery)
+                    for d in writes.devices.values()
+                ],
+            )
+        if writes.dead_letters:
+            await db.executemany(
+                "INSERT INTO dead_letters (received_at, source, path, format, device_ref,"
+                " reason, detail, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        d.received_at,
+                        d.source,
+                        d.path,
+                        d.format,
+                        d.device_ref,
+                        d.reason,
+                        d.detail,
+                        d.payload,
+                    )
+                    for d in writes.dead_letters
+                ],
+            )
+
+
+async def migrate(db: aiosqlite.Connection) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`; refuses a database from a newer panicd."""
+    await db.execute("PRAGMA journal_mode = WAL")
+    # FULL: a commit survives power loss, not only a killed process. Grouped commits
+    # keep the fsync cost per press small.
+    await db.execute("PRAGMA synchronous = FULL")
+    await db.execute("PRAGMA foreign_keys = ON")
+    await db.execute("PRAGMA busy_timeout = 5000")
+    rows = list(await db.execute_fetchall("PRAGMA user_version"))
+    version = int(rows[0][0])
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"database schema version {version} is newer than this panicd ({SCHEMA_VERSION})"
+        )
+    for target in range(version, SCHEMA_VERSION):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[target]):
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {target + 1}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit on its own)."""
+    out: list[str] = []
+    current: list[str] = []
+    for line in script.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("--"):
+            continue
+        current.append(line)
+        if stripped.endswith(";"):
+            out.append("\n".join(current))
+            current = []
+    if current:
+        out.append("\n".join(current))
+    return out
