@@ -10,7 +10,7 @@ import pytest
 
 from dispatch.oncall import OncallRow, oncall_report
 from dispatch.policy import Routing, load_policies
-from dispatch.responders import WIB, Responders, load_responders
+from dispatch.responders import WIB, Responders, Roster, load_responders
 from gateway.model import Kelurahan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def test_a_roster_gap_shows_as_an_empty_row() -> None:
     holes = Responders(
         people.people,
         people.groups,
-        {**people.rosters, "linmas-kuncen": type(gappy)(gappy.id, ())},
+        {**people.rosters, "linmas-kuncen": Roster(gappy.id, ())},
     )
     rows = oncall_report(
         routing, holes, datetime(2026, 3, 2, 12, 0, tzinfo=WIB), "35.77.03.1004", kelurahan
