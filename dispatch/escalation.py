@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from dispatch.policy import Channel, Level, Policy
+from dispatch.policy import Level, Medium, Policy
 from dispatch.responders import Responders
 
 
@@ -103,7 +103,7 @@ class Page:
     round: int
     level: int
     person_id: str
-    channel: Channel
+    channel: Medium
     due_at: float
 
     @property
@@ -169,7 +169,7 @@ def expand_step(
 ) -> tuple[Page, ...]:
     """The pages a step sends when it fires at ``at``: every channel's pass over every person.
 
-    Channel-major order (all SMS, then all calls) because an SMS reaches everyone within
+    Medium-major order (all SMS, then all calls) because an SMS reaches everyone within
     seconds while each call takes a line for up to a minute.
     """
     level = policy.levels[step.level]

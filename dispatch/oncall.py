@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from dispatch.escalation import resolve_targets_via
-from dispatch.policy import Channel, RouteReason, Routing
+from dispatch.policy import Medium, RouteReason, Routing
 from dispatch.responders import Responders
 
 
@@ -26,7 +26,7 @@ class OncallRow:
     route: RouteReason
     level: int
     after_s: int
-    channels: tuple[Channel, ...]
+    channels: tuple[Medium, ...]
     via: str
     person_id: str | None
     name: str | None

@@ -59,8 +59,8 @@ MAX_REPEAT = 10
 _KODE = re.compile(r"\d{2}\.\d{2}\.\d{2}\.\d{4}")
 
 
-class Channel(StrEnum):
-    """How a person is paged."""
+class Medium(StrEnum):
+    """How a person is paged (not to be confused with dispatch.channel.Channel, the sender)."""
 
     SMS = "sms"
     VOICE = "voice"
@@ -97,7 +97,7 @@ class Level:
     """One rung of a policy."""
 
     targets: Targets
-    channels: tuple[Channel, ...]
+    channels: tuple[Medium, ...]
     wait_s: int
 
 
@@ -341,13 +341,13 @@ def _parse_level(node: Node, responders: Responders) -> Level:
         raise node.error("a level needs at least one of people, groups, rosters")
     names = fields["channels"].texts()
     for item, name in zip(fields["channels"].items(), names, strict=True):
-        if name not in {c.value for c in Channel}:
+        if name not in {c.value for c in Medium}:
             raise item.error(f"unknown channel {name!r} (expected sms or voice)")
     if not names:
         raise fields["channels"].error("must name at least one channel")
     return Level(
         targets=targets,
-        channels=tuple(Channel(n) for n in names),
+        channels=tuple(Medium(n) for n in names),
         wait_s=fields["wait_s"].integer(0, MAX_WAIT_S),
     )
 

@@ -29,7 +29,7 @@ from dispatch.escalation import (
     resolve_targets,
     steps_to_cancel,
 )
-from dispatch.policy import Channel, Level, Policy, Targets
+from dispatch.policy import Level, Medium, Policy, Targets
 from dispatch.responders import WIB, Responders, parse_responders
 
 RESPONDERS = """
@@ -54,7 +54,7 @@ id = "siaga112"
 shifts = [{ days = "daily", start = "00:00", end = "00:00", people = ["op"] }]
 """
 
-BOTH = (Channel.SMS, Channel.VOICE)
+BOTH = (Medium.SMS, Medium.VOICE)
 POLICY = Policy(
     "kel",
     (
@@ -107,10 +107,10 @@ def test_expand_step_pages_each_person_once_per_channel_sms_first() -> None:
     step = plan_steps(INCIDENT, policy)[0]
     pages = expand_step(step, policy, responders(), OPENED + 5)
     assert [(p.person_id, p.channel) for p in pages] == [
-        ("lurah", Channel.SMS),
-        ("pagi", Channel.SMS),
-        ("lurah", Channel.VOICE),
-        ("pagi", Channel.VOICE),
+        ("lurah", Medium.SMS),
+        ("pagi", Medium.SMS),
+        ("lurah", Medium.VOICE),
+        ("pagi", Medium.VOICE),
     ]
     assert pages[0].key == "inc-7:0:0:lurah:sms"
     assert all(p.due_at == OPENED + 5 for p in pages)
@@ -252,7 +252,7 @@ levels_strategy = st.lists(
                 Targets(people=("op",), rosters=("linmas", "gappy")),
             ]
         ),
-        channels=st.sampled_from([(Channel.SMS,), (Channel.VOICE,), BOTH]),
+        channels=st.sampled_from([(Medium.SMS,), (Medium.VOICE,), BOTH]),
         wait_s=st.integers(0, 900),
     ),
     min_size=1,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.policy import Channel, RouteReason, Routing, load_policies, parse_policies
+from dispatch.policy import Medium, RouteReason, Routing, load_policies, parse_policies
 from dispatch.responders import Responders, load_responders, parse_responders
 from dispatch.tomlcheck import ConfigWarning
 from gateway.errors import ConfigError
@@ -149,7 +149,7 @@ def test_test_presses_go_to_operations_only() -> None:
     assert why == RouteReason.OPERATIONS
     assert policy is routing.operations
     assert policy.levels[0].targets.groups == ("ops",)
-    assert policy.levels[0].channels == (Channel.SMS,)
+    assert policy.levels[0].channels == (Medium.SMS,)
 
 
 def test_offsets_sum_the_waits_across_rounds() -> None:
@@ -273,7 +273,7 @@ def test_demo_config_gives_every_madiun_kelurahan_its_own_policy() -> None:
         assert camat.targets.rosters == (f"camat-{k.kecamatan.lower()}",)
         assert centre.targets.rosters == ("siaga112",)
         for level in policy.levels:
-            assert level.channels == (Channel.SMS, Channel.VOICE)
+            assert level.channels == (Medium.SMS, Medium.VOICE)
     for kecamatan in {k.kecamatan for k in kelurahan}:
         assert routing.policy_for(None, kecamatan)[1] == "kecamatan"
     assert routing.policy_for(None, None)[1] == "city"
