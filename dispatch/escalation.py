@@ -169,7 +169,7 @@ def expand_step(
 ) -> tuple[Page, ...]:
     """The pages a step sends when it fires at ``at``: every channel's pass over every person.
 
-    Medium-major order (all SMS, then all calls) because an SMS reaches everyone within
+    Channel-major order (all SMS, then all calls) because an SMS reaches everyone within
     seconds while each call takes a line for up to a minute.
     """
     level = policy.levels[step.level]
