@@ -2,8 +2,9 @@
 
 Sources: Shelly Gen1 API (shelly-api-docs.shelly.cloud/gen1, Button1 MQTT:
 ``shellies/{id}/input_event/0`` = ``{"event":"S","event_cnt":N}``, ``shellies/{id}/
-sensor/battery``, LWT ``shellies/{id}/online``); Home Assistant's Shelly integration for
-the full Gen1 event set (S, SS, SSS, L, SL, LS); Shelly Gen2 docs General/Notifications
+sensor/battery``, LWT ``shellies/{id}/online``; the same topics and S/SS/SSS/L values in
+public Node-RED and homebridge-mqttthing configs for shellybutton1-A4CF12F45301; the
+i3's SL/LS combinations are left unmapped on purpose); Shelly Gen2 docs General/Notifications
 and RPCProtocol (``{prefix}/events/rpc``, ``NotifyEvent`` with ``params.events[]`` of
 ``{"component":"input:0","id":0,"event":"single_push","ts":…}``) and ComponentsAndServices/
 Input (btn_down, btn_up, single_push, double_push, triple_push, long_push).
