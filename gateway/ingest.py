@@ -58,6 +58,7 @@ class Stored:
 
     press_id: int
     device_id: str
+    counter: int | None
     incident_id: int | None
     outcome: str
 
@@ -68,6 +69,7 @@ class Repeated:
 
     press_id: int
     device_id: str
+    counter: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +247,11 @@ class Ingestor:
             for item, outcome in zip(batch, outcomes, strict=True):
                 item.on_done(outcome)
             for event, fields in work.logs:
-                log.info(event, **fields)
+                # Rejections are what an operator must see with `journalctl -p warning`.
+                if event == "press.rejected":
+                    log.warning(event, **fields)
+                else:
+                    log.info(event, **fields)
             for incident_event in work.events:
                 for listener in self._listeners:
                     listener(incident_event)
@@ -358,7 +364,7 @@ class Ingestor:
                         },
                     )
                 )
-                return Repeated(press_id, device.id)
+                return Repeated(press_id, device.id, frame.counter)
             case Accept(device, counter_reset):
                 return self._accept(item, frame, device, work, counter_reset=counter_reset)
 
@@ -482,7 +488,7 @@ class Ingestor:
         if counter_reset:
             fields["counter_reset"] = True
         work.logs.append(("press.accepted", fields))
-        return Stored(press_id, device.id, incident_id, outcome)
+        return Stored(press_id, device.id, frame.counter, incident_id, outcome)
 
     def _attach(  # noqa: PLR0917 -- private step of _accept, called once
         self,

@@ -10,6 +10,7 @@ the same client id and ``clean_session=False``.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import ssl
 import time
@@ -21,7 +22,8 @@ import structlog
 
 from gateway.config import MqttSourceConfig
 from gateway.errors import DecodeError
-from gateway.ingest import Inbound, Ingestor, Outcome
+from gateway.formats import native
+from gateway.ingest import Inbound, Ingestor, Outcome, Repeated, Stored
 from gateway.model import Frame, Ignored, Reception
 from gateway.sources.decoding import decoder_for
 
@@ -217,14 +219,32 @@ class MqttSource:
         generation: int,
         mid: int,
         qos: int,
-        _outcome: Outcome | None,
+        outcome: Outcome | None,
     ) -> None:
         """Send the PUBACK, but only on the connection the message arrived on.
 
         After a reconnect the old packet id may name another message, so a stale ack is
         dropped: the broker redelivers that message and it is recognised as a duplicate.
         """
-        if qos == 0 or generation != self._generation or client is not self._client:
+        if generation != self._generation or client is not self._client:
             return
-        client._client.ack(mid, qos)
-        self.acked += 1
+        if qos > 0:
+            client._client.ack(mid, qos)
+            self.acked += 1
+        if self._config.format == "native" and isinstance(outcome, Stored | Repeated):
+            self._feedback(client, outcome)
+
+    def _feedback(self, client: aiomqtt.Client, outcome: Stored | Repeated) -> None:
+        """Tell the button its press is stored, so its LED can show "received".
+
+        paho's publish only queues the packet; aiomqtt's loop writes it. QoS 1 so a
+        button that reconnects still gets it (DESIGN §2 Presser feedback).
+        """
+        body = {"ctr": outcome.counter, "state": "received", "press": outcome.press_id}
+        if isinstance(outcome, Stored) and outcome.incident_id is not None:
+            body["incident"] = outcome.incident_id
+        client._client.publish(
+            native.command_topic(outcome.device_id),
+            json.dumps(body, separators=(",", ":")),
+            qos=1,
+        )

@@ -1,0 +1,169 @@
+"""``panic-sim``: simulated buttons and traffic for demos, tests and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from firmware_sim import button, demo
+from firmware_sim.fleet import CounterState, SimDevice, default_state_path, load_keys
+from firmware_sim.storm import storm
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError
+from gateway.model import GeoFix, PressKind
+
+
+def _parse_gps(text: str) -> GeoFix:
+    try:
+        lat, lon = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected LAT,LON") from None
+    return GeoFix(lat, lon, accuracy_m=10)
+
+
+def _fleet(config: Config, keys_file: Path) -> dict[str, SimDevice]:
+    keys = load_keys(keys_file)
+    return {
+        device.id: SimDevice(device.id, keys[device.id], device.location)
+        for device in config.devices.values()
+        if device.id in keys
+    }
+
+
+def _broker(config: Config, args: argparse.Namespace) -> tuple[str, int]:
+    source = config.mqtt[0] if config.mqtt else None
+    host = args.host or (source.host if source else "127.0.0.1")
+    port = args.port or (source.port if source else 1883)
+    return host, port
+
+
+def _keys_file(args: argparse.Namespace) -> Path:
+    path = args.keys or os.environ.get("PANICD_DEVICE_KEYS_FILE")
+    if not path:
+        raise ConfigError("-", "--keys", "give --keys FILE or set PANICD_DEVICE_KEYS_FILE")
+    return Path(path)
+
+
+def cmd_button(args: argparse.Namespace) -> int:
+    """Press one simulated button."""
+    config = load_config(args.config)
+    fleet = _fleet(config, _keys_file(args))
+    if args.device not in fleet:
+        print(f"panic-sim: no key for device {args.device}", file=sys.stderr)
+        return 2
+    device = fleet[args.device]
+    state = CounterState(args.state)
+    counter = args.counter if args.counter is not None else state.next(device.id)
+    state.save()
+    host, port = _broker(config, args)
+    sent, feedback = asyncio.run(
+        button.press(
+            host, port, device, PressKind(args.kind), counter,
+            battery=args.battery, gps=args.gps, via_gateway=args.via_gateway,
+            tamper=args.tamper, repeat=args.repeat, feedback_timeout_s=args.wait,
+        )
+    )
+    print(json.dumps({"device": sent.device_id, "counter": sent.counter, "kind": sent.kind.value,
+                      "topic": sent.topic, "feedback": feedback}))
+    return 0 if feedback is not None or args.wait <= 0 else 1
+
+
+def cmd_storm(args: argparse.Namespace) -> int:
+    """Publish many presses at a fixed rate."""
+    config = load_config(args.config)
+    fleet = list(_fleet(config, _keys_file(args)).values())[: args.devices]
+    if not fleet:
+        print("panic-sim: no devices with keys in the registry", file=sys.stderr)
+        return 2
+    state = CounterState(args.state)
+    base = max(state.next(device.id) for device in fleet)
+    host, port = _broker(config, args)
+    result = asyncio.run(
+        storm(host, port, fleet, count=args.count, rate=args.rate, counter_base=base,
+              duplicate_ratio=args.duplicates, via_gateway=args.via_gateway,
+              watch_feedback=args.feedback)
+    )
+    # Persist the highest counter used per device, so the next run starts above it.
+    for device_id, counter in result.sent:
+        state.bump_to(device_id, counter)
+    state.save()
+    latencies = result.latencies_ms()
+    summary: dict[str, object] = {
+        "sent": len(result.sent),
+        "duplicates": result.duplicates,
+        "seconds": round(result.finished_at - result.started_at, 3),
+    }
+    if args.feedback:
+        summary["feedback"] = len(result.feedback)
+        if latencies:
+            summary["p50_ms"] = round(latencies[len(latencies) // 2], 2)
+            summary["p99_ms"] = round(latencies[int(len(latencies) * 0.99) - 1], 2)
+    if args.out:
+        with Path(args.out).open("w", encoding="utf-8") as handle:
+            for (device_id, counter), at in sorted(result.sent.items()):
+                handle.write(json.dumps({"device": device_id, "counter": counter, "at": at}) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    parser = argparse.ArgumentParser(prog="panic-sim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, required=True, help="panicd's TOML configuration")
+        p.add_argument("--keys", help="device keys (default: $PANICD_DEVICE_KEYS_FILE)")
+        p.add_argument("--host", help="broker host (default: the config's first source)")
+        p.add_argument("--port", type=int, help="broker port (default: the config's)")
+        p.add_argument("--state", type=Path, default=default_state_path(),
+                       help="counter state file (default: %(default)s)")
+        p.add_argument("--via-gateway", help="publish through this relay gateway's topic")
+
+    p = sub.add_parser("button", help="press one simulated button")
+    common(p)
+    p.add_argument("--device", required=True)
+    p.add_argument("--kind", choices=[k.value for k in PressKind], default="panic")
+    p.add_argument("--gps", type=_parse_gps, help="LAT,LON fix to include")
+    p.add_argument("--battery", type=int, default=90)
+    p.add_argument("--counter", type=int, help="force a counter (to demo replays)")
+    p.add_argument("--repeat", type=int, default=1, help="publish the same frame N times")
+    p.add_argument("--tamper", action="store_true", help="corrupt the tag (must be rejected)")
+    p.add_argument("--wait", type=float, default=5.0,
+                   help="seconds to wait for panicd's feedback (0: do not wait)")
+    p.set_defaults(func=cmd_button)
+
+    p = sub.add_parser("storm", help="many presses at a fixed rate, with duplicates")
+    common(p)
+    p.add_argument("--devices", type=int, default=1000, help="use at most N registered devices")
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=200.0, help="presses per second")
+    p.add_argument("--duplicates", type=float, default=0.1, help="share heard twice")
+    p.add_argument("--feedback", action="store_true", help="time panicd's feedback per press")
+    p.add_argument("--out", help="write sent presses as JSON lines")
+    p.set_defaults(func=cmd_storm)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo (broker, panicd, buttons)")
+    p.add_argument("--config", type=Path, default=demo.DEMO_CONFIG)
+    p.set_defaults(func=demo.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``panic-sim``."""
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"panic-sim: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

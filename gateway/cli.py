@@ -1,0 +1,244 @@
+"""``panicctl``: the operator's command line.
+
+Human-readable tables by default, ``--json`` for scripts. Exit codes: 0 success, 1 not
+found / nothing to show where something was expected, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gateway import queries
+from gateway.config import Config, load_config
+from gateway.daemon import DEFAULT_CONFIG, load
+from gateway.errors import ConfigError
+from gateway.locate import Locator, map_link
+from gateway.model import GeoFix
+
+WIB = ZoneInfo("Asia/Jakarta")
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=UTC).astimezone(WIB).strftime("%Y-%m-%d %H:%M:%S WIB")
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A plain fixed-width table (no dependency, readable over ssh)."""
+    cells = [[title for _, title in columns]]
+    cells += [["" if row.get(key) is None else str(row[key]) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(value.ljust(widths[i]) for i, value in enumerate(line)).rstrip()
+        for line in cells
+    )
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2, sort_keys=True))
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the configuration and every data file it names."""
+    config, locator = load(args.config)
+    keyless = sorted(d.id for d in config.devices.values() if d.key is None)
+    summary = {
+        "config": str(config.path),
+        "database": str(config.database),
+        "devices": len(config.devices),
+        "devices_without_key": keyless,
+        "gateways": len(config.gateways),
+        "kelurahan": len(locator.kelurahan),
+        "mqtt_sources": [s.name for s in config.mqtt],
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"{config.path}: OK")
+        for key, value in summary.items():
+            print(f"  {key}: {value}")
+    return 0
+
+
+def cmd_incidents(args: argparse.Namespace) -> int:
+    """List incidents, newest first."""
+    config = _config(args)
+    since = None
+    if args.since:
+        since = datetime.fromisoformat(args.since).replace(tzinfo=WIB).timestamp()
+    with queries.read_only(config.database) as conn:
+        rows = queries.incidents(
+            conn,
+            active_only=args.open,
+            kelurahan=args.kelurahan,
+            since=since,
+            limit=args.limit,
+        )
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        row["opened"] = _when(row["opened_at"])
+        row["flags"] = ",".join(
+            flag for flag, on in (("TES", row["test"]), ("URGENT", row["urgent"])) if on
+        )
+    print(
+        _table(
+            rows,
+            [("id", "ID"), ("status", "STATUS"), ("flags", "FLAGS"), ("opened", "OPENED"),
+             ("device_id", "DEVICE"), ("press_count", "PRESSES"), ("kelurahan", "KELURAHAN"),
+             ("kecamatan", "KECAMATAN"), ("landmark", "LANDMARK")],
+        )
+    )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """One incident: location, presses with their paths, and the timeline."""
+    config = _config(args)
+    with queries.read_only(config.database) as conn:
+        try:
+            row = queries.incident(conn, args.id)
+        except queries.NotFoundError as exc:
+            print(f"panicctl: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        _print_json(row)
+        return 0
+    flags = " TES" if row["test"] else ""
+    print(f"Incident {row['id']}{flags}  status={row['status']}  presses={row['press_count']}")
+    print(f"  device     {row['device_id']}")
+    print(f"  opened     {_when(row['opened_at'])}")
+    where = row["kelurahan"] or "(outside Kota Madiun / unknown)"
+    print(f"  kelurahan  {where} ({row['kecamatan'] or '-'}; {row['kelurahan_match']})")
+    print(f"  address    {row['address']} — {row['landmark']}")
+    if row["lat"] is not None:
+        link = map_link(GeoFix(row["lat"], row["lon"]))
+        print(f"  location   {row['lat']:.5f}, {row['lon']:.5f} ({row['location_source']}) {link}")
+    print("  presses:")
+    for press in row["presses"]:
+        paths = ", ".join(f"{p['path']} x{p['heard']}" for p in press["paths"])
+        print(f"    #{press['id']} ctr={press['counter']} {press['kind']} "
+              f"{_when(press['received_at'])} {press['outcome']} via {paths}")
+    print("  timeline:")
+    for entry in row["timeline"]:
+        actor = f" by {entry['actor']}" if entry["actor"] else ""
+        print(f"    {_when(entry['at'])}  {entry['event']} ({entry['reason']}){actor}")
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """The newest rejected frames with their reasons."""
+    config = _config(args)
+    with queries.read_only(config.database) as conn:
+        rows = queries.dead_letters(conn, limit=args.limit)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        row["received"] = _when(row["received_at"])
+    print(
+        _table(
+            rows,
+            [("id", "ID"), ("received", "RECEIVED"), ("reason", "REASON"),
+             ("device_ref", "DEVICE"), ("path", "PATH"), ("detail", "DETAIL")],
+        )
+    )
+    return 0
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    """Which kelurahan/kecamatan a position falls in, as JSON."""
+    if args.config.exists():
+        config = _config(args)
+        locator = Locator.from_geojson(
+            config.kelurahan_file, nearest_within_m=config.nearest_within_m
+        )
+    else:
+        bundled = Path(__file__).resolve().parent.parent / "config" / "geo" / "kelurahan.geojson"
+        locator = Locator.from_geojson(bundled)
+    fix = GeoFix(args.lat, args.lon)
+    kelurahan, match, distance = locator.kelurahan_at(fix)
+    _print_json(
+        {
+            "lat": args.lat,
+            "lon": args.lon,
+            "kelurahan": kelurahan.name if kelurahan else None,
+            "kode": kelurahan.kode if kelurahan else None,
+            "kecamatan": kelurahan.kecamatan if kelurahan else None,
+            "match": match.value,
+            "distance_m": None if distance is None else round(distance, 1),
+            "map": map_link(fix),
+        }
+    )
+    return 0 if kelurahan is not None else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and shell completion)."""
+    parser = argparse.ArgumentParser(prog="panicctl", description="Operate panicd.")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("PANICD_CONFIG", DEFAULT_CONFIG)),
+        help="panicd's TOML configuration (default: $PANICD_CONFIG or %(default)s)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str,
+            json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    add("check-config", cmd_check_config, "validate the configuration and its data files")
+    p = add("incidents", cmd_incidents, "list incidents, newest first")
+    p.add_argument("--open", action="store_true", help="only open or acknowledged incidents")
+    p.add_argument("--kelurahan", help="only this kelurahan (name or kode)")
+    p.add_argument("--since", help="only opened since this local (WIB) time, ISO format")
+    p.add_argument("--limit", type=int, default=100)
+    p = add("show", cmd_show, "one incident with its presses and timeline")
+    p.add_argument("id", type=int)
+    p = add("dead-letters", cmd_dead_letters, "rejected frames and why")
+    p.add_argument("--limit", type=int, default=50)
+    p = add("locate", cmd_locate, "which kelurahan a position is in", json_flag=False)
+    p.add_argument("lat", type=float)
+    p.add_argument("lon", type=float)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``panicctl``."""
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"panicctl: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"panicctl: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as exc:
+        print(f"panicctl: database error: {exc}", file=sys.stderr)
+        return 1
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

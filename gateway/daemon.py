@@ -1,0 +1,183 @@
+"""``panicd``: the daemon. Named lifecycle phases: load → open → start → ready → drain → stop.
+
+Shutdown (SIGTERM/SIGINT): the stop event makes every source stop taking messages while
+keeping its connection open until the pipeline has committed (and so acknowledged) what
+it already holds, within ``ingest.drain_timeout_s``; whatever is still unacknowledged
+then is redelivered by the broker after the restart. Exit code 0 on a clean stop, 2 for
+a bad configuration, 1 for a fatal runtime error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import structlog
+
+from gateway.config import Config, load_config
+from gateway.dedup import DedupPolicy
+from gateway.errors import ConfigError
+from gateway.ingest import Ingestor
+from gateway.locate import Locator
+from gateway.logs import configure_logging
+from gateway.sdnotify import Notifier, watchdog_loop
+from gateway.sources import Source
+from gateway.sources.mqtt import MqttSource
+from gateway.store import SqliteStore, StoreError
+
+log = structlog.get_logger("panicd")
+
+DEFAULT_CONFIG = Path("/etc/panicd/panicd.toml")
+STATUS_EVERY_S = 10.0
+
+
+def load(path: Path) -> tuple[Config, Locator]:
+    """Load and validate everything the daemon needs before it opens anything."""
+    config = load_config(path)
+    locator = Locator.from_geojson(config.kelurahan_file, nearest_within_m=config.nearest_within_m)
+    for device in config.devices.values():
+        if device.kelurahan_kode is not None and locator.by_kode(device.kelurahan_kode) is None:
+            raise ConfigError(
+                config.devices_file, f"device {device.id}.kelurahan", "unknown kelurahan kode"
+            )
+    return config, locator
+
+
+class Daemon:
+    """The running daemon: store, pipeline and sources under one TaskGroup."""
+
+    def __init__(self, config: Config, locator: Locator, notifier: Notifier) -> None:
+        self.config = config
+        self.locator = locator
+        self.notifier = notifier
+        self.stop = asyncio.Event()
+        self.sources: list[Source] = []
+        self.ingestor: Ingestor | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        if not self.stop.is_set():
+            log.info("daemon.stopping", reason=reason)
+            self.notifier.stopping("draining in-flight presses")
+            self.stop.set()
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`; returns after a graceful drain."""
+        config = self.config
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(SqliteStore(config.database))
+            log.info("store.opened", database=str(config.database))
+            ingest = config.ingest
+            ingestor = await stack.enter_async_context(
+                Ingestor(
+                    store,
+                    config,
+                    self.locator,
+                    policy=DedupPolicy(
+                        cancel_grace_s=ingest.cancel_grace_s,
+                        burst_urgent_presses=ingest.burst_urgent_presses,
+                    ),
+                    batch_max=ingest.batch_max,
+                    batch_window_s=ingest.batch_window_ms / 1000,
+                    queue_max=ingest.queue_max,
+                )
+            )
+            self.ingestor = ingestor
+            self.sources = [
+                MqttSource(source, ingestor, drain_timeout_s=ingest.drain_timeout_s)
+                for source in config.mqtt
+            ]
+            async with asyncio.TaskGroup() as group:
+                for source in self.sources:
+                    group.create_task(source.run(self.stop), name=f"source.{source.name}")
+                group.create_task(watchdog_loop(self.notifier, self.stop), name="sdnotify.watchdog")
+                ready = group.create_task(self._announce_ready(), name="daemon.ready")
+                status = group.create_task(self._status_loop(), name="daemon.status")
+                await self.stop.wait()
+                # Sources drain and return by themselves; these two only wait.
+                ready.cancel()
+                status.cancel()
+            log.info(
+                "daemon.stopped",
+                committed=ingestor.committed_items,
+                pending=ingestor.depth,
+            )
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once the database is open and every source has connected."""
+        for source in self.sources:
+            await source.wait_connected()
+        self.notifier.ready(self._summary())
+        log.info("daemon.ready", sources=[s.name for s in self.sources], pid=os.getpid())
+
+    def _summary(self) -> str:
+        up = sum(1 for s in self.sources if s.connected)
+        depth = self.ingestor.depth if self.ingestor else 0
+        committed = self.ingestor.committed_items if self.ingestor else 0
+        return f"sources {up}/{len(self.sources)} up; queue {depth}; committed {committed}"
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            self.notifier.status(self._summary())
+
+
+async def serve(config: Config, locator: Locator) -> int:
+    """Run the daemon with signal handling owned here; returns the exit code."""
+    with Notifier() as notifier:
+        daemon = Daemon(config, locator, notifier)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, daemon.request_stop, signal.Signals(signum).name)
+        try:
+            await daemon.run()
+        except StoreError as exc:
+            log.critical("store.unusable", error=str(exc), database=str(config.database))
+            return 1
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``panicd``."""
+    parser = argparse.ArgumentParser(prog="panicd", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("PANICD_CONFIG", DEFAULT_CONFIG)),
+        help="the TOML configuration file (default: $PANICD_CONFIG or %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format", choices=("auto", "console", "json", "journal"), default="auto"
+    )
+    parser.add_argument("--log-level", default=os.environ.get("PANICD_LOG_LEVEL", "info"))
+    args = parser.parse_args(argv)
+    try:
+        configure_logging(mode=args.log_format, level=args.log_level)
+    except ValueError as exc:
+        print(f"panicd: --log-level: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    try:
+        config, locator = load(args.config)
+    except ConfigError as exc:
+        print(f"panicd: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    log.info(
+        "daemon.starting",
+        config=str(config.path),
+        devices=len(config.devices),
+        sources=[s.name for s in config.mqtt],
+    )
+    return asyncio.run(serve(config, locator))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
