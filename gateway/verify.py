@@ -15,6 +15,9 @@ from gateway.model import Device, Frame, PressKind, Trust
 # A third-party counter (LoRaWAN fCnt) restarts at 0 when a device rejoins, so an old
 # device+counter only means "the same press" while it is fresh.
 NETWORK_DUPLICATE_WINDOW_S = 600.0
+# The shortest tag any format sends (the LoRa frame's 8 bytes, docs/FRAMES.md). A shorter
+# one would be forgeable by guessing; an empty one would compare equal to anything.
+MIN_TAG_BYTES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,7 @@ Verdict = Accept | Duplicate | Reject
 
 def tag_valid(frame: Frame, key: bytes, digest_size: int | None = None) -> bool:
     """Constant-time check of the frame's (possibly truncated) HMAC-SHA256 tag."""
-    if frame.tag is None or frame.signed_bytes is None:
+    if frame.tag is None or frame.signed_bytes is None or len(frame.tag) < MIN_TAG_BYTES:
         return False
     expected = hmac.digest(key, frame.signed_bytes, "sha256")
     size = digest_size if digest_size is not None else len(frame.tag)

@@ -133,7 +133,10 @@ def _number(gps: dict[str, Any], name: str, low: float, high: float) -> float | 
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DecodeError("bad_field", f"gps.{name} must be a number")
-    as_float = float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:  # a JSON integer with hundreds of digits
+        raise DecodeError("bad_field", f"gps.{name} out of range") from None
     if not math.isfinite(as_float) or not low <= as_float <= high:
         raise DecodeError("bad_field", f"gps.{name} out of range")
     return as_float
