@@ -11,7 +11,7 @@ from __future__ import annotations
 import unicodedata
 from datetime import UTC, datetime, timedelta, timezone
 
-from twilio.twiml.voice_response import Gather, VoiceResponse  # type: ignore[import-untyped]
+from twilio.twiml.voice_response import Gather, VoiceResponse
 
 SMS_LIMIT = 160
 

@@ -22,12 +22,12 @@ from typing import Any, Self
 
 import aiohttp
 import structlog
-from twilio.base.exceptions import (  # type: ignore[import-untyped]  # twilio ships no py.typed
+from twilio.base.exceptions import (
     TwilioRestException,
     TwilioServiceException,
 )
-from twilio.http.response import Response  # type: ignore[import-untyped]
-from twilio.rest import Client  # type: ignore[import-untyped]
+from twilio.http.response import Response
+from twilio.rest import Client
 
 from dispatch.channel import DeliveryResult, DeliveryStatus
 from dispatch.retry import AttemptFailure, FailureKind, RetryPolicy

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError
-from gateway.model import Device, Gateway, GeoFix, Trust
+from gateway.formats import DECODERS, OptionError
+from gateway.model import Device, Frame, Gateway, GeoFix, Trust
 
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KODE = re.compile(r"\d\d\.\d\d\.\d\d\.\d{4}")
+_SIGNED_FORMATS = frozenset({"native", "lora-frame"})
 _HEX_KEY = re.compile(r"(?:[0-9a-fA-F]{2}){16,64}")
 
 
@@ -44,7 +46,7 @@ class MqttSourceConfig:
     password: str | None = field(repr=False)
     reconnect_min_s: float
     reconnect_max_s: float
-    format_options: Mapping[str, str] = field(default_factory=dict)
+    format_options: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +77,17 @@ class Config:
     mqtt: tuple[MqttSourceConfig, ...]
     external_index: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
-    def device_for(self, format_name: str, ref: str) -> Device | None:
-        """The registered device a frame's identity refers to, for any format."""
-        if format_name in ("native", "lora-frame"):
-            return self.devices.get(ref)
-        device_id = self.external_index.get((format_name, ref))
+    def device_for(self, frame: Frame) -> Device | None:
+        """The registered device a frame's identity refers to, for any format.
+
+        A frame carrying our own tag names the registry id itself (native, or our binary
+        frame inside a ChirpStack/TTN uplink); any other third-party frame is looked up
+        by the identity that network gives it (devEui, friendly name, …), never by
+        registry id, so a device cannot claim another one's id by its name.
+        """
+        if frame.format in _SIGNED_FORMATS or frame.tag is not None:
+            return self.devices.get(frame.device_ref)
+        device_id = self.external_index.get((frame.format, frame.device_ref))
         return None if device_id is None else self.devices.get(device_id)
 
 
@@ -305,9 +313,17 @@ def _mqtt(row: _Table, environ: Mapping[str, str], base: Path) -> MqttSourceConf
     ca_file = (base / ca) if ca else None
     if ca_file is not None and not ca_file.exists():
         raise row.error("ca_file", f"{ca_file} does not exist")
+    if fmt != "native" and fmt not in DECODERS:
+        known = ", ".join(["native", *sorted(DECODERS)])
+        raise row.error("format", f"unknown format {fmt!r} (known: {known})")
     options = row.get("format_options", dict, {})
-    if not all(isinstance(v, str) for v in options.values()):
-        raise row.error("format_options", "values must be strings")
+    if fmt != "native":
+        try:
+            DECODERS[fmt](options)
+        except OptionError as exc:
+            raise row.error("format_options", str(exc)) from None
+    elif options:
+        raise row.error("format_options", "the native format takes no options")
     env_key = f"PANICD_MQTT_{name.upper().replace('-', '_')}_PASSWORD"
     password = _secret(env_key, f"mqtt-{name}-password", environ)
     if "password" in row.data:

@@ -112,7 +112,7 @@ class Inbound:
 class Registry(Protocol):
     """Lookup of registered devices and gateways."""
 
-    def device_for(self, format_name: str, ref: str) -> Device | None:
+    def device_for(self, frame: Frame) -> Device | None:
         """The registered device a frame's identity refers to."""
         ...
 
@@ -284,7 +284,7 @@ class Ingestor:
         keys: set[tuple[str, int]] = set()
         for item in batch:
             if isinstance(item.decoded, Frame):
-                device = self._registry.device_for(item.decoded.format, item.decoded.device_ref)
+                device = self._registry.device_for(item.decoded)
                 if device is not None:
                     device_ids.add(device.id)
                     if item.decoded.counter is not None:
@@ -335,7 +335,7 @@ class Ingestor:
         frame = item.decoded
         if isinstance(frame, DecodeError):
             return self._dead_letter(item, work, frame.reason, frame.detail)
-        device = self._registry.device_for(frame.format, frame.device_ref)
+        device = self._registry.device_for(frame)
         at = item.reception.received_at
         known = None
         if device is not None and frame.counter is not None:
@@ -565,6 +565,17 @@ class Ingestor:
             gps=frame.fix, device=device, gateway_fix=gateway_fix, locator=self._locator
         )
         incident_id = self._store.allocate_incident_id()
+        stale = work.active_test.get(device.id) if test else None
+        if stale is not None:
+            # A test press after the test window starts a new test incident; the old one
+            # is closed here so no test incident stays open forever.
+            work.writes.incident_changes.append(
+                IncidentChange(id=stale.id, at=at, status="resolved")
+            )
+            work.writes.timeline.append(
+                TimelineRow(stale.id, at, "incident.resolved", "test_window_over",
+                            actor="panicd", detail={"replaced_by": incident_id})
+            )
         kel = location.kelurahan
         work.writes.incidents.append(
             IncidentRow(

@@ -342,7 +342,7 @@ def test_unknown_field_is_refused(payload: bytes) -> None:
     assert _reason(TOPIC, payload) == "unknown_field"
 
 
-@pytest.mark.parametrize("version", [_DROP, 0, 2, True, "1", None, [1]])
+@pytest.mark.parametrize("version", [_DROP, 0, 2, True, 1.0, "1", None, [1]])
 def test_missing_or_other_version_is_bad_version(version: object) -> None:
     assert _reason(TOPIC, _payload(v=version)) == "bad_version"
 

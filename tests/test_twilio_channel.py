@@ -26,8 +26,6 @@ from dispatch.twilio_channel import (
 from gateway.errors import ConfigError
 from tests.peers.prepare_twilio_spec import RETRY_AFTER_S
 
-pytest_plugins = ["tests.prism"]
-
 ACCOUNT_SID = "AC0123456789abcdef0123456789abcdef"
 TOKEN = "test-auth-token-never-logged"
 CREDENTIALS = TwilioCredentials(ACCOUNT_SID, TOKEN)

@@ -154,7 +154,13 @@ def _gps(value: object) -> GeoFix | None:
     lon = _number(value, "lon", -180.0, 180.0)
     if lat is None or lon is None:
         raise DecodeError("bad_field", "gps needs lat and lon")
-    return GeoFix(lat=lat, lon=lon, accuracy_m=_number(value, "acc", 0.0, 1e6))
+    acc = value.get("acc")
+    if acc is not None and type(acc) is not int:
+        raise DecodeError("bad_field", "gps.acc must be whole metres")
+    # Act on exactly what the tag covers: the canonical string has 6 decimals.
+    return GeoFix(
+        lat=round(lat, 6), lon=round(lon, 6), accuracy_m=_number(value, "acc", 0.0, 1e6)
+    )
 
 
 def _topic_identity(topic: str) -> tuple[str, str] | None:
@@ -193,7 +199,7 @@ def decode(topic: str, payload: bytes) -> Frame:
     unknown = set(body) - _FIELDS
     if unknown:
         raise DecodeError("unknown_field", sorted(unknown)[0][:64])
-    if body.get("v") != VERSION or isinstance(body.get("v"), bool):
+    if type(body.get("v")) is not int or body.get("v") != VERSION:
         raise DecodeError("bad_version", repr(body.get("v"))[:32])
     device_id = body.get("dev")
     if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-from gateway.errors import ConfigError
-from gateway.formats import native
-from gateway.model import Frame, Ignored
-
-Decoder = Callable[[str, bytes], Frame | Ignored]
-
-FORMATS: dict[str, Callable[[Mapping[str, str]], Decoder]] = {
-    "native": lambda _options: native.decode,
-}
+from gateway.formats import DECODERS, Decoder, native
 
 
-def decoder_for(format_name: str, options: Mapping[str, str]) -> Decoder:
-    """The decode function for a format name (see docs/FRAMES.md)."""
-    try:
-        factory = FORMATS[format_name]
-    except KeyError:
-        raise ConfigError("-", "format", f"unknown format {format_name!r}") from None
-    return factory(options)
+def decoder_for(format_name: str, options: Mapping[str, object]) -> Decoder:
+    """The decode function for a format name (validated when the config was loaded)."""
+    if format_name == native.FORMAT:
+        return native.decode
+    return DECODERS[format_name](options)

@@ -198,6 +198,10 @@ class MqttSource:
             except DecodeError as exc:
                 decoded = exc
             done = partial(self._acknowledge, client, generation, message.mid, message.qos)
+            if message.retain and self._config.format != "native":
+                # A retained Zigbee2MQTT/Tasmota state would replay its last action (a
+                # panic!) on every reconnect; retained messages are state, never presses.
+                decoded = Ignored("retained")
             if isinstance(decoded, Ignored):
                 log.debug("message.ignored", source=self.name, topic=topic, reason=decoded.reason)
                 done(None)
