@@ -8,6 +8,7 @@ deployed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -55,6 +56,11 @@ def render_config(port: int, workdir: Path, *, persistence: bool = True) -> str:
     ]
     if not persistence:
         lines.append("persistence false")
+    if os.geteuid() == 0:
+        # Started as root, Mosquitto drops to the "mosquitto" user, which cannot write the
+        # scratch directory: persistence and the log would fail silently and a restarted
+        # broker would forget every session. Stay the user who owns the directory.
+        lines.append("user root")
     return "\n".join(lines) + "\n"
 
 

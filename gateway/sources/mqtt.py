@@ -177,13 +177,21 @@ class MqttSource:
     async def _receive_until(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """Pump messages into the pipeline until ``stop`` (or a disconnect raises)."""
         generation = self._generation
-        async with asyncio.TaskGroup() as group:
-            pump = group.create_task(self._pump(client, generation), name=f"mqtt.{self.name}.pump")
-            stopper = group.create_task(stop.wait(), name=f"mqtt.{self.name}.stop")
-            await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            pump.cancel()
-            stopper.cancel()
-        # A pump that ended with MqttError propagated out of the TaskGroup above.
+        try:
+            async with asyncio.TaskGroup() as group:
+                pump = group.create_task(
+                    self._pump(client, generation), name=f"mqtt.{self.name}.pump"
+                )
+                stopper = group.create_task(stop.wait(), name=f"mqtt.{self.name}.stop")
+                await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                pump.cancel()
+                stopper.cancel()
+        except* aiomqtt.MqttError as errors:
+            # The TaskGroup wraps the pump's MqttError in an ExceptionGroup, which run()'s
+            # `except aiomqtt.MqttError` would not catch: a broker restart would kill the
+            # source (and panicd) instead of reconnecting. Hand run() the bare error.
+            first = errors.exceptions[0]
+            raise first from first.__cause__
 
     async def _pump(self, client: aiomqtt.Client, generation: int) -> None:
         async for message in client.messages:
