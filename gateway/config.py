@@ -49,6 +49,23 @@ class MqttSourceConfig:
     format_options: Mapping[str, object] = field(default_factory=dict)
 
 
+SERIAL_MODES = ("rylr", "rak3172", "jsonl")
+_BAUDS = frozenset({9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600})
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSourceConfig:
+    """One serial LoRa receiver (REYAX, RAK3172 P2P) or JSON-lines receiver."""
+
+    name: str
+    port: str
+    baud: int
+    mode: str
+    trust: Trust
+    reconnect_min_s: float
+    reconnect_max_s: float
+
+
 @dataclass(frozen=True, slots=True)
 class IngestConfig:
     """Tuning and semantics of the ingest pipeline."""
@@ -59,6 +76,22 @@ class IngestConfig:
     cancel_grace_s: float = 120.0
     burst_urgent_presses: int = 3
     drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchConfig:
+    """Routing, responders, the web server and the delivery channel (no secrets here)."""
+
+    responders_file: Path
+    policies_file: Path
+    public_base_url: str
+    listen_host: str
+    listen_port: int
+    control_socket: Path
+    from_number: str | None
+    twilio_base_url: str
+    ack_ttl_s: float
+    send_concurrency: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +109,8 @@ class Config:
     ingest: IngestConfig
     mqtt: tuple[MqttSourceConfig, ...]
     external_index: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    serial: tuple[SerialSourceConfig, ...] = ()
+    dispatch: DispatchConfig | None = None
 
     def device_for(self, frame: Frame) -> Device | None:
         """The registered device a frame's identity refers to, for any format.
@@ -195,9 +230,11 @@ def _credential(name: str, environ: Mapping[str, str]) -> str | None:
         return None
     path = Path(directory) / name
     try:
-        return path.read_text(encoding="utf-8").strip()
+        value = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
+    # An empty placeholder (LoadCredential= needs every file to exist) means "not set".
+    return value or None
 
 
 def _secret(env_name: str, credential: str, environ: Mapping[str, str]) -> str | None:
@@ -350,6 +387,72 @@ def _mqtt(row: _Table, environ: Mapping[str, str], base: Path) -> MqttSourceConf
     return cfg
 
 
+def _serial(row: _Table) -> SerialSourceConfig:
+    name = row.require("name", str)
+    if not _NAME.fullmatch(name):
+        raise row.error("name", "must be lowercase letters, digits and '-'")
+    port = row.require("port", str)
+    if not port:
+        raise row.error("port", "must name a device, e.g. /dev/ttyUSB0")
+    mode = row.require("mode", str)
+    if mode not in SERIAL_MODES:
+        raise row.error("mode", f"unknown mode {mode!r} (known: {', '.join(SERIAL_MODES)})")
+    baud = int(row.number("baud", 115200, 1200, 921600))
+    if baud not in _BAUDS:
+        raise row.error("baud", f"unsupported rate {baud} (use one of {sorted(_BAUDS)})")
+    # Only our own signed frames travel over serial receivers: there is no network server
+    # whose authentication could vouch for an unsigned one.
+    if row.get("trust", str, "signed") != "signed":
+        raise row.error("trust", "serial receivers carry only signed frames: use 'signed'")
+    low = row.number("reconnect_min_s", 0.5, 0.05, 60)
+    cfg = SerialSourceConfig(
+        name=name,
+        port=port,
+        baud=baud,
+        mode=mode,
+        trust=Trust.SIGNED,
+        reconnect_min_s=low,
+        reconnect_max_s=row.number("reconnect_max_s", 30, low, 3600),
+    )
+    row.check_unknown()
+    return cfg
+
+
+_E164 = re.compile(r"\+[1-9]\d{6,14}")
+
+
+def _dispatch(table: _Table, base: Path) -> DispatchConfig | None:
+    if not table.data:
+        return None
+    public = table.require("public_base_url", str).rstrip("/")
+    if not public.startswith(("https://", "http://")):
+        raise table.error("public_base_url", "must be an http(s) URL Twilio can reach")
+    responders = base / table.get("responders", str, "responders.toml")
+    policies = base / table.get("policies", str, "policies.toml")
+    for key, file in (("responders", responders), ("policies", policies)):
+        if not file.exists():
+            raise table.error(key, f"{file} does not exist")
+    from_number = table.get("from_number", str)
+    if from_number is not None and not _E164.fullmatch(from_number):
+        raise table.error("from_number", "must be an E.164 number like +62811...")
+    cfg = DispatchConfig(
+        responders_file=responders,
+        policies_file=policies,
+        public_base_url=public,
+        listen_host=table.get("listen_host", str, "127.0.0.1"),
+        listen_port=int(table.number("listen_port", 8080, 0, 65535)),
+        control_socket=(
+            base / table.get("control_socket", str, "/run/panicd/control.sock")
+        ).resolve(),
+        from_number=from_number,
+        twilio_base_url=table.get("twilio_base_url", str, "https://api.twilio.com").rstrip("/"),
+        ack_ttl_s=table.number("ack_link_ttl_s", 6 * 3600, 60, 7 * 86400),
+        send_concurrency=int(table.number("send_concurrency", 16, 1, 256)),
+    )
+    table.check_unknown()
+    return cfg
+
+
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Load, validate and join the TOML file, the device registry and the device keys."""
     env = os.environ if environ is None else environ
@@ -358,7 +461,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     root = _Table(path, "", _read_toml(path))
     panicd = root.table("panicd")
     site = panicd.get("site", str, "Kota Madiun")
-    database = base / panicd.get("database", str, "panicd.sqlite3")
+    database = (base / panicd.get("database", str, "panicd.sqlite3")).resolve()
     panicd.check_unknown()
 
     geo = root.table("geo")
@@ -390,6 +493,13 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     for index, name in enumerate(names):
         if names.index(name) != index:
             raise ConfigError(path, f"mqtt[{index}].name", f"duplicate source name {name}")
+    serial = tuple(_serial(row) for row in root.tables("serial"))
+    for index, serial_source in enumerate(serial):
+        if serial_source.name in names:
+            where = f"serial[{index}].name"
+            raise ConfigError(path, where, f"duplicate source name {serial_source.name}")
+        names.append(serial_source.name)
+    dispatch = _dispatch(root.table("dispatch"), base)
     root.check_unknown()
     return Config(
         path=path,
@@ -402,6 +512,8 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         gateways=gateways,
         ingest=ingest,
         mqtt=sources,
+        serial=serial,
+        dispatch=dispatch,
         external_index={
             (fmt, ref): device.id
             for device in devices.values()

@@ -16,10 +16,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
+from dispatch.service import DispatchPlan, load_dispatch, run_dispatch
 from gateway.config import Config, load_config
 from gateway.dedup import DedupPolicy
 from gateway.errors import ConfigError
@@ -29,6 +31,7 @@ from gateway.logs import configure_logging
 from gateway.sdnotify import Notifier, watchdog_loop
 from gateway.sources import Source
 from gateway.sources.mqtt import MqttSource
+from gateway.sources.serial import SerialSource
 from gateway.store import SqliteStore, StoreError
 
 log = structlog.get_logger("panicd")
@@ -37,7 +40,16 @@ DEFAULT_CONFIG = Path("/etc/panicd/panicd.toml")
 STATUS_EVERY_S = 10.0
 
 
-def load(path: Path) -> tuple[Config, Locator]:
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Everything validated before the daemon opens anything."""
+
+    config: Config
+    locator: Locator
+    dispatch: DispatchPlan | None
+
+
+def load(path: Path) -> Loaded:
     """Load and validate everything the daemon needs before it opens anything."""
     config = load_config(path)
     locator = Locator.from_geojson(config.kelurahan_file, nearest_within_m=config.nearest_within_m)
@@ -46,15 +58,16 @@ def load(path: Path) -> tuple[Config, Locator]:
             raise ConfigError(
                 config.devices_file, f"device {device.id}.kelurahan", "unknown kelurahan kode"
             )
-    return config, locator
+    return Loaded(config, locator, load_dispatch(config, locator))
 
 
 class Daemon:
     """The running daemon: store, pipeline and sources under one TaskGroup."""
 
-    def __init__(self, config: Config, locator: Locator, notifier: Notifier) -> None:
-        self.config = config
-        self.locator = locator
+    def __init__(self, loaded: Loaded, notifier: Notifier) -> None:
+        self.config = loaded.config
+        self.locator = loaded.locator
+        self.dispatch_plan = loaded.dispatch
         self.notifier = notifier
         self.stop = asyncio.Event()
         self.sources: list[Source] = []
@@ -93,6 +106,18 @@ class Daemon:
                 MqttSource(source, ingestor, drain_timeout_s=ingest.drain_timeout_s)
                 for source in config.mqtt
             ]
+            self.sources += [
+                SerialSource(
+                    receiver, ingestor, devices=config.devices,
+                    drain_timeout_s=ingest.drain_timeout_s,
+                )
+                for receiver in config.serial
+            ]
+            if self.dispatch_plan is not None:
+                dispatcher = await stack.enter_async_context(
+                    run_dispatch(self.dispatch_plan, config.database, feedback=self._feedback)
+                )
+                ingestor.add_listener(dispatcher.on_incident)
             async with asyncio.TaskGroup() as group:
                 for source in self.sources:
                     group.create_task(source.run(self.stop), name=f"source.{source.name}")
@@ -108,6 +133,17 @@ class Daemon:
                 committed=ingestor.committed_items,
                 pending=ingestor.depth,
             )
+
+    def _feedback(self, device_id: str, incident_id: int, state: str) -> None:
+        """Presser feedback after an ack or closure, on every native MQTT source."""
+        body: dict[str, object] = {"incident": incident_id, "state": state}
+        sent = any(
+            source.send_feedback(device_id, body)
+            for source in self.sources
+            if isinstance(source, MqttSource)
+        )
+        log.info("device.feedback", device=device_id, incident=incident_id, state=state,
+                 sent=sent)
 
     async def _announce_ready(self) -> None:
         """READY=1 once the database is open and every source has connected."""
@@ -128,10 +164,11 @@ class Daemon:
             self.notifier.status(self._summary())
 
 
-async def serve(config: Config, locator: Locator) -> int:
+async def serve(loaded: Loaded) -> int:
     """Run the daemon with signal handling owned here; returns the exit code."""
+    config = loaded.config
     with Notifier() as notifier:
-        daemon = Daemon(config, locator, notifier)
+        daemon = Daemon(loaded, notifier)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, daemon.request_stop, signal.Signals(signum).name)
@@ -139,6 +176,13 @@ async def serve(config: Config, locator: Locator) -> int:
             await daemon.run()
         except StoreError as exc:
             log.critical("store.unusable", error=str(exc), database=str(config.database))
+            return 1
+        except ConfigError as exc:
+            log.critical("config.invalid", error=str(exc))
+            return 2
+        except OSError as exc:
+            # e.g. the web port is taken or the control socket directory is not writable.
+            log.critical("daemon.start_failed", error=str(exc))
             return 1
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -166,17 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"panicd: --log-level: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     try:
-        config, locator = load(args.config)
+        loaded = load(args.config)
     except ConfigError as exc:
         print(f"panicd: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    config = loaded.config
     log.info(
         "daemon.starting",
         config=str(config.path),
         devices=len(config.devices),
-        sources=[s.name for s in config.mqtt],
+        sources=[s.name for s in config.mqtt] + [s.name for s in config.serial],
     )
-    return asyncio.run(serve(config, locator))
+    return asyncio.run(serve(loaded))
 
 
 if __name__ == "__main__":
