@@ -1,0 +1,199 @@
+"""The real ``panicd`` subprocess: config errors, systemd handshake, drain, schema guard.
+
+DESIGN §3 Operations: a bad file exits 2 with one clear line; Type=notify readiness and
+STOPPING; SIGTERM drains what was received before exiting 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from firmware_sim.broker import Mosquitto
+from firmware_sim.fleet import write_fleet
+from firmware_sim.storm import storm
+from tests.daemon_proc import DaemonProcess, count_rows, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class NotifiedDaemon(DaemonProcess):
+    """DaemonProcess that can also collect the datagrams still queued after exit."""
+
+    def collect_pending(self) -> list[bytes]:
+        """Every notify datagram received so far, including those sent just before exit."""
+        assert self._sock is not None
+        self._sock.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self._sock.recv(65536))
+        except BlockingIOError:
+            pass
+        finally:
+            self._sock.setblocking(True)
+        return self.messages
+
+
+def _events(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    out = []
+    for line in daemon.log().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
+def _run_panicd(config: Path, keys: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    if keys is not None:
+        env["PANICD_DEVICE_KEYS_FILE"] = str(keys)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.daemon", "--config", str(config), "--log-format", "json"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+    )
+
+
+@pytest.fixture
+def client_id(mosquitto: Mosquitto) -> Iterator[str]:
+    name = f"panicd-daemon-{uuid.uuid4().hex[:10]}"
+    yield name
+
+    async def forget() -> None:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier=name,
+                                  clean_session=True):
+            pass
+
+    asyncio.run(forget())
+
+
+def test_an_unknown_key_exits_2_with_one_line_naming_the_file_and_key(tmp_path: Path) -> None:
+    config, keys, _ = write_fleet(tmp_path, devices=1, mqtt_port=1, extra_toml="topcis = []\n")
+    result = _run_panicd(config, keys)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line == f"panicd: {config}: mqtt[0].topcis: unknown key (misspelt?)"
+    assert result.stdout == ""
+
+
+def test_invalid_toml_exits_2_with_one_line_naming_the_file(tmp_path: Path) -> None:
+    config, keys, _ = write_fleet(tmp_path, devices=1, mqtt_port=1)
+    config.write_text('[panicd\nsite = "x"\n', encoding="utf-8")
+    result = _run_panicd(config, keys)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"panicd: {config}: -: not valid TOML")
+
+
+def test_a_missing_registry_file_exits_2_with_one_line_naming_that_file(tmp_path: Path) -> None:
+    config, keys, _ = write_fleet(tmp_path, devices=1, mqtt_port=1)
+    (tmp_path / "devices.toml").unlink()
+    result = _run_panicd(config, keys)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line == f"panicd: {tmp_path / 'devices.toml'}: -: file not found"
+
+
+def test_sigterm_after_ready_exits_0_and_notifies_ready_before_stopping(
+    mosquitto: Mosquitto, tmp_path: Path, client_id: str
+) -> None:
+    config, keys, _ = write_fleet(
+        tmp_path / "cfg", devices=2, mqtt_port=mosquitto.port, client_id=client_id
+    )
+    daemon = NotifiedDaemon(config, keys, tmp_path / "run")
+    with daemon:
+        assert daemon.terminate() == 0
+        messages = daemon.collect_pending()
+    states = [
+        assignment
+        for message in messages
+        for assignment in message.decode().split("\n")
+        if assignment in ("READY=1", "STOPPING=1")
+    ]
+    assert states == ["READY=1", "STOPPING=1"], messages
+    events = [e["event"] for e in _events(daemon)]
+    assert events.index("daemon.ready") < events.index("daemon.stopping")
+    assert events.index("daemon.stopping") < events.index("daemon.stopped")
+
+
+def test_presses_received_before_sigterm_are_committed_before_exit(
+    mosquitto: Mosquitto, tmp_path: Path, client_id: str
+) -> None:
+    config, keys, devices = write_fleet(
+        tmp_path / "cfg", devices=10, mqtt_port=mosquitto.port, client_id=client_id
+    )
+    database = tmp_path / "cfg" / "panicd.sqlite3"
+    daemon = NotifiedDaemon(config, keys, tmp_path / "run")
+    with daemon:
+        result = asyncio.run(
+            storm(mosquitto.host, mosquitto.port, devices, count=200, rate=100_000,
+                  counter_base=1)
+        )
+        assert len(result.sent) == 200
+        assert wait_until("SELECT COUNT(*) FROM presses", database, 1, 30) >= 1, daemon.log()
+        assert daemon.terminate() == 0
+    events = _events(daemon)
+    (drained,) = [e for e in events if e["event"] == "mqtt.draining_done"]
+    assert drained["drained"] is True
+    (stopped,) = [e for e in events if e["event"] == "daemon.stopped"]
+    assert stopped["pending"] == 0
+    # Whatever panicd took from the broker is in the database; nothing half-done.
+    assert count_rows(database, "SELECT COUNT(*) FROM presses") == stopped["committed"]
+
+    # The rest is still the broker's: a restart on the same session collects it.
+    daemon2 = NotifiedDaemon(config, keys, tmp_path / "run2")
+    with daemon2:
+        assert wait_until("SELECT COUNT(*) FROM presses", database, 200, 30) == 200
+        assert daemon2.terminate() == 0
+    conn = sqlite3.connect(database)
+    try:
+        stored = set(conn.execute("SELECT device_id, counter FROM presses"))
+    finally:
+        conn.close()
+    assert stored == set(result.sent)
+    assert count_rows(database, "SELECT COUNT(*) FROM presses") == 200
+
+
+def test_a_database_from_a_newer_schema_exits_1_with_store_unusable(
+    mosquitto: Mosquitto, tmp_path: Path, client_id: str
+) -> None:
+    config, keys, _ = write_fleet(
+        tmp_path / "cfg", devices=1, mqtt_port=mosquitto.port, client_id=client_id
+    )
+    database = tmp_path / "cfg" / "panicd.sqlite3"
+    conn = sqlite3.connect(database)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    daemon = NotifiedDaemon(config, keys, tmp_path / "run")
+    try:
+        daemon.start(wait_ready=False)
+        assert daemon.process is not None
+        assert daemon.process.wait(timeout=30) == 1
+        messages = daemon.collect_pending()
+    finally:
+        daemon.__exit__(None, None, None)
+    assert not any(b"READY=1" in m for m in messages)
+    (unusable,) = [e for e in _events(daemon) if e["event"] == "store.unusable"]
+    assert "newer" in unusable["error"]
+    assert unusable["database"] == str(database)
+    # The file was left as it was: panicd never downgrades a schema.
+    conn = sqlite3.connect(database)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 99
+    finally:
+        conn.close()
+
