@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import aiomqtt
 
 from firmware_sim import button
@@ -113,6 +115,30 @@ async def _scenario(host: str, port: int, fleet: dict[str, SimDevice], state: Co
     state.save()
 
 
+async def _respond(database: Path) -> None:
+    """A responder opens the link from their SMS and presses "Saya tangani"."""
+    _say("Dispatch: a linmas volunteer opens the link in the SMS and presses 'Saya tangani'")
+    conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)
+    try:
+        body = conn.execute(
+            "SELECT body FROM outbox WHERE incident_id = 1 AND channel = 'sms'"
+            " AND purpose = 'alert' ORDER BY id LIMIT 1"
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    link = re.search(r"https?://\S+", body)
+    if link is None:
+        raise RuntimeError(f"no ack link in the SMS: {body!r}")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(link.group(0)) as page:
+            print(f"--> GET {link.group(0)} -> {page.status}", flush=True)
+        async with session.post(link.group(0)) as page:
+            text = await page.text()
+            print(f"--> POST (Saya tangani) -> {page.status}: "
+                  f"{'acknowledged' if 'tercatat menangani' in text else text[:120]}", flush=True)
+    await asyncio.sleep(0.5)
+
+
 def _check(database: Path) -> list[str]:
     """What an operator would expect to find after the scenario."""
     problems = []
@@ -124,13 +150,19 @@ def _check(database: Path) -> list[str]:
         ).fetchall()
         reasons = sorted(r[0] for r in conn.execute("SELECT reason FROM dead_letters"))
         paths = conn.execute("SELECT COUNT(*) FROM press_paths").fetchone()[0]
+        handled = conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE incident_id = 1 AND purpose = 'handled'"
+            " AND state = 'sent'"
+        ).fetchone()[0]
+        sent = conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 'sent'").fetchone()[0]
     finally:
         conn.close()
     expect: list[tuple[str, Callable[[tuple[object, ...]], bool]]] = [
-        ("MDN-OOO-0001", lambda r: r[1] == "open" and r[3] == 1 and r[4] == 3
+        ("MDN-OOO-0001", lambda r: r[1] == "acknowledged" and r[3] == 1 and r[4] == 3
          and r[5] == "Oro-oro Ombo"),
         ("MDN-PGA-0001", lambda r: r[1] == "cancelled" and r[5] == "Pangongangan"),
-        ("MDN-MOB-0001", lambda r: r[5] == "Josenan" and r[6] == "gps"),
+        ("MDN-MOB-0001", lambda r: r[1] == "resolved" and r[5] == "Josenan"
+         and r[6] == "gps"),
         ("MDN-TMN-0001", lambda r: r[2] == 1 and r[5] == "Taman"),
     ]
     by_device = {r[0]: r for r in rows}
@@ -145,6 +177,10 @@ def _check(database: Path) -> list[str]:
         for reason in ("bad_encoding", "bad_json", "bad_tag", "stale_counter", "unknown_device")
         if reason not in reasons
     )
+    if handled < 1:
+        problems.append("nobody was told 'ditangani oleh …' after the ack")
+    if sent < 10:
+        problems.append(f"expected the console channel to send the pages, sent {sent}")
     if paths < 8:
         problems.append(f"expected the relay path to be recorded, only {paths} paths")
     return problems
@@ -194,6 +230,11 @@ def run(args: argparse.Namespace) -> int:
                     print("panic-sim demo: panicd did not become ready", file=sys.stderr)
                     return 1
                 asyncio.run(_scenario(broker.host, broker.port, fleet, state))
+                asyncio.run(_respond(config.database))
+                _say("The operator resolves the GPS incident from the shell")
+                _panicctl("resolve", "3", "--note", "petugas patroli sudah di lokasi",
+                          "--by", "operator-112")
+                time.sleep(0.5)
             finally:
                 if daemon.poll() is None:
                     daemon.send_signal(signal.SIGTERM)

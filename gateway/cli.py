@@ -11,16 +11,19 @@ import json
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from dispatch import ctl as dispatch_ctl
 from gateway import queries
 from gateway.config import Config, load_config
 from gateway.daemon import DEFAULT_CONFIG, load
 from gateway.errors import ConfigError
+from gateway.explain import FORMATS, UnsupportedFormatError, explain
 from gateway.locate import Locator, map_link
 from gateway.model import GeoFix
 
@@ -54,7 +57,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration and every data file it names."""
-    config, locator = load(args.config)
+    loaded = load(args.config)
+    config, locator = loaded.config, loaded.locator
     keyless = sorted(d.id for d in config.devices.values() if d.key is None)
     summary = {
         "config": str(config.path),
@@ -188,6 +192,20 @@ def cmd_locate(args: argparse.Namespace) -> int:
     return 0 if kelurahan is not None else 1
 
 
+def cmd_decode(args: argparse.Namespace) -> int:
+    """Decode one frame and verify it against the registry: why was a button ignored?"""
+    config = _config(args)
+    payload = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    try:
+        result = explain(config, args.format, payload, topic=args.topic or "", now=time.time())
+    except UnsupportedFormatError as exc:
+        print(f"panicctl: decode --format {args.format}: not yet supported ({exc})",
+              file=sys.stderr)
+        return 2
+    _print_json(result)
+    return 0 if result.get("verdict") == "accepted" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and shell completion)."""
     parser = argparse.ArgumentParser(prog="panicctl", description="Operate panicd.")
@@ -217,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p = add("dead-letters", cmd_dead_letters, "rejected frames and why")
     p.add_argument("--limit", type=int, default=50)
+    dispatch_ctl.register(add)
+    p = add("decode", cmd_decode, "decode and verify one frame; print press and verdict",
+            json_flag=False)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--topic", help="the MQTT topic the frame arrived on (third-party formats)")
+    p.add_argument("file", help="the frame (raw payload, hex for lora-frame, or - for stdin)")
     p = add("locate", cmd_locate, "which kelurahan a position is in", json_flag=False)
     p.add_argument("lat", type=float)
     p.add_argument("lon", type=float)

@@ -113,6 +113,63 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX dead_letters_received ON dead_letters (received_at);
     """,
+    # 2: dispatch — escalation steps with due times, the outbox, acks (DESIGN §2).
+    """
+    CREATE TABLE incident_dispatch (
+        incident_id   INTEGER PRIMARY KEY REFERENCES incidents (id),
+        policy_id     TEXT NOT NULL,
+        route         TEXT NOT NULL,
+        planned_at    REAL NOT NULL,
+        closed_at     REAL,
+        close_reason  TEXT,
+        handled_by    TEXT
+    );
+    CREATE TABLE escalation_steps (
+        key          TEXT PRIMARY KEY,
+        incident_id  INTEGER NOT NULL REFERENCES incidents (id),
+        round        INTEGER NOT NULL,
+        level        INTEGER NOT NULL,
+        due_at       REAL NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN ('pending', 'fired', 'cancelled')),
+        fired_at     REAL
+    );
+    CREATE INDEX escalation_steps_due ON escalation_steps (due_at) WHERE state = 'pending';
+    CREATE INDEX escalation_steps_incident ON escalation_steps (incident_id);
+    CREATE TABLE outbox (
+        id            INTEGER PRIMARY KEY,
+        key           TEXT NOT NULL UNIQUE,
+        incident_id   INTEGER NOT NULL REFERENCES incidents (id),
+        person_id     TEXT NOT NULL,
+        phone         TEXT NOT NULL,
+        channel       TEXT NOT NULL CHECK (channel IN ('sms', 'voice')),
+        purpose       TEXT NOT NULL,
+        round         INTEGER,
+        level         INTEGER,
+        body          TEXT NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'sent', 'delivered',
+                                                     'failed', 'no_answer', 'cancelled')),
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        provider_sid  TEXT,
+        error_code    INTEGER,
+        error         TEXT,
+        created_at    REAL NOT NULL,
+        due_at        REAL NOT NULL,
+        updated_at    REAL NOT NULL
+    );
+    CREATE INDEX outbox_pending ON outbox (due_at) WHERE state = 'pending';
+    CREATE INDEX outbox_incident ON outbox (incident_id);
+    CREATE UNIQUE INDEX outbox_sid ON outbox (provider_sid) WHERE provider_sid IS NOT NULL;
+    CREATE TABLE acks (
+        id           INTEGER PRIMARY KEY,
+        incident_id  INTEGER NOT NULL REFERENCES incidents (id),
+        person_id    TEXT,
+        actor        TEXT NOT NULL,
+        via          TEXT NOT NULL,
+        at           REAL NOT NULL,
+        first        INTEGER NOT NULL
+    );
+    CREATE INDEX acks_incident ON acks (incident_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

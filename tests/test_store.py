@@ -109,6 +109,10 @@ async def test_migrate_from_empty_sets_user_version_and_wal(tmp_path: Path) -> N
         "press_paths",
         "incident_events",
         "dead_letters",
+        "incident_dispatch",
+        "escalation_steps",
+        "outbox",
+        "acks",
     }
 
 

@@ -247,16 +247,26 @@ class MqttSource:
             self._feedback(client, outcome)
 
     def _feedback(self, client: aiomqtt.Client, outcome: Stored | Repeated) -> None:
-        """Tell the button its press is stored, so its LED can show "received".
-
-        paho's publish only queues the packet; aiomqtt's loop writes it. QoS 1 so a
-        button that reconnects still gets it (DESIGN §2 Presser feedback).
-        """
-        body = {"ctr": outcome.counter, "state": "received", "press": outcome.press_id}
+        """Tell the button its press is stored, so its LED can show "received"."""
+        body: dict[str, object] = {
+            "ctr": outcome.counter, "state": "received", "press": outcome.press_id,
+        }
         if isinstance(outcome, Stored) and outcome.incident_id is not None:
             body["incident"] = outcome.incident_id
+        self._publish_command(client, outcome.device_id, body)
+
+    def send_feedback(self, device_id: str, body: dict[str, object]) -> bool:
+        """Publish a command to a native button (e.g. "help_coming"); False if offline."""
+        client = self.client
+        if client is None or self._config.format != "native":
+            return False
+        self._publish_command(client, device_id, body)
+        return True
+
+    @staticmethod
+    def _publish_command(client: aiomqtt.Client, device_id: str, body: dict[str, object]) -> None:
+        # paho's publish only queues the packet; aiomqtt's loop writes it. QoS 1 so a
+        # button that reconnects still gets it (DESIGN §2 Presser feedback).
         client._client.publish(
-            native.command_topic(outcome.device_id),
-            json.dumps(body, separators=(",", ":")),
-            qos=1,
+            native.command_topic(device_id), json.dumps(body, separators=(",", ":")), qos=1
         )

@@ -1,0 +1,702 @@
+"""The dispatcher: plans escalation for new incidents, fires due steps, sends the outbox,
+and applies acks and closures (DESIGN §2 Routing and escalation, Acknowledgement).
+
+Every pending step and message is a database row with a due time. Three named tasks own
+the work: ``dispatch.events`` (incident transitions from ingest), ``dispatch.scheduler``
+(sleeps until the earliest step, fires what is due — after a restart, overdue steps fire
+at once) and ``dispatch.outbox`` (sends due messages). Nothing lives only in memory: a
+restart re-reads the rows, and a crash between committing an incident and planning it is
+healed by :meth:`Dispatcher.plan_missing` at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self
+
+import aiosqlite
+import structlog
+
+from dispatch.channel import Channel, DeliveryResult, DeliveryStatus
+from dispatch.escalation import IncidentRef, plan_steps, resolve_targets_via
+from dispatch.messages import build_alert_sms, build_cancelled_sms, build_handled_sms
+from dispatch.policy import Level, Medium, Policy, Routing
+from dispatch.responders import Responders
+from dispatch.store import DispatchStore, IncidentInfo, NewMessage, OutboxRow, StepRow
+from dispatch.webhook_auth import make_ack_token
+from gateway.ingest import IncidentEvent
+
+log = structlog.get_logger("panicd.dispatch")
+
+# People who were (or are being) reached by an alert: they get the follow-up notices.
+_NOTIFIED_SQL = (
+    "SELECT person_id, MIN(phone) FROM outbox WHERE incident_id = ? AND purpose = 'alert'"
+    " AND state IN ('sending', 'sent', 'delivered', 'no_answer') AND person_id IS NOT ?"
+    " GROUP BY person_id ORDER BY MIN(id)"
+)
+
+
+class Feedback(Protocol):
+    """Tells a button something about its incident (MQTT command topic, LoRa downlink)."""
+
+    def __call__(self, device_id: str, incident_id: int, state: str) -> None:
+        """Send ``state`` ("help_coming", "cancelled", …) to the device, best effort."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    """Where panicd is reachable and how ack links are signed."""
+
+    public_base_url: str
+    ack_secret: bytes
+    ack_ttl_s: float = 6 * 3600.0
+    send_concurrency: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    """What an ack did: ``first`` stopped escalation; ``status`` is the incident's now."""
+
+    incident_id: int
+    status: str
+    first: bool
+    accepted: bool
+
+
+def _place(incident: IncidentInfo) -> str:
+    parts = [p for p in (incident.landmark, incident.address) if p]
+    return ", ".join(parts) or "lokasi tidak diketahui"
+
+
+def _kind_label(incident: IncidentInfo) -> str:
+    return "DARURAT MENDESAK" if incident.urgent else "DARURAT"
+
+
+class Dispatcher:
+    """Owns the dispatch tasks; an async context manager."""
+
+    def __init__(
+        self,
+        store: DispatchStore,
+        routing: Routing,
+        responders: Responders,
+        channel: Channel,
+        settings: DispatchSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        feedback: Feedback | None = None,
+    ) -> None:
+        self._store = store
+        self._routing = routing
+        self._responders = responders
+        self._channel = channel
+        self._settings = settings
+        self._clock = clock
+        self._feedback = feedback
+        self._events: asyncio.Queue[IncidentEvent] = asyncio.Queue()
+        self._step_wake = asyncio.Event()
+        self._outbox_wake = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.steps_fired = 0
+        self.messages_sent = 0
+
+    @property
+    def base_url(self) -> str:
+        """The public base URL (no trailing slash)."""
+        return self._settings.public_base_url.rstrip("/")
+
+    async def __aenter__(self) -> Self:
+        await self.plan_missing()
+        requeued = await self._store.requeue_interrupted(self._clock())
+        if requeued:
+            log.warning("outbox.requeued_after_restart", messages=requeued)
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._tasks = [
+            self._group.create_task(self._event_loop(), name="dispatch.events"),
+            self._group.create_task(self._scheduler_loop(), name="dispatch.scheduler"),
+            self._group.create_task(self._outbox_loop(), name="dispatch.outbox"),
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        assert self._group is not None
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._group.__aexit__(exc_type, exc, tb)
+
+    def on_incident(self, event: IncidentEvent) -> None:
+        """Ingest listener: queue a committed incident transition (never blocks)."""
+        self._events.put_nowait(event)
+
+    # -- planning -----------------------------------------------------------------------
+
+    def _policy(self, policy_id: str) -> Policy:
+        if policy_id == self._routing.operations.id:
+            return self._routing.operations
+        policy = self._routing.policies.get(policy_id)
+        if policy is None:
+            # The configuration changed under a running incident: fall back to the city
+            # policy rather than stall (it ends at the command centre).
+            log.error("escalation.policy_missing", policy=policy_id)
+            return self._routing.policies[self._routing.city]
+        return policy
+
+    async def plan_missing(self) -> int:
+        """Plan escalation for every open incident without a plan; returns how many."""
+        planned = 0
+        for incident in await self._store.unplanned_incidents():
+            policy, route = self._routing.policy_for(
+                incident.kelurahan_kode, incident.kecamatan, test=incident.test
+            )
+            steps = plan_steps(
+                IncidentRef(str(incident.id), incident.opened_at, incident.test), policy
+            )
+            now = self._clock()
+            async with self._store.transaction() as db:
+                await db.execute(
+                    "INSERT OR IGNORE INTO incident_dispatch (incident_id, policy_id, route,"
+                    " planned_at) VALUES (?, ?, ?, ?)",
+                    (incident.id, policy.id, route.value, now),
+                )
+                await db.executemany(
+                    "INSERT OR IGNORE INTO escalation_steps (key, incident_id, round, level,"
+                    " due_at, state) VALUES (?, ?, ?, ?, ?, 'pending')",
+                    [(s.key, incident.id, s.round, s.level, s.due_at) for s in steps],
+                )
+                await DispatchStore.timeline(
+                    db,
+                    incident.id,
+                    now,
+                    "escalation.planned",
+                    route.value,
+                    detail={
+                        "policy": policy.id,
+                        "levels": len(policy.levels),
+                        "repeat": policy.repeat,
+                    },
+                )
+            planned += 1
+            log.info(
+                "escalation.planned",
+                incident=incident.id,
+                policy=policy.id,
+                route=route.value,
+                kelurahan=incident.kelurahan,
+                test=incident.test,
+            )
+        if planned:
+            self._step_wake.set()
+        return planned
+
+    async def _resilient(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run one iteration; a failure is logged and retried after a pause, never fatal.
+
+        Dispatch must outlive a transient database error: ingest keeps committing presses
+        and the rows this loop needs are still there when it comes back.
+        """
+        failures = 0
+        while True:
+            try:
+                await body()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 -- logged, retried; the rows persist
+                failures += 1
+                delay = min(30.0, 0.5 * 2.0 ** min(failures, 6))
+                log.error(  # noqa: TRY400 -- one journal line, not a traceback
+                    "dispatch.loop_failed",
+                    loop=name,
+                    error=repr(exc),
+                    failures=failures,
+                    retry_in_s=delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _event_loop(self) -> None:
+        await self._resilient("events", self._event_once)
+
+    async def _event_once(self) -> None:
+        event = await self._events.get()
+        try:
+            match event.event:
+                case "opened":
+                    await self.plan_missing()
+                case "cancelled":
+                    await self.close(
+                        event.incident_id,
+                        reason="cancelled",
+                        actor=f"device:{event.device_id}",
+                        note="cancel press",
+                    )
+                case "urgent":
+                    await self._hasten(event.incident_id)
+                case _:
+                    pass
+        except Exception:
+            # Put it back so the transition is not lost; _resilient pauses before retrying.
+            self._events.put_nowait(event)
+            raise
+
+    async def _hasten(self, incident_id: int) -> None:
+        """Repeated presses: bring the next pending level forward to now."""
+        now = self._clock()
+        async with self._store.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE escalation_steps SET due_at = ? WHERE key = (SELECT key FROM"
+                " escalation_steps WHERE incident_id = ? AND state = 'pending'"
+                " ORDER BY due_at, round, level LIMIT 1) AND due_at > ?",
+                (now, incident_id, now),
+            )
+            if cursor.rowcount:
+                await DispatchStore.timeline(
+                    db, incident_id, now, "escalation.hastened", "repeated_presses"
+                )
+        if cursor.rowcount:
+            log.info("escalation.hastened", incident=incident_id)
+            self._step_wake.set()
+
+    # -- the scheduler ------------------------------------------------------------------
+
+    async def _wait(self, event: asyncio.Event, until: float | None) -> None:
+        timeout = None if until is None else max(0.0, until - self._clock())
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    async def _scheduler_loop(self) -> None:
+        await self._resilient("scheduler", self._scheduler_once)
+
+    async def _scheduler_once(self) -> None:
+        # Clear before reading: a wake-up that arrives while we work is not lost.
+        self._step_wake.clear()
+        fired = 0
+        for step in await self._store.due_steps(self._clock()):
+            if await self.fire(step):
+                fired += 1
+        if fired:
+            self._outbox_wake.set()
+        await self._wait(self._step_wake, await self._store.next_step_due())
+
+    def _level(self, step: StepRow) -> Level:
+        policy = self._policy(step.policy_id)
+        if step.level < len(policy.levels):
+            return policy.levels[step.level]
+        # A shorter policy after a reload: page the command centre rather than nobody.
+        return Level(self._routing.command_centre.targets, (Medium.SMS, Medium.VOICE), 0)
+
+    def _alert_body(self, incident: IncidentInfo, person_id: str, now: float) -> str:
+        token = make_ack_token(
+            self._settings.ack_secret,
+            str(incident.id),
+            person_id,
+            int(now + self._settings.ack_ttl_s),
+        )
+        return build_alert_sms(
+            incident_code=str(incident.id),
+            kind_label=_kind_label(incident),
+            kelurahan=incident.kelurahan or "(di luar Kota Madiun)",
+            place=_place(incident),
+            occurred_at=incident.opened_at,
+            ack_url=f"{self.base_url}/a/{token}",
+            test=incident.test,
+        )
+
+    async def fire(self, step: StepRow) -> bool:
+        """Fire one due step exactly once: claim it, queue its pages, all in one commit."""
+        now = self._clock()
+        incident = await self._store.incident(step.incident_id)
+        level = self._level(step)
+        people = resolve_targets_via(level, self._responders, now)
+        async with self._store.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE escalation_steps SET state = 'fired', fired_at = ?"
+                " WHERE key = ? AND state = 'pending'",
+                (now, step.key),
+            )
+            if cursor.rowcount != 1:
+                return False  # an ack, a closure or another wake-up got there first
+            if incident is None or incident.status != "open":
+                await db.execute(
+                    "UPDATE escalation_steps SET state = 'cancelled' WHERE key = ?", (step.key,)
+                )
+                return False
+            messages = []
+            for channel in level.channels:
+                for person_id, _via in people:
+                    person = self._responders.people[person_id]
+                    body = (
+                        self._alert_body(incident, person_id, now) if channel is Medium.SMS else ""
+                    )
+                    messages.append(
+                        NewMessage(
+                            key=f"{step.key}:{person_id}:{channel.value}",
+                            incident_id=incident.id,
+                            person_id=person_id,
+                            phone=person.phone,
+                            channel=channel.value,
+                            purpose="alert",
+                            body=body,
+                            due_at=now,
+                            round=step.round,
+                            level=step.level,
+                        )
+                    )
+            queued = await DispatchStore.insert_messages(db, messages, now)
+            await DispatchStore.timeline(
+                db,
+                incident.id,
+                now,
+                "escalation.step_fired",
+                f"level {step.level + 1}",
+                detail={
+                    "round": step.round + 1,
+                    "level": step.level + 1,
+                    "people": [p for p, _ in people],
+                    "via": [v for _, v in people],
+                    "messages": queued,
+                },
+            )
+            if not people:
+                await self._pull_next_forward(db, step, now)
+            remaining = next(
+                iter(
+                    await db.execute_fetchall(
+                        "SELECT COUNT(*) FROM escalation_steps"
+                        " WHERE incident_id = ? AND state = 'pending'",
+                        (incident.id,),
+                    )
+                )
+            )[0]
+            if remaining == 0:
+                await DispatchStore.timeline(
+                    db, incident.id, now, "escalation.exhausted", "no_ack_after_last_level"
+                )
+        self.steps_fired += 1
+        log.info(
+            "escalation.step_due",
+            incident=incident.id,
+            level=step.level + 1,
+            round=step.round + 1,
+            people=len(people),
+            messages=queued,
+            late_s=round(now - step.due_at, 3),
+        )
+        if not people:
+            log.warning("escalation.level_empty", incident=incident.id, level=step.level + 1)
+        if remaining == 0:
+            log.warning("escalation.exhausted", incident=incident.id)
+        return True
+
+    async def _pull_next_forward(self, db: aiosqlite.Connection, step: StepRow, now: float) -> None:
+        """A level that paged nobody (roster gap) must not keep the next level waiting."""
+        await db.execute(
+            "UPDATE escalation_steps SET due_at = ? WHERE key = (SELECT key FROM"
+            " escalation_steps WHERE incident_id = ? AND state = 'pending'"
+            " ORDER BY due_at, round, level LIMIT 1) AND due_at > ?",
+            (now, step.incident_id, now),
+        )
+        await DispatchStore.timeline(
+            db,
+            step.incident_id,
+            now,
+            "escalation.level_empty",
+            "nobody_on_call",
+            detail={"level": step.level + 1},
+        )
+        self._step_wake.set()
+
+    # -- the outbox ----------------------------------------------------------------------
+
+    async def _outbox_loop(self) -> None:
+        await self._resilient("outbox", self._outbox_once)
+
+    async def _outbox_once(self) -> None:
+        self._outbox_wake.clear()
+        rows = await self._store.claim_outbox(self._clock(), self._settings.send_concurrency)
+        if rows:
+            async with asyncio.TaskGroup() as group:
+                for row in rows:
+                    group.create_task(self._send(row), name=f"outbox.send.{row.id}")
+            return
+        await self._wait(self._outbox_wake, await self._store.next_outbox_due())
+
+    async def _deliver(self, row: OutboxRow) -> DeliveryResult:
+        if row.channel == Medium.SMS.value:
+            return await self._channel.send_sms(
+                row.phone, row.body, status_callback=f"{self.base_url}/twilio/status/sms/{row.id}"
+            )
+        return await self._channel.place_call(
+            row.phone,
+            twiml_url=f"{self.base_url}/twilio/voice/{row.id}",
+            status_callback=f"{self.base_url}/twilio/status/call/{row.id}",
+        )
+
+    async def _send(self, row: OutboxRow) -> None:
+        try:
+            result = await self._deliver(row)
+        except Exception as exc:  # noqa: BLE001 -- a channel bug must not stall the outbox
+            result = DeliveryResult(DeliveryStatus.FAILED_TRANSIENT, error_message=repr(exc))
+        kind = "sms" if row.channel == Medium.SMS.value else "call"
+        if result.ok:
+            event, state = (f"{kind}.sent" if kind == "sms" else "call.placed"), "sent"
+            self.messages_sent += 1
+        else:
+            event, state = f"{kind}.failed", "failed"
+        now = self._clock()
+        await self._store.record_delivery(
+            row.id,
+            state=state,
+            now=now,
+            sid=result.provider_sid,
+            error_code=result.error_code,
+            error=result.error_message,
+            event=event,
+            reason=row.purpose,
+            detail={
+                "to": row.person_id,
+                "sid": result.provider_sid,
+                "error_code": result.error_code,
+                "attempts": result.attempts,
+            },
+        )
+        fields = {
+            "incident": row.incident_id,
+            "to": row.phone,
+            "person": row.person_id,
+            "purpose": row.purpose,
+            "sid": result.provider_sid,
+            "attempts": result.attempts,
+        }
+        if result.ok:
+            log.info(event, **fields)
+        else:
+            log.error(
+                event,
+                error_code=result.error_code,
+                error=result.error_message,
+                permanent=result.status is DeliveryStatus.FAILED_PERMANENT,
+                **fields,
+            )
+
+    # -- acks and closures ----------------------------------------------------------------
+
+    async def _notified(
+        self, db: aiosqlite.Connection, incident_id: int, exclude: str | None
+    ) -> list[tuple[str, str]]:
+        rows = await db.execute_fetchall(_NOTIFIED_SQL, (incident_id, exclude))
+        return [(r[0], r[1]) for r in rows]
+
+    @staticmethod
+    async def _stop_escalation(db: aiosqlite.Connection, incident_id: int) -> None:
+        await db.execute(
+            "UPDATE escalation_steps SET state = 'cancelled'"
+            " WHERE incident_id = ? AND state = 'pending'",
+            (incident_id,),
+        )
+        await db.execute(
+            "UPDATE outbox SET state = 'cancelled' WHERE incident_id = ?"
+            " AND purpose = 'alert' AND state = 'pending'",
+            (incident_id,),
+        )
+
+    def person_name(self, person_id: str | None) -> str | None:
+        """A responder's display name, if the id is known."""
+        person = self._responders.people.get(person_id) if person_id else None
+        return person.name if person else None
+
+    async def ack(
+        self, incident_id: int, *, person_id: str | None, actor: str, via: str
+    ) -> AckResult:
+        """Record an ack; the first one stops escalation and tells the others who handles it."""
+        now = self._clock()
+        name = self.person_name(person_id) or actor
+        incident = await self._store.incident(incident_id)
+        if incident is None:
+            return AckResult(incident_id, "unknown", first=False, accepted=False)
+        async with self._store.transaction() as db:
+            status = next(
+                iter(
+                    await db.execute_fetchall(
+                        "SELECT status FROM incidents WHERE id = ?", (incident_id,)
+                    )
+                )
+            )[0]
+            if status in ("resolved", "cancelled"):
+                await DispatchStore.timeline(
+                    db,
+                    incident_id,
+                    now,
+                    "ack.ignored",
+                    f"incident_{status}",
+                    actor=name,
+                    detail={"via": via},
+                )
+                return AckResult(incident_id, status, first=False, accepted=False)
+            first = status == "open"
+            await db.execute(
+                "INSERT INTO acks (incident_id, person_id, actor, via, at, first)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (incident_id, person_id, name, via, now, int(first)),
+            )
+            if first:
+                await db.execute(
+                    "UPDATE incidents SET status = 'acknowledged', updated_at = ? WHERE id = ?",
+                    (now, incident_id),
+                )
+                await db.execute(
+                    "UPDATE incident_dispatch SET handled_by = ? WHERE incident_id = ?",
+                    (name, incident_id),
+                )
+                await self._stop_escalation(db, incident_id)
+                body = build_handled_sms(
+                    incident_code=str(incident_id), responder_name=name, at=now, test=incident.test
+                )
+                await DispatchStore.insert_messages(
+                    db,
+                    [
+                        NewMessage(
+                            key=f"{incident_id}:handled:{pid}",
+                            incident_id=incident_id,
+                            person_id=pid,
+                            phone=phone,
+                            channel="sms",
+                            purpose="handled",
+                            body=body,
+                            due_at=now,
+                        )
+                        for pid, phone in await self._notified(db, incident_id, person_id)
+                    ],
+                    now,
+                )
+                await DispatchStore.timeline(
+                    db,
+                    incident_id,
+                    now,
+                    "incident.acknowledged",
+                    via,
+                    actor=name,
+                    detail={"person": person_id},
+                )
+            else:
+                await DispatchStore.timeline(
+                    db,
+                    incident_id,
+                    now,
+                    "responder.added",
+                    via,
+                    actor=name,
+                    detail={"person": person_id},
+                )
+        self._outbox_wake.set()
+        if first:
+            log.info("incident.acknowledged", incident=incident_id, by=name, via=via)
+            if self._feedback is not None:
+                self._feedback(incident.device_id, incident_id, "help_coming")
+        else:
+            log.info("incident.responder_added", incident=incident_id, by=name, via=via)
+        return AckResult(incident_id, "acknowledged", first=first, accepted=True)
+
+    async def close(self, incident_id: int, *, reason: str, actor: str, note: str = "") -> bool:
+        """Stop escalation for a cancelled or resolved incident and tell those paged.
+
+        ``reason`` is "cancelled" (the ingest side already set the status) or "resolved"
+        (an operator; this sets the status). Returns False if it was already closed.
+        """
+        now = self._clock()
+        incident = await self._store.incident(incident_id)
+        if incident is None:
+            return False
+        async with self._store.transaction() as db:
+            status, closed_at = next(
+                iter(
+                    await db.execute_fetchall(
+                        "SELECT i.status, d.closed_at FROM incidents i"
+                        " LEFT JOIN incident_dispatch d ON d.incident_id = i.id WHERE i.id = ?",
+                        (incident_id,),
+                    )
+                )
+            )
+            if closed_at is not None or (reason == "resolved" and status == "resolved"):
+                return False
+            if reason == "resolved":
+                if status == "cancelled":
+                    return False
+                await db.execute(
+                    "UPDATE incidents SET status = 'resolved', closed_at = ?,"
+                    " updated_at = ? WHERE id = ?",
+                    (now, now, incident_id),
+                )
+            await db.execute(
+                "UPDATE incident_dispatch SET closed_at = ?, close_reason = ?"
+                " WHERE incident_id = ?",
+                (now, reason, incident_id),
+            )
+            await self._stop_escalation(db, incident_id)
+            if reason == "cancelled":
+                body = build_cancelled_sms(
+                    incident_code=str(incident_id),
+                    kelurahan=incident.kelurahan or "-",
+                    at=now,
+                    test=incident.test,
+                )
+            else:
+                body = build_handled_sms(
+                    incident_code=str(incident_id),
+                    responder_name=actor,
+                    at=now,
+                    test=incident.test,
+                )
+            notify = await self._notified(db, incident_id, None)
+            if status == "acknowledged":
+                # Those already told "ditangani oleh …" need no second notice.
+                notify = []
+            await DispatchStore.insert_messages(
+                db,
+                [
+                    NewMessage(
+                        key=f"{incident_id}:{reason}:{pid}",
+                        incident_id=incident_id,
+                        person_id=pid,
+                        phone=phone,
+                        channel="sms",
+                        purpose=reason,
+                        body=body,
+                        due_at=now,
+                    )
+                    for pid, phone in notify
+                ],
+                now,
+            )
+            event = "incident.resolved" if reason == "resolved" else "escalation.stopped"
+            await DispatchStore.timeline(
+                db,
+                incident_id,
+                now,
+                event,
+                reason,
+                actor=actor,
+                detail={"note": note, "notified": len(notify)},
+            )
+        self._outbox_wake.set()
+        self._step_wake.set()
+        log.info(
+            "incident.closed", incident=incident_id, reason=reason, by=actor, notified=len(notify)
+        )
+        if self._feedback is not None:
+            self._feedback(incident.device_id, incident_id, reason)
+        return True

@@ -1,0 +1,120 @@
+"""Compose dispatch for the daemon: store, channel, dispatcher and the web servers."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from dispatch.channel import Channel, ConsoleChannel
+from dispatch.engine import Dispatcher, DispatchSettings, Feedback
+from dispatch.policy import Routing, load_policies
+from dispatch.responders import Responders, load_responders
+from dispatch.store import DispatchStore
+from dispatch.twilio_channel import TwilioChannel, twilio_credentials_from_env
+from dispatch.web import WebSettings, control_app, public_app
+from gateway.config import Config, DispatchConfig
+from gateway.errors import ConfigError
+from gateway.locate import Locator
+
+log = structlog.get_logger("panicd.dispatch")
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchPlan:
+    """Validated routing and responders, loaded before anything is opened."""
+
+    config: DispatchConfig
+    routing: Routing
+    responders: Responders
+
+
+def load_dispatch(config: Config, locator: Locator) -> DispatchPlan | None:
+    """Load and validate responders and policies (ConfigError on a bad file)."""
+    if config.dispatch is None:
+        return None
+    responders, warnings = load_responders(config.dispatch.responders_file)
+    routing, more = load_policies(config.dispatch.policies_file, responders, locator.kelurahan)
+    for warning in [*warnings, *more]:
+        log.warning("config.warning", warning=str(warning))
+    return DispatchPlan(config.dispatch, routing, responders)
+
+
+def ack_secret(database: Path, environ: Mapping[str, str]) -> bytes:
+    """The ack-link signing key: credential ``ack-link-secret``, $PANICD_ACK_SECRET, or a
+    random key kept beside the database (mode 0600) so links survive restarts."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        path = Path(directory) / "ack-link-secret"
+        if path.exists() and path.read_text(encoding="utf-8").strip():
+            return path.read_text(encoding="utf-8").strip().encode()
+    if environ.get("PANICD_ACK_SECRET"):
+        return environ["PANICD_ACK_SECRET"].encode()
+    path = database.with_name(database.name + ".ack-secret")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text(encoding="utf-8").strip().encode()
+
+
+@asynccontextmanager
+async def run_dispatch(
+    plan: DispatchPlan,
+    database: Path,
+    *,
+    feedback: Feedback | None,
+    environ: Mapping[str, str] | None = None,
+) -> AsyncIterator[Dispatcher]:
+    """Open the dispatch store, the channel, the dispatcher and the web servers."""
+    env = os.environ if environ is None else environ
+    cfg = plan.config
+    credentials = twilio_credentials_from_env(env)
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(DispatchStore(database))
+        channel: Channel
+        if credentials is None:
+            channel = ConsoleChannel()
+            log.warning("dispatch.console_channel",
+                        reason="no Twilio account configured, so SMS and calls are printed here")
+        else:
+            if cfg.from_number is None:
+                raise ConfigError("[dispatch]", "from_number",
+                                  "is required when Twilio credentials are set")
+            channel = await stack.enter_async_context(
+                TwilioChannel(credentials, from_number=cfg.from_number,
+                              base_url=cfg.twilio_base_url)
+            )
+        secret = ack_secret(database, env)
+        dispatcher = await stack.enter_async_context(
+            Dispatcher(store, plan.routing, plan.responders, channel,
+                       DispatchSettings(cfg.public_base_url, secret, cfg.ack_ttl_s,
+                                        cfg.send_concurrency),
+                       feedback=feedback)
+        )
+        settings = WebSettings(cfg.public_base_url,
+                               credentials.auth_token if credentials else None, secret)
+        public = web.AppRunner(public_app(dispatcher, store, settings), access_log=None)
+        await public.setup()
+        stack.push_async_callback(public.cleanup)
+        site = web.TCPSite(public, cfg.listen_host, cfg.listen_port)
+        await site.start()
+        control = web.AppRunner(control_app(dispatcher, store), access_log=None)
+        await control.setup()
+        stack.push_async_callback(control.cleanup)
+        cfg.control_socket.parent.mkdir(parents=True, exist_ok=True)
+        cfg.control_socket.unlink(missing_ok=True)
+        await web.UnixSite(control, str(cfg.control_socket)).start()
+        # Only the service user (and root) may ack or resolve through the socket.
+        cfg.control_socket.chmod(0o660)
+        log.info("web.listening", host=cfg.listen_host, port=cfg.listen_port,
+                 public_base_url=cfg.public_base_url, control_socket=str(cfg.control_socket))
+        yield dispatcher

@@ -1,0 +1,355 @@
+"""Dispatch's view of the database: escalation steps, the outbox, acks and closures.
+
+It has its own SQLite connection (SQLite serialises writers with BEGIN IMMEDIATE and the
+busy timeout), so the ingest writer and dispatch never share a transaction. Every state
+change is a conditional UPDATE (``… WHERE state = 'pending'``), so a step fires once and
+an outbox row is claimed once even when two wake-ups race or a restart repeats work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+from gateway.store import StoreError, migrate
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentInfo:
+    """What dispatch needs to know about an incident to route and word its messages."""
+
+    id: int
+    device_id: str
+    status: str
+    test: bool
+    urgent: bool
+    opened_at: float
+    kelurahan_kode: str | None
+    kelurahan: str | None
+    kecamatan: str | None
+    address: str
+    landmark: str
+    lat: float | None
+    lon: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """A pending escalation step with its incident's policy."""
+
+    key: str
+    incident_id: int
+    round: int
+    level: int
+    due_at: float
+    policy_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One message in the outbox."""
+
+    id: int
+    key: str
+    incident_id: int
+    person_id: str
+    phone: str
+    channel: str
+    purpose: str
+    body: str
+    state: str
+    attempts: int
+    provider_sid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """An outbox row to insert (ignored if its key exists: idempotent)."""
+
+    key: str
+    incident_id: int
+    person_id: str
+    phone: str
+    channel: str
+    purpose: str
+    body: str
+    due_at: float
+    round: int | None = None
+    level: int | None = None
+
+
+_INCIDENT_COLUMNS = (
+    "id, device_id, status, test, urgent, opened_at, kelurahan_kode, kelurahan, kecamatan,"
+    " address, landmark, lat, lon"
+)
+_OUTBOX_COLUMNS = (
+    "id, key, incident_id, person_id, phone, channel, purpose, body, state, attempts, provider_sid"
+)
+
+
+def _incident(row: Sequence[Any]) -> IncidentInfo:
+    return IncidentInfo(
+        id=row[0],
+        device_id=row[1],
+        status=row[2],
+        test=bool(row[3]),
+        urgent=bool(row[4]),
+        opened_at=row[5],
+        kelurahan_kode=row[6],
+        kelurahan=row[7],
+        kecamatan=row[8],
+        address=row[9],
+        landmark=row[10],
+        lat=row[11],
+        lon=row[12],
+    )
+
+
+def _outbox(row: Sequence[Any]) -> OutboxRow:
+    return OutboxRow(*row)
+
+
+class DispatchStore:
+    """Dispatch's SQLite connection; an async context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        # One connection, many tasks (scheduler, outbox senders, webhooks): transactions
+        # on it must not interleave.
+        self._tx_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Self:
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await migrate(self._db)
+        except BaseException:
+            await self._db.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The open connection."""
+        if self._db is None:
+            raise StoreError("dispatch store is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One BEGIN IMMEDIATE … COMMIT; rolled back on any exception."""
+        db = self.db
+        async with self._tx_lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Any] | None:
+        rows = list(await self.db.execute_fetchall(sql, params))
+        return rows[0] if rows else None
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def incident(self, incident_id: int) -> IncidentInfo | None:
+        """One incident, or None."""
+        row = await self._one(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?",  # noqa: S608
+            (incident_id,),
+        )
+        return None if row is None else _incident(row)
+
+    async def unplanned_incidents(self) -> list[IncidentInfo]:
+        """Open incidents with no escalation plan yet (e.g. after a crash between commits)."""
+        rows = await self.db.execute_fetchall(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents i"  # noqa: S608
+            " WHERE status IN ('open', 'acknowledged')"
+            " AND NOT EXISTS (SELECT 1 FROM incident_dispatch d WHERE d.incident_id = i.id)"
+            " ORDER BY id"
+        )
+        return [_incident(r) for r in rows]
+
+    async def due_steps(self, now: float) -> list[StepRow]:
+        """Pending steps due at or before ``now``, earliest first."""
+        rows = await self.db.execute_fetchall(
+            "SELECT s.key, s.incident_id, s.round, s.level, s.due_at, d.policy_id"
+            " FROM escalation_steps s JOIN incident_dispatch d USING (incident_id)"
+            " WHERE s.state = 'pending' AND s.due_at <= ?"
+            " ORDER BY s.due_at, s.round, s.level, s.incident_id",
+            (now,),
+        )
+        return [StepRow(*r) for r in rows]
+
+    async def next_step_due(self) -> float | None:
+        """When the earliest pending step falls due."""
+        row = await self._one("SELECT MIN(due_at) FROM escalation_steps WHERE state = 'pending'")
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def next_outbox_due(self) -> float | None:
+        """When the earliest pending outbox row may be sent."""
+        row = await self._one("SELECT MIN(due_at) FROM outbox WHERE state = 'pending'")
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def outbox_row(self, outbox_id: int) -> OutboxRow | None:
+        """One outbox row."""
+        row = await self._one(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?",  # noqa: S608
+            (outbox_id,),
+        )
+        return None if row is None else _outbox(row)
+
+    async def pending_step_count(self) -> int:
+        """How many escalation steps are waiting."""
+        row = await self._one("SELECT COUNT(*) FROM escalation_steps WHERE state = 'pending'")
+        return int(row[0]) if row else 0
+
+    # -- writes (call inside transaction()) -------------------------------------------
+
+    @staticmethod
+    async def timeline(
+        db: aiosqlite.Connection,
+        incident_id: int,
+        at: float,
+        event: str,
+        reason: str,
+        *,
+        actor: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append to an incident's timeline."""
+        await db.execute(
+            "INSERT INTO incident_events (incident_id, at, event, reason, actor, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                incident_id,
+                at,
+                event,
+                reason,
+                actor,
+                None if detail is None else json.dumps(detail, sort_keys=True),
+            ),
+        )
+
+    @staticmethod
+    async def insert_messages(
+        db: aiosqlite.Connection, messages: Sequence[NewMessage], now: float
+    ) -> int:
+        """Insert outbox rows, skipping keys that exist; returns how many were new."""
+        before = db.total_changes
+        await db.executemany(
+            "INSERT OR IGNORE INTO outbox (key, incident_id, person_id, phone, channel, purpose,"
+            " round, level, body, state, created_at, due_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+            [
+                (
+                    m.key,
+                    m.incident_id,
+                    m.person_id,
+                    m.phone,
+                    m.channel,
+                    m.purpose,
+                    m.round,
+                    m.level,
+                    m.body,
+                    now,
+                    m.due_at,
+                    now,
+                )
+                for m in messages
+            ],
+        )
+        return db.total_changes - before
+
+    async def claim_outbox(self, now: float, limit: int) -> list[OutboxRow]:
+        """Move up to ``limit`` due pending rows to 'sending' and return them."""
+        async with self.transaction() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox"  # noqa: S608
+                " WHERE state = 'pending' AND due_at <= ? ORDER BY due_at, id LIMIT ?",
+                (now, limit),
+            )
+            claimed = [_outbox(r) for r in rows]
+            await db.executemany(
+                "UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_at = ?"
+                " WHERE id = ? AND state = 'pending'",
+                [(now, row.id) for row in claimed],
+            )
+        return claimed
+
+    async def requeue_interrupted(self, now: float) -> int:
+        """Rows left in 'sending' by a crash go back to 'pending' (at-least-once delivery)."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE outbox SET state = 'pending', due_at = ?, updated_at = ?"
+                " WHERE state = 'sending'",
+                (now, now),
+            )
+            return cursor.rowcount
+
+    async def record_delivery(
+        self,
+        outbox_id: int,
+        *,
+        state: str,
+        now: float,
+        sid: str | None,
+        error_code: int | None,
+        error: str | None,
+        event: str,
+        reason: str,
+        detail: Mapping[str, Any],
+    ) -> None:
+        """Write the outcome of a send attempt and its timeline line."""
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE outbox SET state = ?, provider_sid = COALESCE(?, provider_sid),"
+                " error_code = ?, error = ?, updated_at = ? WHERE id = ?",
+                (state, sid, error_code, error, now, outbox_id),
+            )
+            row = await self._one("SELECT incident_id FROM outbox WHERE id = ?", (outbox_id,))
+            if row is not None:
+                await self.timeline(db, row[0], now, event, reason, detail=detail)
+
+    async def record_status_callback(
+        self,
+        outbox_id: int,
+        *,
+        state: str,
+        now: float,
+        error_code: int | None,
+        event: str,
+        detail: Mapping[str, Any],
+    ) -> bool:
+        """Apply a provider status callback; False if the row is unknown."""
+        async with self.transaction() as db:
+            row = await self._one("SELECT incident_id FROM outbox WHERE id = ?", (outbox_id,))
+            if row is None:
+                return False
+            await db.execute(
+                "UPDATE outbox SET state = ?, error_code = COALESCE(?, error_code),"
+                " updated_at = ? WHERE id = ? AND state NOT IN ('cancelled')",
+                (state, error_code, now, outbox_id),
+            )
+            await self.timeline(db, row[0], now, event, state, detail=detail)
+        return True

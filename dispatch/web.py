@@ -1,0 +1,369 @@
+"""panicd's web server: Twilio webhooks, the ack-link page, and the operator control API.
+
+Public routes (behind the configured ``public_base_url``):
+
+* ``POST /twilio/voice/{outbox}`` — the call script (TwiML, ``<Say language="id-ID">``
+  inside a one-digit ``<Gather>``); a call answered by a machine hangs up, never an ack.
+* ``POST /twilio/gather/{outbox}`` — the key press: 1 = "saya tangani" (ack), 2 = repeat.
+* ``POST /twilio/status/sms/{outbox}`` / ``/twilio/status/call/{outbox}`` — delivery
+  status callbacks into the outbox.
+* ``GET /a/{token}`` shows the incident with one "Saya tangani" button; ``POST`` acks.
+
+Every ``/twilio/`` request needs a valid ``X-Twilio-Signature`` over the public URL and
+form (403 otherwise). The control API (``/ops/…``) is served only on a Unix socket whose
+file permissions are the access control.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from dispatch.engine import Dispatcher
+from dispatch.messages import (
+    build_alert_twiml,
+    build_digit_reply_twiml,
+    build_machine_hangup_twiml,
+    build_voice_message,
+)
+from dispatch.store import DispatchStore, OutboxRow
+from dispatch.webhook_auth import AckTokenError, validate_twilio_signature, verify_ack_token
+from gateway.locate import map_link
+from gateway.model import GeoFix
+
+log = structlog.get_logger("panicd.web")
+
+# Twilio's AnsweredBy values for answering machines and fax (AMD, MachineDetection=Enable).
+MACHINE_ANSWERS = frozenset(
+    {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
+)
+# Twilio MessageStatus / CallStatus → outbox state.
+SMS_STATES = {
+    "queued": "sent",
+    "sending": "sent",
+    "sent": "sent",
+    "delivered": "delivered",
+    "undelivered": "failed",
+    "failed": "failed",
+}
+CALL_STATES = {
+    "queued": "sent",
+    "initiated": "sent",
+    "ringing": "sent",
+    "in-progress": "sent",
+    "completed": "delivered",
+    "busy": "no_answer",
+    "no-answer": "no_answer",
+    "canceled": "failed",
+    "failed": "failed",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WebSettings:
+    """The public URL, the Twilio auth token (None: webhooks refused) and the ack secret."""
+
+    def __init__(
+        self,
+        public_base_url: str,
+        twilio_auth_token: str | None,
+        ack_secret: bytes,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.public_base_url = public_base_url.rstrip("/")
+        self.twilio_auth_token = twilio_auth_token
+        self.ack_secret = ack_secret
+        self.clock = clock
+
+
+DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
+STORE: web.AppKey[DispatchStore] = web.AppKey("store", DispatchStore)
+SETTINGS: web.AppKey[WebSettings] = web.AppKey("settings", WebSettings)
+
+
+def _twiml(body: str) -> web.Response:
+    return web.Response(text=body, content_type="text/xml")
+
+
+@web.middleware
+async def twilio_signature(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse any /twilio/ request without a valid X-Twilio-Signature (403)."""
+    if not request.path.startswith("/twilio/"):
+        return await handler(request)
+    settings = request.app[SETTINGS]
+    form = await request.post()
+    params = {k: str(v) for k, v in form.items()}
+    url = settings.public_base_url + request.path_qs
+    token = settings.twilio_auth_token
+    signature = request.headers.get("X-Twilio-Signature")
+    if token is None or not validate_twilio_signature(token, url, params, signature):
+        log.warning(
+            "webhook.bad_signature",
+            path=request.path,
+            signed=signature is not None,
+            remote=request.remote,
+        )
+        raise web.HTTPForbidden(text="invalid Twilio signature")
+    return await handler(request)
+
+
+async def _outbox(request: web.Request) -> OutboxRow:
+    try:
+        outbox_id = int(request.match_info["outbox"])
+    except ValueError:
+        raise web.HTTPNotFound from None
+    row = await request.app[STORE].outbox_row(outbox_id)
+    if row is None:
+        raise web.HTTPNotFound
+    return row
+
+
+async def voice(request: web.Request) -> web.Response:
+    """The call script, or a hang-up for voicemail and closed incidents."""
+    row = await _outbox(request)
+    form = await request.post()
+    base = request.app[SETTINGS].public_base_url
+    answered_by = str(form.get("AnsweredBy", ""))
+    if answered_by in MACHINE_ANSWERS:
+        log.info(
+            "call.machine_answered",
+            incident=row.incident_id,
+            person=row.person_id,
+            answered_by=answered_by,
+        )
+        return _twiml(build_machine_hangup_twiml())
+    incident = await request.app[STORE].incident(row.incident_id)
+    if incident is None or incident.status != "open":
+        handled = incident is not None and incident.status == "acknowledged"
+        return _twiml(build_digit_reply_twiml(digit="1", repeat_url="", handled=not handled))
+    repeat = request.query.get("repeat") == "1"
+    message = build_voice_message(
+        incident_code=str(incident.id),
+        kelurahan=incident.kelurahan or "di luar Kota Madiun",
+        place=", ".join(p for p in (incident.landmark, incident.address) if p) or "-",
+        test=incident.test,
+    )
+    return _twiml(
+        build_alert_twiml(
+            message=message,
+            action_url=f"{base}/twilio/gather/{row.id}",
+            repeat_url=None if repeat else f"{base}/twilio/voice/{row.id}?repeat=1",
+        )
+    )
+
+
+async def gather(request: web.Request) -> web.Response:
+    """A key press in the call: 1 acks (if the incident is still open), else repeat."""
+    row = await _outbox(request)
+    form = await request.post()
+    digit = str(form.get("Digits", ""))
+    base = request.app[SETTINGS].public_base_url
+    if digit != "1":
+        return _twiml(
+            build_digit_reply_twiml(
+                digit=digit, repeat_url=f"{base}/twilio/voice/{row.id}?repeat=1", handled=False
+            )
+        )
+    result = await request.app[DISPATCHER].ack(
+        row.incident_id, person_id=row.person_id, actor=row.person_id, via="voice"
+    )
+    return _twiml(build_digit_reply_twiml(digit="1", repeat_url="", handled=result.first))
+
+
+async def sms_status(request: web.Request) -> web.Response:
+    """Twilio's MessageStatus callback."""
+    return await _status(request, "MessageStatus", SMS_STATES, "sms")
+
+
+async def call_status(request: web.Request) -> web.Response:
+    """Twilio's CallStatus callback."""
+    return await _status(request, "CallStatus", CALL_STATES, "call")
+
+
+async def _status(
+    request: web.Request, field: str, states: dict[str, str], kind: str
+) -> web.Response:
+    row = await _outbox(request)
+    form = await request.post()
+    provider = str(form.get(field, ""))
+    state = states.get(provider)
+    if state is None:
+        return web.Response(status=204)
+    code_text = str(form.get("ErrorCode", "")) or None
+    error_code = int(code_text) if code_text and code_text.isdigit() else None
+    settings = request.app[SETTINGS]
+    await request.app[STORE].record_status_callback(
+        row.id,
+        state=state,
+        now=settings.clock(),
+        error_code=error_code,
+        event="sms.status" if kind == "sms" else "call.status",
+        detail={"to": row.person_id, "provider_status": provider, "error_code": error_code},
+    )
+    event = "sms.status" if kind == "sms" else "call.status"
+    log.info(
+        event,
+        incident=row.incident_id,
+        person=row.person_id,
+        status=provider,
+        error_code=error_code,
+    )
+    return web.Response(status=204)
+
+
+_PAGE = """<!doctype html>
+<html lang="id"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Kejadian #{code}</title>
+<style>body{{font-family:sans-serif;margin:1.5em;max-width:30em}}
+button{{font-size:1.6em;padding:.6em 1.2em;background:#c00;color:#fff;border:0;border-radius:.3em}}
+</style></head><body>
+<h1>{title}</h1>
+<p><b>Kelurahan:</b> {kelurahan} ({kecamatan})<br><b>Lokasi:</b> {place}<br>
+<b>Status:</b> {status}</p>
+{map}
+{action}
+</body></html>"""
+
+
+async def _claim(request: web.Request) -> tuple[Any, Any]:
+    settings = request.app[SETTINGS]
+    try:
+        claim = verify_ack_token(settings.ack_secret, request.match_info["token"], settings.clock())
+    except AckTokenError as exc:
+        log.warning("ack_link.rejected", reason=exc.reason, remote=request.remote)
+        raise web.HTTPForbidden(text="Tautan tidak berlaku atau sudah kedaluwarsa.") from None
+    incident = await request.app[STORE].incident(int(claim.incident_id))
+    if incident is None:
+        raise web.HTTPNotFound
+    return claim, incident
+
+
+def _page(incident: Any, token: str, message: str | None) -> web.Response:
+    place = ", ".join(p for p in (incident.landmark, incident.address) if p) or "-"
+    map_html = ""
+    if incident.lat is not None and incident.lon is not None:
+        link = map_link(GeoFix(incident.lat, incident.lon))
+        map_html = f'<p><a href="{html.escape(link)}">Buka peta</a></p>'
+    if message is not None:
+        action = f"<p><b>{html.escape(message)}</b></p>"
+    elif incident.status == "open":
+        action = (
+            f'<form method="post" action="/a/{html.escape(token)}">'
+            '<button type="submit">Saya tangani</button></form>'
+        )
+    else:
+        action = "<p>Kejadian ini sudah ditangani atau ditutup.</p>"
+    title = ("TES " if incident.test else "") + f"Kejadian darurat #{incident.id}"
+    return web.Response(
+        content_type="text/html",
+        text=_PAGE.format(
+            code=incident.id,
+            title=html.escape(title),
+            kelurahan=html.escape(incident.kelurahan or "-"),
+            kecamatan=html.escape(incident.kecamatan or "-"),
+            place=html.escape(place),
+            status=html.escape(incident.status),
+            map=map_html,
+            action=action,
+        ),
+    )
+
+
+async def ack_page(request: web.Request) -> web.Response:
+    """GET shows the incident with one "Saya tangani" button (no state change)."""
+    _, incident = await _claim(request)
+    return _page(incident, request.match_info["token"], None)
+
+
+async def ack_submit(request: web.Request) -> web.Response:
+    """POST acks as the responder the token was issued to."""
+    claim, incident = await _claim(request)
+    result = await request.app[DISPATCHER].ack(
+        incident.id, person_id=claim.responder_id, actor=claim.responder_id, via="link"
+    )
+    incident = await request.app[STORE].incident(incident.id)
+    message = (
+        "Terima kasih, Anda tercatat menangani kejadian ini."
+        if result.first
+        else "Tercatat. Kejadian ini sudah ditangani petugas lain."
+        if result.accepted
+        else "Kejadian ini sudah ditutup."
+    )
+    return _page(incident, request.match_info["token"], message)
+
+
+def public_app(
+    dispatcher: Dispatcher, store: DispatchStore, settings: WebSettings
+) -> web.Application:
+    """The public web application (webhooks and the ack page)."""
+    app = web.Application(middlewares=[twilio_signature], client_max_size=64 * 1024)
+    app[DISPATCHER] = dispatcher
+    app[STORE] = store
+    app[SETTINGS] = settings
+    app.router.add_post("/twilio/voice/{outbox}", voice)
+    app.router.add_post("/twilio/gather/{outbox}", gather)
+    app.router.add_post("/twilio/status/sms/{outbox}", sms_status)
+    app.router.add_post("/twilio/status/call/{outbox}", call_status)
+    app.router.add_get("/a/{token}", ack_page)
+    app.router.add_post("/a/{token}", ack_submit)
+    return app
+
+
+async def ops_ack(request: web.Request) -> web.Response:
+    """Operator ack (``panicctl ack ID --by NAME``)."""
+    body = await request.json()
+    dispatcher = request.app[DISPATCHER]
+    by = str(body.get("by", "")).strip()
+    if not by:
+        raise web.HTTPBadRequest(text="'by' is required")
+    person = by if dispatcher.person_name(by) else None
+    result = await dispatcher.ack(
+        int(request.match_info["id"]), person_id=person, actor=by, via="cli"
+    )
+    status = 404 if result.status == "unknown" else 200
+    return web.json_response(
+        {
+            "incident": result.incident_id,
+            "status": result.status,
+            "first": result.first,
+            "accepted": result.accepted,
+        },
+        status=status,
+    )
+
+
+async def ops_resolve(request: web.Request) -> web.Response:
+    """Operator resolve (``panicctl resolve ID --note TEXT``)."""
+    body = await request.json()
+    incident_id = int(request.match_info["id"])
+    store = request.app[STORE]
+    if await store.incident(incident_id) is None:
+        raise web.HTTPNotFound(text=f"no incident {incident_id}")
+    closed = await request.app[DISPATCHER].close(
+        incident_id,
+        reason="resolved",
+        actor=str(body.get("by", "operator")),
+        note=str(body.get("note", "")),
+    )
+    incident = await store.incident(incident_id)
+    assert incident is not None
+    return web.json_response(
+        {"incident": incident_id, "status": incident.status, "changed": closed}
+    )
+
+
+def control_app(dispatcher: Dispatcher, store: DispatchStore) -> web.Application:
+    """The operator control API (served on a Unix socket only)."""
+    app = web.Application(client_max_size=64 * 1024)
+    app[DISPATCHER] = dispatcher
+    app[STORE] = store
+    app.router.add_post("/ops/incidents/{id:\\d+}/ack", ops_ack)
+    app.router.add_post("/ops/incidents/{id:\\d+}/resolve", ops_resolve)
+    return app
