@@ -493,6 +493,27 @@ class Dispatcher:
                 **fields,
             )
 
+    # -- operations messages ---------------------------------------------------------------
+
+    async def send_ops(self, key: str, body: str) -> int:
+        """Queue an operations SMS (device health, daily summary) to the operations policy's
+        first level, resolved now; never a responder page. ``key`` makes it idempotent."""
+        now = self._clock()
+        level = self._routing.operations.levels[0]
+        people = resolve_targets_via(level, self._responders, now)
+        messages = [
+            NewMessage(key=f"ops:{key}:{person_id}", incident_id=None, person_id=person_id,
+                       phone=self._responders.people[person_id].phone, channel="sms",
+                       purpose="ops", body=body, due_at=now)
+            for person_id, _via in people
+        ]
+        async with self._store.transaction() as db:
+            queued = await DispatchStore.insert_messages(db, messages, now)
+        if queued:
+            self._outbox_wake.set()
+        log.info("ops.alert_queued", key=key, people=len(people), messages=queued)
+        return queued
+
     # -- acks and closures ----------------------------------------------------------------
 
     async def _notified(

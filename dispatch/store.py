@@ -59,7 +59,7 @@ class OutboxRow:
 
     id: int
     key: str
-    incident_id: int
+    incident_id: int | None
     person_id: str
     phone: str
     channel: str
@@ -75,7 +75,7 @@ class NewMessage:
     """An outbox row to insert (ignored if its key exists: idempotent)."""
 
     key: str
-    incident_id: int
+    incident_id: int | None
     person_id: str
     phone: str
     channel: str
@@ -328,7 +328,7 @@ class DispatchStore:
                 (state, sid, error_code, error, now, outbox_id),
             )
             row = await self._one("SELECT incident_id FROM outbox WHERE id = ?", (outbox_id,))
-            if row is not None:
+            if row is not None and row[0] is not None:
                 await self.timeline(db, row[0], now, event, reason, detail=detail)
 
     async def record_status_callback(
@@ -351,5 +351,6 @@ class DispatchStore:
                 " updated_at = ? WHERE id = ? AND state NOT IN ('cancelled')",
                 (state, error_code, now, outbox_id),
             )
-            await self.timeline(db, row[0], now, event, state, detail=detail)
+            if row[0] is not None:
+                await self.timeline(db, row[0], now, event, state, detail=detail)
         return True

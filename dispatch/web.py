@@ -138,6 +138,8 @@ async def voice(request: web.Request) -> web.Response:
             answered_by=answered_by,
         )
         return _twiml(build_machine_hangup_twiml())
+    if row.incident_id is None:
+        raise web.HTTPNotFound  # operations messages are SMS only
     incident = await request.app[STORE].incident(row.incident_id)
     if incident is None or incident.status != "open":
         handled = incident is not None and incident.status == "acknowledged"
@@ -170,6 +172,8 @@ async def gather(request: web.Request) -> web.Response:
                 digit=digit, repeat_url=f"{base}/twilio/voice/{row.id}?repeat=1", handled=False
             )
         )
+    if row.incident_id is None:
+        raise web.HTTPNotFound
     result = await request.app[DISPATCHER].ack(
         row.incident_id, person_id=row.person_id, actor=row.person_id, via="voice"
     )

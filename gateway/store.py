@@ -138,7 +138,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE outbox (
         id            INTEGER PRIMARY KEY,
         key           TEXT NOT NULL UNIQUE,
-        incident_id   INTEGER NOT NULL REFERENCES incidents (id),
+        -- NULL for operations messages (device health) that belong to no incident.
+        incident_id   INTEGER REFERENCES incidents (id),
         person_id     TEXT NOT NULL,
         phone         TEXT NOT NULL,
         channel       TEXT NOT NULL CHECK (channel IN ('sms', 'voice')),
