@@ -79,6 +79,17 @@ class IngestConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """Device and source health: alert thresholds and the daily ops summary ([health])."""
+
+    low_battery_percent: int = 20
+    offline_grace_factor: float = 1.5
+    source_down_alert_s: float = 60.0
+    daily_summary_at: str = "07:00"  # local WIB time, HH:MM
+    check_every_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class DispatchConfig:
     """Routing, responders, the web server and the delivery channel (no secrets here)."""
 
@@ -111,6 +122,7 @@ class Config:
     external_index: Mapping[tuple[str, str], str] = field(default_factory=dict)
     serial: tuple[SerialSourceConfig, ...] = ()
     dispatch: DispatchConfig | None = None
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def device_for(self, frame: Frame) -> Device | None:
         """The registered device a frame's identity refers to, for any format.
@@ -453,6 +465,24 @@ def _dispatch(table: _Table, base: Path) -> DispatchConfig | None:
     return cfg
 
 
+_HH_MM = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
+
+
+def _health(table: _Table) -> HealthConfig:
+    at = table.get("daily_summary_at", str, "07:00")
+    if not _HH_MM.fullmatch(at):
+        raise table.error("daily_summary_at", "must be a local WIB time like \"07:00\"")
+    cfg = HealthConfig(
+        low_battery_percent=int(table.number("low_battery_percent", 20, 1, 99)),
+        offline_grace_factor=table.number("offline_grace_factor", 1.5, 1, 10),
+        source_down_alert_s=table.number("source_down_alert_s", 60, 1, 86400),
+        daily_summary_at=at,
+        check_every_s=table.number("check_every_s", 30, 1, 3600),
+    )
+    table.check_unknown()
+    return cfg
+
+
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Load, validate and join the TOML file, the device registry and the device keys."""
     env = os.environ if environ is None else environ
@@ -500,6 +530,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(path, where, f"duplicate source name {serial_source.name}")
         names.append(serial_source.name)
     dispatch = _dispatch(root.table("dispatch"), base)
+    health = _health(root.table("health"))
     root.check_unknown()
     return Config(
         path=path,
@@ -514,6 +545,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         mqtt=sources,
         serial=serial,
         dispatch=dispatch,
+        health=health,
         external_index={
             (fmt, ref): device.id
             for device in devices.values()

@@ -171,6 +171,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX acks_incident ON acks (incident_id);
     """,
+    # 3: device and source health conditions, each raised once and cleared once (issue 5).
+    """
+    CREATE TABLE device_health (
+        id          INTEGER PRIMARY KEY,
+        subject     TEXT NOT NULL,
+        condition   TEXT NOT NULL,
+        raised_at   REAL NOT NULL,
+        cleared_at  REAL,
+        detail      TEXT
+    );
+    CREATE UNIQUE INDEX device_health_active ON device_health (subject, condition)
+        WHERE cleared_at IS NULL;
+    CREATE INDEX device_health_raised ON device_health (raised_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -113,6 +113,7 @@ async def test_migrate_from_empty_sets_user_version_and_wal(tmp_path: Path) -> N
         "escalation_steps",
         "outbox",
         "acks",
+        "device_health",
     }
 
 
