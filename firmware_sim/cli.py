@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from firmware_sim import button, demo
+from firmware_sim import button, demo, lora_cmds
 from firmware_sim.fleet import CounterState, SimDevice, default_state_path, load_keys
 from firmware_sim.storm import storm
 from gateway.config import Config, load_config
@@ -60,6 +60,16 @@ def cmd_button(args: argparse.Namespace) -> int:
     state = CounterState(args.state)
     counter = args.counter if args.counter is not None else state.next(device.id)
     state.save()
+    if args.lora:
+        if not lora_cmds.is_lora_button(device.id):
+            print(f"panic-sim: {device.id} is not a LoRa button id (L + 8 hex)", file=sys.stderr)
+            return 2
+        tries = asyncio.run(lora_cmds.button_via_lora(
+            Path(args.lora), device, PressKind(args.kind), counter, battery=args.battery,
+            gps=args.gps, tamper=args.tamper, retry_s=max(args.wait, 0.5) / 4, max_tries=4))
+        print(json.dumps({"device": device.id, "counter": counter, "kind": args.kind,
+                          "via": "lora", "tries": tries}))
+        return 0 if tries is not None else 1
     host, port = _broker(config, args)
     sent, feedback = asyncio.run(
         button.press(
@@ -83,9 +93,23 @@ def cmd_storm(args: argparse.Namespace) -> int:
     state = CounterState(args.state)
     base = max(state.next(device.id) for device in fleet)
     host, port = _broker(config, args)
+    lora_fleet = [d for d in fleet if args.lora and lora_cmds.is_lora_button(d.id)]
+    fleet = [d for d in fleet if d not in lora_fleet]
+    lora_count = round(args.count * len(lora_fleet) / (len(lora_fleet) + len(fleet)))
+    if lora_fleet:
+        lora_result = asyncio.run(lora_cmds.lora_storm(
+            Path(args.lora), lora_fleet, count=lora_count, rate=args.rate, counter_base=base,
+            heard_twice_ratio=args.duplicates, broker=(host, port)))
+        for device_id, counter in lora_result.sent:
+            state.bump_to(device_id, counter)
+        state.save()
+        print(json.dumps({"lora_sent": len(lora_result.sent), "lora_acked": lora_result.acked,
+                          "heard_twice": lora_result.heard_twice}))
+    if not fleet:
+        return 0
     result = asyncio.run(
-        storm(host, port, fleet, count=args.count, rate=args.rate, counter_base=base,
-              duplicate_ratio=args.duplicates, via_gateway=args.via_gateway,
+        storm(host, port, fleet, count=args.count - lora_count, rate=args.rate,
+              counter_base=base, duplicate_ratio=args.duplicates, via_gateway=args.via_gateway,
               watch_feedback=args.feedback)
     )
     # Persist the highest counter used per device, so the next run starts above it.
@@ -109,6 +133,15 @@ def cmd_storm(args: argparse.Namespace) -> int:
                 handle.write(json.dumps({"device": device_id, "counter": counter, "at": at}) + "\n")
     print(json.dumps(summary))
     return 0
+
+
+def cmd_lora_rx(args: argparse.Namespace) -> int:
+    """Serve a simulated REYAX receiver on a pty (prints its path first)."""
+    config = load_config(args.config)
+    fleet = _fleet(config, _keys_file(args))
+    if args.presses and not any(lora_cmds.is_lora_button(d) for d in fleet):
+        return lora_cmds.no_lora_buttons()
+    return lora_cmds.run_lora_rx(args, config, fleet, CounterState(args.state))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tamper", action="store_true", help="corrupt the tag (must be rejected)")
     p.add_argument("--wait", type=float, default=5.0,
                    help="seconds to wait for panicd's feedback (0: do not wait)")
+    p.add_argument("--lora", metavar="LINK",
+                   help="transmit as a LoRa button to the `panic-sim lora-rx` serving LINK")
     p.set_defaults(func=cmd_button)
 
     p = sub.add_parser("storm", help="many presses at a fixed rate, with duplicates")
@@ -146,7 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duplicates", type=float, default=0.1, help="share heard twice")
     p.add_argument("--feedback", action="store_true", help="time panicd's feedback per press")
     p.add_argument("--out", help="write sent presses as JSON lines")
+    p.add_argument("--lora", metavar="LINK",
+                   help="LoRa buttons (L…) press through the `panic-sim lora-rx` serving LINK;"
+                        " --duplicates of them are also published over MQTT (heard twice)")
     p.set_defaults(func=cmd_storm)
+
+    p = sub.add_parser("lora-rx", help="a REYAX LoRa receiver on a pty, with simulated buttons")
+    p.add_argument("--config", type=Path, required=True, help="panicd's TOML configuration")
+    p.add_argument("--keys", help="device keys (default: $PANICD_DEVICE_KEYS_FILE)")
+    p.add_argument("--state", type=Path, default=default_state_path(),
+                   help="counter state file (default: %(default)s)")
+    p.add_argument("--link", help="symlink to the pty (default: the config's first rylr port)")
+    p.add_argument("--buttons", type=int, default=10, help="simulate at most N LoRa buttons")
+    p.add_argument("--presses", type=int, default=0, help="press N times, then exit (0: serve)")
+    p.add_argument("--every", type=float, default=2.0, help="mean seconds between presses")
+    p.add_argument("--kind", choices=[k.value for k in PressKind], default="panic")
+    p.add_argument("--noise-every", type=float, default=0.0, help="mean seconds between noise")
+    p.add_argument("--retry", type=float, default=2.0, help="seconds a button waits for an ACK")
+    p.add_argument("--max-tries", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_lora_rx)
 
     p = sub.add_parser("demo", help="run the end-to-end demo (broker, panicd, buttons)")
     p.add_argument("--config", type=Path, default=demo.DEMO_CONFIG)

@@ -19,10 +19,12 @@ import contextlib
 import os
 import random
 import tty
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 from firmware_sim.fleet import SimDevice
 from gateway.formats import lora_ack, lora_frame
@@ -57,8 +59,8 @@ class Radio(Protocol):
         """Send one packet from the button at ``addr``."""
         ...
 
-    async def downlink(self, addr: int) -> bytes:
-        """The next packet sent to ``addr``."""
+    def listening(self, addr: int) -> AbstractContextManager[asyncio.Queue[bytes]]:
+        """Collect the packets sent to ``addr`` while the block runs."""
         ...
 
 
@@ -141,16 +143,18 @@ class ReyaxSim:
 
     async def downlink(self, addr: int) -> bytes:
         """The next packet panicd sends to ``addr``."""
-        queue = self._listen(addr)
-        try:
+        with self.listening(addr) as queue:
             return await queue.get()
-        finally:
-            self._listeners[addr].remove(queue)
 
-    def _listen(self, addr: int) -> asyncio.Queue[bytes]:
+    @contextlib.contextmanager
+    def listening(self, addr: int) -> Iterator[asyncio.Queue[bytes]]:
+        """Collect the packets panicd sends to ``addr`` while the block runs."""
         queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._listeners.setdefault(addr, []).append(queue)
-        return queue
+        try:
+            yield queue
+        finally:
+            self._listeners[addr].remove(queue)
 
     async def serve(self, stop: asyncio.Event, *, air: Path | None = None) -> None:
         """Play the module until ``stop``: ``+READY``, noise, and answers to AT commands."""
@@ -250,37 +254,56 @@ class ReyaxSim:
 
 
 class AirClient:
-    """A button in another process, on the module's air socket."""
+    """A button in another process, on the module's air socket (an async context manager)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, link: Path) -> None:
+        self._path = air_socket(link)
+        self._writer: asyncio.StreamWriter | None = None
+        self._queues: list[asyncio.Queue[bytes]] = []
+        self._group: asyncio.TaskGroup | None = None
+        self._pump: asyncio.Task[None] | None = None
 
-    @classmethod
-    async def connect(cls, link: Path) -> AirClient:
-        """Connect to the ``panic-sim lora-rx`` serving ``link``."""
-        reader, writer = await asyncio.open_unix_connection(str(air_socket(link)))
-        return cls(reader, writer)
+    async def __aenter__(self) -> Self:
+        reader, self._writer = await asyncio.open_unix_connection(str(self._path))
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._pump = self._group.create_task(self._receive(reader), name="air.receive")
+        return self
 
-    def transmit(self, addr: int, data: bytes) -> None:
-        """Send one packet."""
-        self._writer.write(b"TX %d %s\n" % (addr, data))
-
-    async def downlink(self, addr: int) -> bytes:
-        """The next packet the module sends (the module only forwards ours)."""
-        del addr
-        while True:
-            line = await self._reader.readline()
-            if not line:
-                raise ConnectionError("the simulated module went away")
-            if line.startswith(b"RX "):
-                return line[3:].rstrip(b"\n")
-
-    async def close(self) -> None:
-        """Disconnect."""
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._group is not None and self._pump is not None and self._writer is not None
+        self._pump.cancel()
         self._writer.close()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
+        await self._group.__aexit__(exc_type, exc, tb)
+
+    async def _receive(self, reader: asyncio.StreamReader) -> None:
+        async for line in reader:
+            if line.startswith(b"RX "):
+                for queue in self._queues:
+                    queue.put_nowait(line[3:].rstrip(b"\n"))
+
+    def transmit(self, addr: int, data: bytes) -> None:
+        """Send one packet."""
+        assert self._writer is not None
+        self._writer.write(b"TX %d %s\n" % (addr, data))
+
+    @contextlib.contextmanager
+    def listening(self, addr: int) -> Iterator[asyncio.Queue[bytes]]:
+        """Every downlink the module forwards to this client (it only forwards ours)."""
+        del addr
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._queues.append(queue)
+        try:
+            yield queue
+        finally:
+            self._queues.remove(queue)
 
 
 def address_of(device_id: str) -> int:
@@ -316,16 +339,16 @@ async def press_until_acked(
 ) -> int | None:
     """Transmit until a valid ACK for ``counter`` arrives; the tries it took, or None."""
     addr = address_of(device.id)
-    for attempt in range(1, max_tries + 1):
-        radio.transmit(addr, payload)
-        try:
-            async with asyncio.timeout(retry_s):
-                while True:
-                    heard = await radio.downlink(addr)
-                    if _is_ack(heard, device, counter):
-                        return attempt
-        except TimeoutError:
-            continue
+    with radio.listening(addr) as heard:
+        for attempt in range(1, max_tries + 1):
+            radio.transmit(addr, payload)
+            try:
+                async with asyncio.timeout(retry_s):
+                    while not _is_ack(await heard.get(), device, counter):
+                        pass
+            except TimeoutError:
+                continue
+            return attempt
     return None
 
 
