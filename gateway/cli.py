@@ -68,6 +68,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "gateways": len(config.gateways),
         "kelurahan": len(locator.kelurahan),
         "mqtt_sources": [s.name for s in config.mqtt],
+        "serial_sources": [f"{s.name} ({s.mode} on {s.port})" for s in config.serial],
     }
     if args.json:
         _print_json(summary)
