@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -80,6 +81,17 @@ class DeadLettered:
 
 
 Outcome = Stored | Repeated | DeadLettered
+
+
+def outcome_label(outcome: Outcome) -> str:
+    """A short label for an outcome: the press outcome, "duplicate" or "rejected"."""
+    match outcome:
+        case Stored():
+            return outcome.outcome
+        case Repeated():
+            return "duplicate"
+        case DeadLettered():
+            return "rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +183,8 @@ class Ingestor:
         self._closing = False
         self.committed_batches = 0
         self.committed_items = 0
+        # Committed items by (source, outcome), for the metrics endpoint.
+        self.outcomes: Counter[tuple[str, str]] = Counter()
 
     def add_listener(self, listener: IncidentListener) -> None:
         """Call ``listener`` for every committed incident transition."""
@@ -245,6 +259,7 @@ class Ingestor:
             if self._pending == 0:
                 self._idle.set()
             for item, outcome in zip(batch, outcomes, strict=True):
+                self.outcomes[item.reception.source, outcome_label(outcome)] += 1
                 item.on_done(outcome)
             for event, fields in work.logs:
                 # Rejections are what an operator must see with `journalctl -p warning`.
