@@ -8,6 +8,7 @@ credentials are configured, DESIGN §2 Delivery) prints what would have been sen
 from __future__ import annotations
 
 import itertools
+import secrets
 import sys
 from dataclasses import dataclass
 from enum import StrEnum
@@ -66,6 +67,9 @@ class ConsoleChannel:
     def __init__(self, out: TextIO | None = None) -> None:
         self._out = out
         self._serial = itertools.count(1)
+        # The outbox keeps provider sids UNIQUE: a counter alone would repeat
+        # CONSOLE-SM000001 after every restart, and recording that send would fail.
+        self._run = secrets.token_hex(4).upper()
 
     def _write(self, block: str) -> None:
         # Resolved per call so a redirected sys.stdout (tests, daemon) is honoured.
@@ -75,7 +79,7 @@ class ConsoleChannel:
 
     async def send_sms(self, to: str, body: str, *, status_callback: str | None) -> DeliveryResult:
         """Print the SMS and return a fake ``CONSOLE-SM…`` sid."""
-        sid = f"CONSOLE-SM{next(self._serial):06d}"
+        sid = f"CONSOLE-SM{self._run}{next(self._serial):06d}"
         self._write(
             f"----- SMS {sid} to {to} ({len(body)} chars)\n"
             f"{body}\n"
@@ -92,7 +96,7 @@ class ConsoleChannel:
         machine_detection: bool = True,
     ) -> DeliveryResult:
         """Print the call (its script URL) and return a fake ``CONSOLE-CA…`` sid."""
-        sid = f"CONSOLE-CA{next(self._serial):06d}"
+        sid = f"CONSOLE-CA{self._run}{next(self._serial):06d}"
         self._write(
             f"----- CALL {sid} to {to}\n"
             f"script: {twiml_url}\n"

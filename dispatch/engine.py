@@ -25,6 +25,7 @@ import structlog
 from dispatch.channel import Channel, DeliveryResult, DeliveryStatus
 from dispatch.escalation import IncidentRef, plan_steps, resolve_targets_via
 from dispatch.messages import build_alert_sms, build_cancelled_sms, build_handled_sms
+from dispatch.metrics import Histogram
 from dispatch.policy import Level, Medium, Policy, Routing
 from dispatch.responders import Responders
 from dispatch.store import DispatchStore, IncidentInfo, NewMessage, OutboxRow, StepRow
@@ -106,6 +107,7 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self.steps_fired = 0
         self.messages_sent = 0
+        self.step_latency = Histogram()  # step due → fired, seconds (GET /metrics)
 
     @property
     def base_url(self) -> str:
@@ -284,13 +286,18 @@ class Dispatcher:
     async def _scheduler_once(self) -> None:
         # Clear before reading: a wake-up that arrives while we work is not lost.
         self._step_wake.clear()
+        await self.fire_due()
+        await self._wait(self._step_wake, await self._store.next_step_due())
+
+    async def fire_due(self) -> int:
+        """Fire every step due by the clock's now (one scheduler pass); returns how many."""
         fired = 0
         for step in await self._store.due_steps(self._clock()):
             if await self.fire(step):
                 fired += 1
         if fired:
             self._outbox_wake.set()
-        await self._wait(self._step_wake, await self._store.next_step_due())
+        return fired
 
     def _level(self, step: StepRow) -> Level:
         policy = self._policy(step.policy_id)
@@ -387,6 +394,7 @@ class Dispatcher:
                     db, incident.id, now, "escalation.exhausted", "no_ack_after_last_level"
                 )
         self.steps_fired += 1
+        self.step_latency.observe(max(0.0, now - step.due_at))
         log.info(
             "escalation.step_due",
             incident=incident.id,
@@ -427,13 +435,18 @@ class Dispatcher:
 
     async def _outbox_once(self) -> None:
         self._outbox_wake.clear()
+        if await self.send_due():
+            return
+        await self._wait(self._outbox_wake, await self._store.next_outbox_due())
+
+    async def send_due(self) -> int:
+        """Claim and send one batch of due outbox rows (one outbox pass); returns how many."""
         rows = await self._store.claim_outbox(self._clock(), self._settings.send_concurrency)
         if rows:
             async with asyncio.TaskGroup() as group:
                 for row in rows:
                     group.create_task(self._send(row), name=f"outbox.send.{row.id}")
-            return
-        await self._wait(self._outbox_wake, await self._store.next_outbox_due())
+        return len(rows)
 
     async def _deliver(self, row: OutboxRow) -> DeliveryResult:
         if row.channel == Medium.SMS.value:
@@ -512,6 +525,35 @@ class Dispatcher:
         if queued:
             self._outbox_wake.set()
         log.info("ops.alert_queued", key=key, people=len(people), messages=queued)
+        return queued
+
+    async def reassign(self, incident_id: int, person_id: str, *, actor: str) -> int | None:
+        """Page one named person for an open or acknowledged incident (an operator's
+        choice); returns the messages queued, or None if the incident is not active."""
+        person = self._responders.people.get(person_id)
+        if person is None:
+            raise KeyError(person_id)
+        incident = await self._store.incident(incident_id)
+        if incident is None or incident.status not in ("open", "acknowledged"):
+            return None
+        now = self._clock()
+        # The call script of an acknowledged incident says "already handled": SMS only.
+        channels = [Medium.SMS, Medium.VOICE] if incident.status == "open" else [Medium.SMS]
+        messages = [
+            NewMessage(key=f"{incident_id}:reassign:{int(now * 1000)}:{person_id}:{c.value}",
+                       incident_id=incident_id, person_id=person_id, phone=person.phone,
+                       channel=c.value, purpose="alert", due_at=now,
+                       body=self._alert_body(incident, person_id, now) if c is Medium.SMS else "")
+            for c in channels
+        ]
+        async with self._store.transaction() as db:
+            queued = await DispatchStore.insert_messages(db, messages, now)
+            await DispatchStore.timeline(db, incident_id, now, "incident.reassigned", "operator",
+                                         actor=actor, detail={"person": person_id,
+                                                              "messages": queued})
+        self._outbox_wake.set()
+        log.info("incident.reassigned", incident=incident_id, to=person_id, by=actor,
+                 messages=queued)
         return queued
 
     # -- acks and closures ----------------------------------------------------------------

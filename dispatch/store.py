@@ -9,7 +9,9 @@ an outbox row is claimed once even when two wake-ups race or a restart repeats w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -158,13 +160,18 @@ class DispatchStore:
         """One BEGIN IMMEDIATE … COMMIT; rolled back on any exception."""
         db = self.db
         async with self._tx_lock:
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
+                await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                # Also when BEGIN or COMMIT itself was interrupted (a cancelled sender): the
+                # statement still runs on aiosqlite's thread, and a connection left inside a
+                # transaction would refuse every later BEGIN. Statements run in order there,
+                # so this ROLLBACK follows it; "no transaction is active" is fine.
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
                 raise
-            await db.execute("COMMIT")
 
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Any] | None:
         rows = list(await self.db.execute_fetchall(sql, params))

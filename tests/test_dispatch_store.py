@@ -1,0 +1,48 @@
+"""DispatchStore transactions on a real SQLite file: an interrupted one never wedges the
+connection that the scheduler, the outbox senders and the webhooks share."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from dispatch.store import DispatchStore
+
+
+async def test_a_transaction_cancelled_while_beginning_leaves_the_connection_usable(
+    tmp_path: Path,
+) -> None:
+    async with DispatchStore(tmp_path / "panicd.sqlite3") as store:
+        entered = asyncio.Event()
+
+        async def claim() -> None:
+            async with store.transaction():
+                entered.set()
+
+        task = asyncio.create_task(claim())
+        await asyncio.sleep(0)  # the task is now awaiting BEGIN IMMEDIATE on the thread
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled() and not entered.is_set()
+
+        async with store.transaction() as db:
+            await db.execute("CREATE TABLE probe (x INTEGER)")
+        assert not store.db.in_transaction
+
+
+async def test_a_failing_statement_rolls_back_and_the_next_transaction_commits(
+    tmp_path: Path,
+) -> None:
+    async with DispatchStore(tmp_path / "panicd.sqlite3") as store:
+        try:
+            async with store.transaction() as db:
+                await db.execute("CREATE TABLE probe (x INTEGER UNIQUE)")
+                await db.execute("INSERT INTO probe VALUES (1)")
+                await db.execute("INSERT INTO probe VALUES (1)")
+        except Exception as exc:  # noqa: BLE001 -- the IntegrityError is the point
+            assert "UNIQUE" in str(exc)
+        async with store.transaction() as db:
+            await db.execute("CREATE TABLE probe (x INTEGER UNIQUE)")
+            await db.execute("INSERT INTO probe VALUES (1)")
+        rows = list(await store.db.execute_fetchall("SELECT x FROM probe"))
+        assert rows == [(1,)]
