@@ -286,13 +286,18 @@ class Dispatcher:
     async def _scheduler_once(self) -> None:
         # Clear before reading: a wake-up that arrives while we work is not lost.
         self._step_wake.clear()
+        await self.fire_due()
+        await self._wait(self._step_wake, await self._store.next_step_due())
+
+    async def fire_due(self) -> int:
+        """Fire every step due by the clock's now (one scheduler pass); returns how many."""
         fired = 0
         for step in await self._store.due_steps(self._clock()):
             if await self.fire(step):
                 fired += 1
         if fired:
             self._outbox_wake.set()
-        await self._wait(self._step_wake, await self._store.next_step_due())
+        return fired
 
     def _level(self, step: StepRow) -> Level:
         policy = self._policy(step.policy_id)
@@ -430,13 +435,18 @@ class Dispatcher:
 
     async def _outbox_once(self) -> None:
         self._outbox_wake.clear()
+        if await self.send_due():
+            return
+        await self._wait(self._outbox_wake, await self._store.next_outbox_due())
+
+    async def send_due(self) -> int:
+        """Claim and send one batch of due outbox rows (one outbox pass); returns how many."""
         rows = await self._store.claim_outbox(self._clock(), self._settings.send_concurrency)
         if rows:
             async with asyncio.TaskGroup() as group:
                 for row in rows:
                     group.create_task(self._send(row), name=f"outbox.send.{row.id}")
-            return
-        await self._wait(self._outbox_wake, await self._store.next_outbox_due())
+        return len(rows)
 
     async def _deliver(self, row: OutboxRow) -> DeliveryResult:
         if row.channel == Medium.SMS.value:
