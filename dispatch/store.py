@@ -88,6 +88,10 @@ class NewMessage:
     level: int | None = None
 
 
+# Twilio does not promise status callbacks in order, and one may even beat the API
+# response: the outbox UPDATEs below never let a late "sent" (queued, sending, ringing…)
+# undo a final state (delivered, failed, no_answer).
+
 _INCIDENT_COLUMNS = (
     "id, device_id, status, test, urgent, opened_at, kelurahan_kode, kelurahan, kecamatan,"
     " address, landmark, lat, lon"
@@ -330,9 +334,11 @@ class DispatchStore:
         """Write the outcome of a send attempt and its timeline line."""
         async with self.transaction() as db:
             await db.execute(
-                "UPDATE outbox SET state = ?, provider_sid = COALESCE(?, provider_sid),"
+                "UPDATE outbox SET state = CASE WHEN ? = 'sent' AND state IN"
+                " ('delivered', 'failed', 'no_answer') THEN state ELSE ? END,"
+                " provider_sid = COALESCE(?, provider_sid),"
                 " error_code = ?, error = ?, updated_at = ? WHERE id = ?",
-                (state, sid, error_code, error, now, outbox_id),
+                (state, state, sid, error_code, error, now, outbox_id),
             )
             row = await self._one("SELECT incident_id FROM outbox WHERE id = ?", (outbox_id,))
             if row is not None and row[0] is not None:
@@ -354,9 +360,11 @@ class DispatchStore:
             if row is None:
                 return False
             await db.execute(
-                "UPDATE outbox SET state = ?, error_code = COALESCE(?, error_code),"
+                "UPDATE outbox SET state = CASE WHEN ? = 'sent' AND state IN"
+                " ('delivered', 'failed', 'no_answer') THEN state ELSE ? END,"
+                " error_code = COALESCE(?, error_code),"
                 " updated_at = ? WHERE id = ? AND state NOT IN ('cancelled')",
-                (state, error_code, now, outbox_id),
+                (state, state, error_code, now, outbox_id),
             )
             if row[0] is not None:
                 await self.timeline(db, row[0], now, event, state, detail=detail)

@@ -142,8 +142,9 @@ async def voice(request: web.Request) -> web.Response:
         raise web.HTTPNotFound  # operations messages are SMS only
     incident = await request.app[STORE].incident(row.incident_id)
     if incident is None or incident.status != "open":
-        handled = incident is not None and incident.status == "acknowledged"
-        return _twiml(build_digit_reply_twiml(digit="1", repeat_url="", handled=not handled))
+        # Acknowledged, cancelled or resolved: no Gather, and never "you are recorded as
+        # handling it" to someone who pressed nothing.
+        return _twiml(build_digit_reply_twiml(digit="1", repeat_url="", handled=False))
     repeat = request.query.get("repeat") == "1"
     message = build_voice_message(
         incident_code=str(incident.id),

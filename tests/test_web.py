@@ -1,0 +1,271 @@
+"""The public web app: Twilio webhooks (signed or refused), the call script and the ack page.
+
+Tests play Twilio and sign with twilio's own RequestValidator (DESIGN §4); the database
+is real SQLite, the Channel a recording fake, the clock injected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+from twilio.request_validator import RequestValidator
+
+from dispatch.engine import Dispatcher
+from dispatch.store import DispatchStore
+from dispatch.web import WebSettings, public_app
+from dispatch.webhook_auth import make_ack_token
+from tests.dispatch_world import (
+    ACK_SECRET,
+    KODE_LADDER,
+    PUBLIC_URL,
+    T0,
+    Clock,
+    RecordingChannel,
+    cancel_incident,
+    dispatcher,
+    open_incident,
+    outbox,
+    query,
+    timeline,
+)
+
+AUTH_TOKEN = "web-test-auth-token"
+
+
+@dataclass
+class Web:
+    client: TestClient  # type: ignore[type-arg]
+    engine: Dispatcher
+    store: DispatchStore
+    clock: Clock
+    channel: RecordingChannel
+    database: Path
+    incident: int
+
+    def row(self, person: str, channel: str) -> int:
+        (row,) = [
+            r.id
+            for r in outbox(self.database, self.incident)
+            if (r.person_id, r.channel, r.purpose) == (person, channel, "alert")
+        ]
+        return row
+
+    async def twilio(
+        self,
+        path: str,
+        form: Mapping[str, str],
+        *,
+        token: str = AUTH_TOKEN,
+        signed_form: Mapping[str, str] | None = None,
+        signed_path: str | None = None,
+    ) -> ClientResponse:
+        """POST as Twilio would: the signature covers the public URL and the form."""
+        signature = RequestValidator(token).compute_signature(
+            PUBLIC_URL + (signed_path or path), dict(signed_form or form)
+        )
+        return await self.client.post(path, data=dict(form),
+                                      headers={"X-Twilio-Signature": signature})
+
+    def status(self, outbox_id: int) -> str:
+        return str(query(self.database, "SELECT state FROM outbox WHERE id = ?",
+                         (outbox_id,))[0][0])
+
+    def incident_status(self, incident: int | None = None) -> str:
+        return str(query(self.database, "SELECT status FROM incidents WHERE id = ?",
+                         (incident or self.incident,))[0][0])
+
+
+@pytest.fixture
+async def web(tmp_path: Path) -> AsyncIterator[Web]:
+    database = tmp_path / "panicd.sqlite3"
+    incident = await open_incident(database, KODE_LADDER, at=T0)
+    clock, channel = Clock(T0 + 1), RecordingChannel()
+    async with DispatchStore(database) as store:
+        engine = dispatcher(store, channel, clock)
+        await engine.plan_missing()
+        await engine.fire_due()
+        await engine.send_due()  # ani and budi: sms + voice
+        app = public_app(engine, store, WebSettings(PUBLIC_URL, AUTH_TOKEN, ACK_SECRET, clock))
+        async with TestClient(TestServer(app)) as client:
+            yield Web(client, engine, store, clock, channel, database, incident)
+
+
+def ack_link_token(web: Web, person: str) -> str:
+    (sms,) = web.channel.to(person, "sms")
+    return sms.body.rsplit("/a/", 1)[1]
+
+
+async def test_an_unsigned_webhook_is_refused(web: Web) -> None:
+    row = web.row("ani", "voice")
+    response = await web.client.post(f"/twilio/gather/{row}", data={"Digits": "1"})
+    assert response.status == 403
+    assert web.incident_status() == "open"
+
+
+async def test_a_tampered_webhook_is_refused(web: Web) -> None:
+    row = web.row("ani", "voice")
+    path = f"/twilio/gather/{row}"
+    tampered = await web.twilio(path, {"Digits": "1"}, signed_form={"Digits": "2"})
+    other_path = await web.twilio(path, {"Digits": "1"},
+                                  signed_path=f"/twilio/gather/{web.row('budi', 'voice')}")
+    wrong_key = await web.twilio(path, {"Digits": "1"}, token="not-the-auth-token")
+    assert [tampered.status, other_path.status, wrong_key.status] == [403, 403, 403]
+    assert web.incident_status() == "open"
+    assert query(web.database, "SELECT COUNT(*) FROM acks") == [(0,)]
+
+
+async def test_the_signed_voice_webhook_serves_the_id_id_gather_script(web: Web) -> None:
+    row = web.row("ani", "voice")
+    response = await web.twilio(f"/twilio/voice/{row}", {"CallStatus": "in-progress",
+                                                          "AnsweredBy": "human"})
+    assert response.status == 200
+    assert response.content_type == "text/xml"
+    twiml = await response.text()
+    assert '<Say language="id-ID"' in twiml
+    assert '<Gather action="' in twiml and 'numDigits="1"' in twiml
+    assert f"{PUBLIC_URL}/twilio/gather/{row}" in twiml
+    assert f"Kode kejadian {web.incident}" in twiml
+    assert twiml.count("Tombol darurat ditekan") == 2  # the message is repeated
+    assert f"{PUBLIC_URL}/twilio/voice/{row}?repeat=1" in twiml
+
+
+async def test_the_repeated_script_is_signed_over_its_query_and_hangs_up_after(web: Web) -> None:
+    row = web.row("ani", "voice")
+    response = await web.twilio(f"/twilio/voice/{row}?repeat=1", {"CallStatus": "in-progress"})
+    assert response.status == 200
+    twiml = await response.text()
+    assert "<Redirect" not in twiml and "<Hangup" in twiml
+
+
+async def test_a_machine_answer_hangs_up_and_is_never_an_ack(web: Web) -> None:
+    row = web.row("ani", "voice")
+    response = await web.twilio(f"/twilio/voice/{row}", {"AnsweredBy": "machine_start"})
+    assert response.status == 200
+    twiml = await response.text()
+    assert "<Hangup" in twiml and "<Gather" not in twiml and "<Say" not in twiml
+    assert web.incident_status() == "open"
+    assert query(web.database, "SELECT COUNT(*) FROM acks") == [(0,)]
+
+
+async def test_digit_1_acknowledges_the_incident_for_the_called_person(web: Web) -> None:
+    row = web.row("budi", "voice")
+    response = await web.twilio(f"/twilio/gather/{row}", {"Digits": "1"})
+    assert response.status == 200
+    twiml = await response.text()
+    assert "Anda tercatat menangani" in twiml and "<Hangup" in twiml
+    assert web.incident_status() == "acknowledged"
+    assert query(web.database, "SELECT person_id, via, first FROM acks") == [("budi", "voice", 1)]
+    assert ("incident.acknowledged", "voice", "Budi Santoso") in timeline(web.database,
+                                                                            web.incident)
+    # A second person pressing 1 is an additional responder, not a second "first".
+    again = await web.twilio(f"/twilio/gather/{web.row('ani', 'voice')}", {"Digits": "1"})
+    assert "sudah ditangani petugas lain" in await again.text()
+
+
+async def test_digit_2_redirects_to_the_script_again(web: Web) -> None:
+    row = web.row("ani", "voice")
+    response = await web.twilio(f"/twilio/gather/{row}", {"Digits": "2"})
+    twiml = await response.text()
+    assert f"<Redirect method=\"POST\">{PUBLIC_URL}/twilio/voice/{row}?repeat=1</Redirect>" in twiml
+    assert web.incident_status() == "open"
+
+
+async def test_a_call_reaching_a_cancelled_incident_does_not_claim_the_listener_handles_it(
+    web: Web,
+) -> None:
+    await cancel_incident(web.database, web.incident, at=web.clock())
+    row = web.row("ani", "voice")
+    twiml = await (await web.twilio(f"/twilio/voice/{row}", {"AnsweredBy": "human"})).text()
+    assert "<Gather" not in twiml
+    assert "Anda tercatat menangani" not in twiml
+
+
+async def test_status_callbacks_update_the_outbox(web: Web) -> None:
+    sms, call = web.row("ani", "sms"), web.row("ani", "voice")
+    assert (await web.twilio(f"/twilio/status/sms/{sms}", {"MessageStatus": "delivered"})
+            ).status == 204
+    assert web.status(sms) == "delivered"
+    await web.twilio(f"/twilio/status/call/{call}", {"CallStatus": "no-answer"})
+    assert web.status(call) == "no_answer"
+    budi = web.row("budi", "sms")
+    await web.twilio(f"/twilio/status/sms/{budi}",
+                     {"MessageStatus": "undelivered", "ErrorCode": "30003"})
+    assert web.status(budi) == "failed"
+    assert query(web.database, "SELECT error_code FROM outbox WHERE id = ?", (budi,)) == [
+        (30003,)
+    ]
+    assert ("sms.status", "delivered", None) in timeline(web.database, web.incident)
+    unsigned = await web.client.post(f"/twilio/status/sms/{sms}", data={"MessageStatus": "failed"})
+    assert unsigned.status == 403
+    assert web.status(sms) == "delivered"
+
+
+async def test_a_late_sent_callback_does_not_undo_delivered(web: Web) -> None:
+    # Twilio does not promise status callbacks arrive in order.
+    sms = web.row("ani", "sms")
+    await web.twilio(f"/twilio/status/sms/{sms}", {"MessageStatus": "delivered"})
+    await web.twilio(f"/twilio/status/sms/{sms}", {"MessageStatus": "sent"})
+    assert web.status(sms) == "delivered"
+
+
+async def test_the_ack_link_get_shows_the_page_without_acking(web: Web) -> None:
+    token = ack_link_token(web, "ani")
+    response = await web.client.get(f"/a/{token}")
+    assert response.status == 200
+    page = await response.text()
+    assert f"Kejadian darurat #{web.incident}" in page
+    assert "Saya tangani</button>" in page and 'method="post"' in page
+    assert "Kuncen" in page
+    assert web.incident_status() == "open"
+    assert query(web.database, "SELECT COUNT(*) FROM acks") == [(0,)]
+
+
+async def test_the_ack_link_post_acks_as_the_linked_responder(web: Web) -> None:
+    token = ack_link_token(web, "ani")
+    response = await web.client.post(f"/a/{token}")
+    assert response.status == 200
+    assert "Anda tercatat menangani" in await response.text()
+    assert web.incident_status() == "acknowledged"
+    assert query(web.database, "SELECT person_id, via, first FROM acks") == [("ani", "link", 1)]
+    # The others already paged are told who handles it.
+    assert await web.engine.send_due() == 1
+    (told,) = web.channel.sent[4:]
+    assert told.to == web.channel.to("budi", "sms")[0].to
+    assert "ditangani oleh Ani Rahayu" in told.body
+
+
+async def test_an_expired_ack_link_is_refused(web: Web) -> None:
+    token = ack_link_token(web, "ani")
+    web.clock.advance(3600)  # the test world's ack_ttl_s
+    assert (await web.client.get(f"/a/{token}")).status == 403
+    assert (await web.client.post(f"/a/{token}")).status == 403
+    assert web.incident_status() == "open"
+
+
+async def test_a_tampered_ack_link_is_refused(web: Web) -> None:
+    token = ack_link_token(web, "ani")
+    body, tag = token.split(".")
+    flipped = tag[:-1] + ("A" if tag[-1] != "A" else "B")
+    forged = make_ack_token(b"some-other-secret", str(web.incident), "ani", int(T0 + 600))
+    for bad in (f"{body}.{flipped}", forged, "not-a-token"):
+        assert (await web.client.post(f"/a/{bad}")).status == 403
+    assert web.incident_status() == "open"
+
+
+async def test_a_token_for_one_incident_cannot_ack_another(web: Web) -> None:
+    other = await open_incident(web.database, KODE_LADDER, at=web.clock(), device="BTN-2")
+    await web.engine.plan_missing()
+    token_a = ack_link_token(web, "ani")
+    # Re-pointing token A's payload at incident B keeps A's MAC: it no longer verifies.
+    payload_a, tag_a = token_a.split(".")
+    payload_b = make_ack_token(ACK_SECRET, str(other), "ani", int(T0 + 600)).split(".")[0]
+    assert (await web.client.post(f"/a/{payload_b}.{tag_a}")).status == 403
+    # Token A itself acks A only.
+    assert (await web.client.post(f"/a/{payload_a}.{tag_a}")).status == 200
+    assert web.incident_status() == "acknowledged"
+    assert web.incident_status(other) == "open"
