@@ -25,7 +25,7 @@ from firmware_sim.fleet import SimDevice
 from firmware_sim.lora import ReyaxSim, address_of, lora_payload, press_until_acked
 from gateway.config import Config, load_config
 from gateway.dedup import DedupPolicy
-from gateway.errors import DecodeError
+from gateway.errors import ConfigError, DecodeError
 from gateway.formats import lora_ack, lora_frame, native
 from gateway.ingest import Ingestor
 from gateway.locate import Locator
@@ -341,3 +341,36 @@ def test_arbitrary_bytes_on_the_pty_never_stop_the_source(chunks: list[bytes]) -
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(scenario(Path(directory)))
+
+
+# ------------------------------------------------------------------ [[serial]] config
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "problem"),
+    [
+        ('name = "rx"\nport = "/dev/x"\nmode = "lorawan"', "serial[0].mode", "unknown mode"),
+        ('name = "rx"\nport = "/dev/x"\nmode = "rylr"\ntrust = "network"', "serial[0].trust",
+         "only signed"),
+        ('name = "rx"\nport = "/dev/x"\nmode = "rylr"\nbaud = 12345', "serial[0].baud",
+         "unsupported rate"),
+        ('name = "rx"\nmode = "rylr"', "serial[0].port", "is required"),
+        ('name = "rx"\nport = "/dev/x"\nmode = "rylr"\nparity = "N"', "serial[0].parity",
+         "unknown key"),
+        ('name = "city"\nport = "/dev/x"\nmode = "rylr"', "serial[0].name", "duplicate"),
+    ],
+)
+def test_serial_config_errors_name_file_and_key(
+    tmp_path: Path, table: str, key: str, problem: str
+) -> None:
+    config = _site(tmp_path, mqtt_port=1883)
+    # Replace the valid receiver with the one under test.
+    body = config.path.read_text(encoding="utf-8")
+    valid = slice(body.index("[[serial]]"), body.index("[[mqtt]]"))
+    body = body[: valid.start] + body[valid.stop :] + f"\n[[serial]]\n{table}\n"
+    config.path.write_text(body, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(config.path, {"PANICD_DEVICE_KEYS_FILE": str(tmp_path / "device-keys.toml")})
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert info.value.file == str(config.path)
