@@ -15,6 +15,7 @@ from aiohttp import web
 
 from dispatch.channel import Channel, ConsoleChannel
 from dispatch.engine import Dispatcher, DispatchSettings, Feedback
+from dispatch.observe import Runtime, install
 from dispatch.policy import Routing, load_policies
 from dispatch.responders import Responders, load_responders
 from dispatch.store import DispatchStore
@@ -73,6 +74,7 @@ async def run_dispatch(
     *,
     feedback: Feedback | None,
     environ: Mapping[str, str] | None = None,
+    runtime: Runtime | None = None,
 ) -> AsyncIterator[Dispatcher]:
     """Open the dispatch store, the channel, the dispatcher and the web servers."""
     env = os.environ if environ is None else environ
@@ -102,12 +104,17 @@ async def run_dispatch(
         )
         settings = WebSettings(cfg.public_base_url,
                                credentials.auth_token if credentials else None, secret)
-        public = web.AppRunner(public_app(dispatcher, store, settings), access_log=None)
+        public_web = public_app(dispatcher, store, settings)
+        control_web = control_app(dispatcher, store)
+        if runtime is not None:
+            # /metrics, /ops/status and reassign need the daemon's in-process state.
+            install(public_web, control_web, runtime, dispatcher, store)
+        public = web.AppRunner(public_web, access_log=None)
         await public.setup()
         stack.push_async_callback(public.cleanup)
         site = web.TCPSite(public, cfg.listen_host, cfg.listen_port)
         await site.start()
-        control = web.AppRunner(control_app(dispatcher, store), access_log=None)
+        control = web.AppRunner(control_web, access_log=None)
         await control.setup()
         stack.push_async_callback(control.cleanup)
         cfg.control_socket.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import structlog
 
+from dispatch.health import HealthSettings, SourceState
+from dispatch.health_monitor import HealthMonitor
 from dispatch.service import DispatchPlan, load_dispatch, run_dispatch
 from gateway.config import Config, load_config
 from gateway.dedup import DedupPolicy
@@ -72,6 +75,8 @@ class Daemon:
         self.stop = asyncio.Event()
         self.sources: list[Source] = []
         self.ingestor: Ingestor | None = None
+        self.health: HealthMonitor | None = None
+        self._counts = (0, 0)  # open incidents, pending steps (for STATUS=)
 
     def request_stop(self, reason: str) -> None:
         """Begin a graceful shutdown (idempotent)."""
@@ -113,11 +118,17 @@ class Daemon:
                 )
                 for receiver in config.serial
             ]
+            dispatcher = None
             if self.dispatch_plan is not None:
                 dispatcher = await stack.enter_async_context(
-                    run_dispatch(self.dispatch_plan, config.database, feedback=self._feedback)
+                    run_dispatch(self.dispatch_plan, config.database, feedback=self._feedback,
+                                 runtime=self)
                 )
                 ingestor.add_listener(dispatcher.on_incident)
+            self.health = await stack.enter_async_context(
+                HealthMonitor(config.database, config.devices, self._source_flags,
+                              HealthSettings.from_config(config.health), ops=dispatcher)
+            )
             async with asyncio.TaskGroup() as group:
                 for source in self.sources:
                     group.create_task(source.run(self.stop), name=f"source.{source.name}")
@@ -149,19 +160,46 @@ class Daemon:
         """READY=1 once the database is open and every source has connected."""
         for source in self.sources:
             await source.wait_connected()
+        await self._refresh_counts()
         self.notifier.ready(self._summary())
         log.info("daemon.ready", sources=[s.name for s in self.sources], pid=os.getpid())
+
+    def _source_flags(self) -> list[tuple[str, str, bool]]:
+        return [(s.name, "mqtt" if isinstance(s, MqttSource) else "serial", s.connected)
+                for s in self.sources]
+
+    def source_states(self) -> list[SourceState]:
+        """Every source with since when it has been up or down (dispatch.observe.Runtime)."""
+        return self.health.source_states() if self.health else []
+
+    def ingest_depth(self) -> int:
+        """Items submitted but not yet committed."""
+        return self.ingestor.depth if self.ingestor else 0
+
+    def press_counts(self) -> dict[tuple[str, str], int]:
+        """Committed items by (source, outcome) since start."""
+        return dict(self.ingestor.outcomes) if self.ingestor else {}
 
     def _summary(self) -> str:
         up = sum(1 for s in self.sources if s.connected)
         depth = self.ingestor.depth if self.ingestor else 0
-        committed = self.ingestor.committed_items if self.ingestor else 0
-        return f"sources {up}/{len(self.sources)} up; queue {depth}; committed {committed}"
+        open_incidents, pending = self._counts
+        return (f"{open_incidents} open incidents; {pending} pending steps;"
+                f" sources {up}/{len(self.sources)} up; queue {depth}")
 
     async def _status_loop(self) -> None:
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
+            await self._refresh_counts()
             self.notifier.status(self._summary())
+
+    async def _refresh_counts(self) -> None:
+        if self.health is None:
+            return
+        try:
+            self._counts = await self.health.counts()
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("daemon.status_failed", error=str(exc))
 
 
 async def serve(loaded: Loaded) -> int:

@@ -1,0 +1,301 @@
+"""Device and source health, the pure core: which conditions hold now, which were raised
+or cleared since the last check, and the short operations texts (DESIGN §2 Press kinds,
+issue 5 item 5).
+
+No I/O and no clock: the caller passes the registry, the stored device states, the
+sources' states and ``now``. :mod:`dispatch.health_monitor` is the shell that reads and
+writes the rows and queues the SMS to the operations roster (never a responder page).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+
+from dispatch.messages import SMS_LIMIT, WIB, to_gsm7
+from gateway.config import HealthConfig
+
+# A battery that hovers at the threshold (cold mornings, load) must not alert and recover
+# every day: once raised, it clears only this many points above the threshold.
+BATTERY_CLEAR_MARGIN = 5
+_PREFIX = "OPS panicd: "
+_RECOVERED = "OPS panicd PULIH: "
+
+
+class Condition(enum.StrEnum):
+    """An unhealthy condition of a device or a source."""
+
+    OFFLINE = "offline"
+    LOW_BATTERY = "low_battery"
+    SOURCE_DOWN = "source_down"
+
+
+Key = tuple[str, Condition]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Thresholds and the daily summary time, from the ``[health]`` table."""
+
+    low_battery_percent: int = 20
+    offline_grace_factor: float = 1.5
+    source_down_alert_s: float = 60.0
+    daily_summary_at: time = time(7, 0)
+    check_every_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: HealthConfig) -> HealthSettings:
+        """Settings from a validated ``[health]`` table."""
+        hour, minute = (int(part) for part in config.daily_summary_at.split(":"))
+        return cls(
+            low_battery_percent=config.low_battery_percent,
+            offline_grace_factor=config.offline_grace_factor,
+            source_down_alert_s=config.source_down_alert_s,
+            daily_summary_at=time(hour, minute),
+            check_every_s=config.check_every_s,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """A registered device with what the store last heard from it."""
+
+    id: str
+    heartbeat_interval_s: float
+    last_seen_at: float | None
+    battery: int | None
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceState:
+    """A source (MQTT broker, serial receiver) and since when it has been up or down."""
+
+    name: str
+    kind: str
+    connected: bool
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A condition that holds now, with what the alert text needs."""
+
+    subject: str
+    condition: Condition
+    since: float | None
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def key(self) -> Key:
+        """The (subject, condition) pair that is raised at most once at a time."""
+        return (self.subject, self.condition)
+
+
+def device_subject(device_id: str) -> str:
+    """The subject string of a device."""
+    return f"device:{device_id}"
+
+
+def source_subject(name: str) -> str:
+    """The subject string of a source."""
+    return f"source:{name}"
+
+
+def device_findings(
+    device: DeviceView,
+    settings: HealthSettings,
+    now: float,
+    *,
+    baseline: float | None,
+    raised: Set[Key] = frozenset(),
+) -> list[Finding]:
+    """Offline and low-battery findings for one device.
+
+    ``baseline`` is when watching began (the daemon's start): a device is not called
+    offline for silence while panicd itself was down, until it has had a full grace
+    period to be heard. An offline condition already raised clears only on a real press.
+    """
+    subject = device_subject(device.id)
+    out: list[Finding] = []
+    limit = device.heartbeat_interval_s * settings.offline_grace_factor
+    heard = device.last_seen_at
+    reference = heard
+    if (subject, Condition.OFFLINE) not in raised and baseline is not None:
+        reference = baseline if heard is None else max(heard, baseline)
+    if reference is not None and now - reference > limit:
+        out.append(Finding(subject, Condition.OFFLINE, heard, {
+            "device": device.id, "label": device.label, "last_seen_at": heard,
+            "interval_s": device.heartbeat_interval_s,
+        }))
+    if device.battery is not None:
+        threshold = settings.low_battery_percent
+        if (subject, Condition.LOW_BATTERY) in raised:
+            threshold += BATTERY_CLEAR_MARGIN
+        if device.battery <= threshold:
+            out.append(Finding(subject, Condition.LOW_BATTERY, heard, {
+                "device": device.id, "label": device.label, "battery": device.battery,
+            }))
+    return out
+
+
+def source_findings(source: SourceState, settings: HealthSettings, now: float) -> list[Finding]:
+    """A down finding once a source has been disconnected past the threshold."""
+    if source.connected or now - source.since < settings.source_down_alert_s:
+        return []
+    return [Finding(source_subject(source.name), Condition.SOURCE_DOWN, source.since,
+                    {"source": source.name, "kind": source.kind})]
+
+
+def evaluate(
+    devices: Iterable[DeviceView],
+    sources: Iterable[SourceState],
+    settings: HealthSettings,
+    now: float,
+    *,
+    baseline: float | None,
+    raised: Set[Key] = frozenset(),
+) -> dict[Key, Finding]:
+    """Every condition that holds now, by key."""
+    found: list[Finding] = []
+    for device in devices:
+        found += device_findings(device, settings, now, baseline=baseline, raised=raised)
+    for source in sources:
+        found += source_findings(source, settings, now)
+    return {f.key: f for f in found}
+
+
+@dataclass(frozen=True, slots=True)
+class Transitions:
+    """What changed: findings to raise (alert once) and raised keys to clear (recovery)."""
+
+    raise_: tuple[Finding, ...]
+    clear: tuple[Key, ...]
+
+
+def transitions(raised: Set[Key], current: Mapping[Key, Finding]) -> Transitions:
+    """Compare the raised conditions with the ones that hold now."""
+    return Transitions(
+        raise_=tuple(f for k, f in sorted(current.items()) if k not in raised),
+        clear=tuple(sorted(k for k in raised if k not in current)),
+    )
+
+
+# -- texts ---------------------------------------------------------------------------
+
+
+def _local(at: float) -> datetime:
+    return datetime.fromtimestamp(at, UTC).astimezone(WIB)
+
+
+def _fit(template: str, label: str) -> str:
+    """Fill ``{label}`` and shorten it so the text is one GSM-7 SMS."""
+    label = " ".join(to_gsm7(label).split())
+    room = SMS_LIMIT - len(to_gsm7(template.format(label="")))
+    if len(label) > room:
+        label = label[: max(0, room - 2)].rstrip() + ".." if room > 2 else ""
+    return to_gsm7(template.format(label=label))
+
+
+def _where(detail: Mapping[str, object]) -> str:
+    label = str(detail.get("label") or "")
+    return f" ({label})" if label else ""
+
+
+def alert_text(finding: Finding) -> str:
+    """The operations SMS when a condition is raised (one GSM-7 segment)."""
+    d = finding.detail
+    match finding.condition:
+        case Condition.OFFLINE:
+            seen = d.get("last_seen_at")
+            minutes = round(float(str(d.get("interval_s", 0))) / 60)
+            when = (
+                "belum pernah terdengar" if not isinstance(seen, int | float)
+                else f"tidak terdengar sejak {_local(seen):%d/%m %H:%M} WIB"
+            )
+            return _fit(f"{_PREFIX}tombol {d['device']}{{label}} {when} "
+                        f"(interval {minutes} mnt). Periksa perangkat.",
+                        _where(d))
+        case Condition.LOW_BATTERY:
+            return _fit(f"{_PREFIX}baterai tombol {d['device']}{{label}} lemah "
+                        f"{d['battery']}%. Mohon ganti baterai.", _where(d))
+        case Condition.SOURCE_DOWN:
+            what = "broker MQTT" if d.get("kind") == "mqtt" else "penerima LoRa"
+            since = finding.since if finding.since is not None else 0.0
+            return _fit(f"{_PREFIX}{what} {d['source']} terputus sejak "
+                        f"{_local(since):%H:%M} WIB. Tombol lewat jalur ini tidak terdengar."
+                        "{label}", "")
+
+
+def recovery_text(key: Key, now: float, *, raised_at: float, battery: int | None = None) -> str:
+    """The operations SMS when a raised condition clears (one GSM-7 segment)."""
+    subject, condition = key
+    name = subject.split(":", 1)[1]
+    at = f"{_local(now):%H:%M} WIB"
+    minutes = max(0, round((now - raised_at) / 60))
+    match condition:
+        case Condition.OFFLINE:
+            text = f"{_RECOVERED}tombol {name} terdengar lagi {at}{{label}}."
+        case Condition.LOW_BATTERY:
+            level = "" if battery is None else f" {battery}%"
+            text = f"{_RECOVERED}baterai tombol {name} sudah normal{level}{{label}}."
+        case Condition.SOURCE_DOWN:
+            text = f"{_RECOVERED}{name} tersambung lagi {at} (alarm {minutes} mnt){{label}}."
+    return _fit(text, "")
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The numbers of the daily health summary."""
+
+    day: date
+    devices: int
+    offline: int
+    low_battery: int
+    sources_up: int
+    sources: int
+    open_incidents: int
+    incidents_24h: int
+
+
+def summary_text(summary: Summary) -> str:
+    """The daily operations summary SMS (one GSM-7 segment)."""
+    return _fit(
+        f"OPS panicd {summary.day:%d/%m}: {summary.devices} tombol, {summary.offline} offline,"
+        f" {summary.low_battery} baterai lemah; sumber {summary.sources_up}/{summary.sources}"
+        f" aktif; {summary.open_incidents} kejadian terbuka, {summary.incidents_24h} kejadian"
+        " 24 jam.{label}", "")
+
+
+def summary_due(now: float, at: time, last_sent: date | None) -> date | None:
+    """The local (WIB) day whose summary is due now, or None."""
+    local = _local(now)
+    if local.time() < at or last_sent == local.date():
+        return None
+    return local.date()
+
+
+def next_summary_at(now: float, at: time) -> float:
+    """The Unix time of the next scheduled summary after ``now``."""
+    local = _local(now)
+    due = datetime.combine(local.date(), at, tzinfo=WIB)
+    if due.timestamp() <= now:
+        due = datetime.combine(local.date() + timedelta(days=1), at, tzinfo=WIB)
+    return due.timestamp()
+
+
+class SourceWatch:
+    """Remembers since when each source has been up or down (from sampled flags)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, SourceState] = {}
+
+    def observe(self, name: str, kind: str, connected: bool, now: float) -> SourceState:
+        """Record the source's flag at ``now``; returns its state with the change time."""
+        state = self._states.get(name)
+        if state is None or state.connected != connected:
+            state = SourceState(name, kind, connected, now)
+            self._states[name] = state
+        return state
