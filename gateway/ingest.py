@@ -52,6 +52,12 @@ from gateway.verify import Accept, DeviceState, Duplicate, KnownPress, Reject, v
 
 log = structlog.get_logger("panicd.ingest")
 
+# In a burst every press attaches to the open incident, and its press.accepted line
+# (outcome=attached, incident=…) already is the one canonical line for it. A second info
+# line per press doubled the journal volume of a storm and cost about a tenth of the drain
+# throughput (docs/PERFORMANCE.md); the attach stays in the incident's timeline.
+_DEBUG_EVENTS = frozenset({"incident.press_attached"})
+
 
 @dataclass(frozen=True, slots=True)
 class Stored:
@@ -265,6 +271,8 @@ class Ingestor:
                 # Rejections are what an operator must see with `journalctl -p warning`.
                 if event == "press.rejected":
                     log.warning(event, **fields)
+                elif event in _DEBUG_EVENTS:
+                    log.debug(event, **fields)
                 else:
                     log.info(event, **fields)
             for incident_event in work.events:

@@ -1,0 +1,482 @@
+"""Durable ingest throughput and publish→commit latency of the whole panicd pipeline.
+
+Two measurements against a private Mosquitto started with the project's own config
+(``firmware_sim.broker``), all on loopback:
+
+* **Throughput.** ``--presses`` signed presses over ``--devices`` buttons are queued in
+  the broker for two offline persistent sessions (QoS 1, ``clean_session`` false): a bare
+  aiomqtt subscriber that only counts (paho auto-acks), and the real ``panicd``
+  subprocess. Each then drains the same backlog; the time is taken from its first
+  message received to its last one (baseline) or to the moment every press is committed
+  (panicd, polled read-only on its database), so process start-up is not counted.
+* **Latency.** A fixed-rate storm (``--rate`` per second for ``--duration`` seconds)
+  against the running panicd, timing each press from publish to the arrival of panicd's
+  "received" feedback, which is published right after COMMIT: an upper bound of
+  publish→commit.
+
+The last line of output is one JSON object with the figures (the median over ``--runs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiomqtt
+
+from firmware_sim.broker import Mosquitto
+from firmware_sim.fleet import SimDevice, write_fleet
+from firmware_sim.storm import storm
+from gateway.formats import native
+
+REPO = Path(__file__).resolve().parent.parent
+TOPICS = ("panicd/v1/dev/+/up", "panicd/v1/gw/+/up")  # panicd's default subscription
+PANICD_CLIENT_ID = "panicd-bench"
+BASELINE_CLIENT_ID = "bench-bare-subscriber"
+BACKLOG_COUNTER_BASE = 1_000
+LATENCY_COUNTER_BASE = 10_000_000
+POLL_S = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class RunFigures:
+    """The figures of one run."""
+
+    presses_per_s: float
+    baseline_per_s: float
+    ratio: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    latency_sent: int
+    latency_feedback: int
+    rss_mb: float
+    load_per_s: float
+    feedback_lag_s: float
+    inbound_p50_ms: float
+    inbound_p99_ms: float
+    commit_fb_p50_ms: float
+    commit_fb_p99_ms: float
+    drain_cpu: float
+    storm_cpu: float
+    storm_broker_cpu: float
+    storm_bench_cpu: float
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """Per-press latencies of the storm (each list sorted, ms)."""
+
+    sent: int
+    total_ms: list[float]
+    inbound_ms: list[float]
+    after_receive_ms: list[float]
+
+
+class Panicd:
+    """``python -m gateway.daemon`` as a subprocess, with the sd_notify READY handshake."""
+
+    def __init__(self, config: Path, keys: Path, workdir: Path, log_level: str) -> None:
+        self._config = config
+        self._keys = keys
+        self._workdir = workdir
+        self._notify_path = workdir / "notify.sock"
+        self._sock: socket.socket | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "panicd.log"
+        self.log_level = log_level
+        self.launcher: list[str] = ["-m", "gateway.daemon"]
+
+    def __enter__(self) -> Self:
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(self._notify_path))
+        env = dict(os.environ)
+        env.update(PANICD_DEVICE_KEYS_FILE=str(self._keys), NOTIFY_SOCKET=str(self._notify_path),
+                   PANICD_LOG_LEVEL=self.log_level)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, *self.launcher, "--config", str(self._config),
+                 "--log-format", "json"],
+                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait for READY=1 (every source connected)."""
+        assert self._sock is not None and self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                raise RuntimeError(f"panicd exited with {code}; see {self.log_path}")
+            self._sock.settimeout(0.1)
+            try:
+                if b"READY=1" in self._sock.recv(65536).split(b"\n"):
+                    return
+            except TimeoutError:
+                continue
+        raise RuntimeError(f"panicd not ready in {timeout_s}s; see {self.log_path}")
+
+    def peak_rss_mb(self) -> float:
+        """The process's peak resident set size (VmHWM) in MiB."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text(encoding="utf-8")
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc/PID/status")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the process has used so far (all its threads)."""
+        assert self.process is not None
+        return cpu_seconds(self.process.pid)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._sock is not None:
+            self._sock.close()
+
+
+async def park_session(host: str, port: int, client_id: str) -> None:
+    """Create a persistent QoS 1 session for ``client_id`` and leave it offline."""
+    async with aiomqtt.Client(host, port, identifier=client_id, clean_session=False) as client:
+        for topic in TOPICS:
+            await client.subscribe(topic, qos=1)
+
+
+async def drain_bare(host: str, port: int, expected: int, timeout_s: float) -> float:
+    """Reconnect the baseline session and count its backlog; seconds first→last message."""
+    first = last = 0.0
+    seen = 0
+    async with aiomqtt.Client(host, port, identifier=BASELINE_CLIENT_ID,
+                              clean_session=False) as client, asyncio.timeout(timeout_s):
+        async for _message in client.messages:
+            last = time.time()
+            if seen == 0:
+                first = last
+            seen += 1
+            if seen >= expected:
+                break
+    return last - first
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used so far (all its threads)."""
+    stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    fields = stat.rpartition(")")[2].split()
+    # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" of comm.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pid(broker: Mosquitto) -> int:
+    """The pid of our private Mosquitto, found by its config file on the command line."""
+    conf = str(broker.workdir / "mosquitto.conf").encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if conf in (entry / "cmdline").read_bytes().split(b"\0"):
+                    return int(entry.name)
+    raise RuntimeError("cannot find the broker process")
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Path | None) -> Iterator[None]:
+    """Sample ``pid`` with py-spy (raw collapsed stacks, all threads) while the block runs."""
+    if out is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sampler = subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+         "--threads", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.3)  # py-spy needs a moment to attach
+        yield
+    finally:
+        sampler.send_signal(signal.SIGINT)
+        try:
+            sampler.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            sampler.kill()
+            sampler.wait()
+
+
+def wait_committed(database: Path, expected: int, timeout_s: float) -> tuple[float, float]:
+    """Poll the database read-only until ``expected`` presses are stored.
+
+    Returns (first press received_at, time the last press was seen committed).
+    """
+    deadline = time.monotonic() + timeout_s
+    while not database.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("panicd never created its database")
+        time.sleep(POLL_S)
+    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                count = int(conn.execute("SELECT COUNT(*) FROM presses").fetchone()[0])
+            except sqlite3.OperationalError:  # schema not created yet
+                count = 0
+            if count >= expected:
+                done = time.time()
+                first = float(conn.execute("SELECT MIN(received_at) FROM presses").fetchone()[0])
+                return first, done
+            time.sleep(POLL_S)
+    finally:
+        conn.close()
+    raise RuntimeError(f"panicd stored fewer than {expected} presses in {timeout_s}s")
+
+
+async def wait_feedback_quiet(host: str, port: int, quiet_s: float, timeout_s: float) -> float:
+    """Wait until panicd's feedback stream is quiet for ``quiet_s``; when did the last arrive.
+
+    panicd publishes one QoS 1 feedback per stored press; after a backlog those queue in
+    its client, and a latency storm started too early would wait behind them.
+    """
+    last = time.time()
+    async with aiomqtt.Client(host, port, identifier="bench-feedback-quiet",
+                              clean_session=True) as client:
+        await client.subscribe(f"{native.TOPIC_PREFIX}dev/+/cmd", qos=1)
+        async with asyncio.timeout(timeout_s):
+            messages = aiter(client.messages)
+            while True:
+                try:
+                    async with asyncio.timeout(quiet_s):
+                        await anext(messages)
+                except TimeoutError:
+                    return last
+                last = time.time()
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(fraction * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
+    """Broker, backlog, both drains, then the latency storm; one set of figures."""
+    with Mosquitto(workdir / "broker") as broker:
+        config, keys, devices = write_fleet(
+            workdir / "cfg", devices=args.devices, mqtt_port=broker.port,
+            client_id=PANICD_CLIENT_ID, extra_toml=args.extra_toml,
+        )
+        database = workdir / "cfg" / "panicd.sqlite3"
+        for client_id in (BASELINE_CLIENT_ID, PANICD_CLIENT_ID):
+            asyncio.run(park_session(broker.host, broker.port, client_id))
+
+        started = time.monotonic()
+        loaded = asyncio.run(storm(broker.host, broker.port, devices, count=args.presses,
+                                   rate=1e9, counter_base=BACKLOG_COUNTER_BASE))
+        load_per_s = len(loaded.sent) / (time.monotonic() - started)
+        print(f"loaded {len(loaded.sent)} presses into the broker ({load_per_s:.0f}/s)",
+              file=sys.stderr)
+
+        bare_s = asyncio.run(drain_bare(broker.host, broker.port, args.presses, args.timeout))
+        baseline_per_s = args.presses / bare_s
+        print(f"bare subscriber drained {args.presses} in {bare_s:.3f}s", file=sys.stderr)
+
+        panicd = Panicd(config, keys, workdir / "run", args.log_level)
+        if args.switch_interval_ms is not None:
+            # Informative only: how much the GIL hand-off between the event loop and
+            # aiosqlite's thread (default 5 ms) costs the pipeline.
+            panicd.launcher = [
+                "-c",
+                f"import runpy, sys; sys.setswitchinterval({args.switch_interval_ms / 1000!r}); "
+                "sys.argv[0] = 'panicd'; runpy.run_module('gateway.daemon', run_name='__main__')",
+            ]
+        with panicd:
+            assert panicd.process is not None
+            pid = panicd.process.pid
+            profile = args.profile
+            with profiled(pid, profile / "drain.txt" if profile else None):
+                panicd.wait_ready(args.timeout)
+                cpu_before = panicd.cpu_s()
+                first, done = wait_committed(database, args.presses, args.timeout)
+            panicd_s = done - first
+            # READY comes a little after the first messages; close enough for a share.
+            drain_cpu = (panicd.cpu_s() - cpu_before) / panicd_s
+            presses_per_s = args.presses / panicd_s
+            print(f"panicd committed {args.presses} in {panicd_s:.3f}s", file=sys.stderr)
+            quiet_at = asyncio.run(wait_feedback_quiet(broker.host, broker.port, 1.0,
+                                                       args.timeout))
+            feedback_lag_s = max(0.0, quiet_at - done)
+            print(f"backlog feedback still flowing {feedback_lag_s:.3f}s after the last commit",
+                  file=sys.stderr)
+
+            mosquitto = broker_pid(broker)
+            cpu_before = panicd.cpu_s()
+            broker_before = cpu_seconds(mosquitto)
+            bench_before = time.process_time()
+            with profiled(pid, profile / "storm.txt" if profile else None):
+                latency = latency_storm(broker, devices, args, database)
+            storm_cpu = (panicd.cpu_s() - cpu_before) / args.duration
+            broker_cpu = (cpu_seconds(mosquitto) - broker_before) / args.duration
+            bench_cpu = (time.process_time() - bench_before) / args.duration
+            rss_mb = panicd.peak_rss_mb()
+            if args.keep_log:
+                args.keep_log.write_bytes(panicd.log_path.read_bytes())
+    latencies = latency.total_ms
+
+    return RunFigures(
+        presses_per_s=round(presses_per_s, 1),
+        baseline_per_s=round(baseline_per_s, 1),
+        ratio=round(presses_per_s / baseline_per_s, 3),
+        p50_ms=round(percentile(latencies, 0.50), 2),
+        p99_ms=round(percentile(latencies, 0.99), 2),
+        p999_ms=round(percentile(latencies, 0.999), 2),
+        max_ms=round(latencies[-1] if latencies else float("nan"), 2),
+        latency_sent=latency.sent,
+        latency_feedback=len(latencies),
+        inbound_p50_ms=round(percentile(latency.inbound_ms, 0.50), 2),
+        inbound_p99_ms=round(percentile(latency.inbound_ms, 0.99), 2),
+        commit_fb_p50_ms=round(percentile(latency.after_receive_ms, 0.50), 2),
+        commit_fb_p99_ms=round(percentile(latency.after_receive_ms, 0.99), 2),
+        drain_cpu=round(drain_cpu, 2),
+        storm_cpu=round(storm_cpu, 2),
+        storm_broker_cpu=round(broker_cpu, 2),
+        storm_bench_cpu=round(bench_cpu, 2),
+        rss_mb=round(rss_mb, 1),
+        load_per_s=round(load_per_s, 1),
+        feedback_lag_s=round(feedback_lag_s, 3),
+    )
+
+
+def latency_storm(
+    broker: Mosquitto, devices: Sequence[SimDevice], args: argparse.Namespace, database: Path
+) -> Latency:
+    """Fixed-rate presses with feedback timing, split at panicd's own receive timestamp."""
+    count = int(args.rate * args.duration)
+    result = asyncio.run(storm(broker.host, broker.port, devices, count=count, rate=args.rate,
+                               counter_base=LATENCY_COUNTER_BASE, watch_feedback=True,
+                               feedback_grace_s=10.0))
+    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        received = {
+            (str(device_id), int(counter)): float(at)
+            for device_id, counter, at in conn.execute(
+                "SELECT device_id, counter, received_at FROM presses WHERE counter >= ?",
+                (LATENCY_COUNTER_BASE,),
+            )
+        }
+    finally:
+        conn.close()
+    inbound = sorted((received[key] - sent) * 1000 for key, sent in result.sent.items()
+                     if key in received)
+    after = sorted((result.feedback[key] - at) * 1000 for key, at in received.items()
+                   if key in result.feedback)
+    total = result.latencies_ms()
+    print(f"latency storm: {len(result.sent)} sent at {args.rate:.0f}/s, "
+          f"{len(total)} with feedback", file=sys.stderr)
+    return Latency(len(result.sent), total, inbound, after)
+
+
+def median_figures(runs: Sequence[RunFigures]) -> dict[str, float]:
+    """The per-key median over runs."""
+    keys = asdict(runs[0]).keys()
+    return {key: statistics.median(float(asdict(r)[key]) for r in runs) for key in keys}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the benchmark, print one JSON line of figures last."""
+    parser = argparse.ArgumentParser(prog="bench/ingest.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--presses", type=int, default=20_000, help="backlog size (%(default)s)")
+    parser.add_argument("--devices", type=int, default=500, help="buttons (%(default)s)")
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="latency storm presses/s (%(default)s)")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="latency storm seconds (%(default)s)")
+    parser.add_argument("--runs", type=int, default=1, help="repeat and report medians")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="bound on every wait, seconds (%(default)s)")
+    parser.add_argument("--extra-toml", default="",
+                        help="appended to panicd.toml, e.g. '[ingest]\\nbatch_max = 512\\n'")
+    parser.add_argument("--log-level", default="info",
+                        help="panicd's PANICD_LOG_LEVEL (%(default)s, as deployed)")
+    parser.add_argument("--keep-log", type=Path, default=None,
+                        help="copy panicd's log of the (last) run here")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write py-spy stacks of panicd (drain.txt, storm.txt) here")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="run panicd with sys.setswitchinterval (informative comparison)")
+    args = parser.parse_args(argv)
+    args.extra_toml = args.extra_toml.replace("\\n", "\n")
+    # aiomqtt warns per publish once many are pending; the storm keeps thousands in flight.
+    logging.getLogger("mqtt").setLevel(logging.ERROR)
+    if args.presses < 1 or args.devices < 1 or args.rate <= 0 or args.duration <= 0:
+        parser.error("--presses, --devices, --rate and --duration must be positive")
+
+    print(f"machine: {os.cpu_count()} cpu, {_cpu_model()}, Python {platform.python_version()}, "
+          f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    runs: list[RunFigures] = []
+    for index in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="panicd-bench-") as tmp:
+            figures = one_run(args, Path(tmp))
+        runs.append(figures)
+        print(f"run {index + 1}: {json.dumps(asdict(figures))} "
+              f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    summary = median_figures(runs)
+    print(json.dumps({
+        "presses_per_s": summary["presses_per_s"],
+        "baseline_per_s": summary["baseline_per_s"],
+        "ratio": summary["ratio"],
+        "p50_ms": summary["p50_ms"],
+        "p99_ms": summary["p99_ms"],
+        "rss_mb": summary["rss_mb"],
+        "p999_ms": summary["p999_ms"],
+        "max_ms": summary["max_ms"],
+        "latency_feedback": summary["latency_feedback"],
+        "latency_sent": summary["latency_sent"],
+        "runs": len(runs),
+    }))
+    return 0 if all(r.latency_feedback == r.latency_sent for r in runs) else 1
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
