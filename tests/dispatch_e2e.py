@@ -1,0 +1,227 @@
+"""Shared set-up for the end-to-end dispatch tests: the real panicd subprocess with a
+[dispatch] table, Twilio credentials in its environment and Prism as the Twilio API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import aiohttp
+import aiomqtt
+import pytest
+from aiohttp import web
+
+from firmware_sim.broker import Mosquitto
+from firmware_sim.button import press
+from firmware_sim.fleet import SimDevice, write_fleet
+from gateway.model import PressKind
+from tests.prism import free_port
+
+ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+AUTH_TOKEN = "e2e-auth-token-never-logged"
+FROM_NUMBER = "+15005550006"
+
+RESPONDERS_TOML = """
+people = [
+  { id = "ani", name = "Ani Rahayu", phone = "+628120001001", role = "linmas" },
+  { id = "budi", name = "Budi Santoso", phone = "+628120001002", role = "linmas" },
+  { id = "dewi", name = "Dewi Siaga", phone = "+628120009901", role = "siaga112" },
+]
+"""
+
+
+def policies_toml(first_wait_s: int, first_channels: str = '"sms", "voice"') -> str:
+    """Level 1 (ani, budi) waits ``first_wait_s``; level 2 is the command centre (dewi)."""
+    return f"""
+[command_centre]
+name = "Madiun Siaga 112"
+people = ["dewi"]
+
+[operations]
+levels = [{{ people = ["dewi"], channels = ["sms"], wait_s = 600 }}]
+
+[[policies]]
+id = "kota"
+city = true
+levels = [
+  {{ people = ["ani", "budi"], channels = [{first_channels}], wait_s = {first_wait_s} }},
+  {{ people = ["dewi"], channels = ["sms", "voice"], wait_s = 600 }},
+]
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A written configuration for one panicd with dispatch."""
+
+    config: Path
+    keys: Path
+    database: Path
+    devices: list[SimDevice]
+    public_url: str
+
+
+@pytest.fixture
+def client_id(mosquitto: Mosquitto) -> Iterator[str]:
+    """A fresh persistent-session client id, forgotten by the broker afterwards."""
+    name = f"panicd-dispatch-{uuid.uuid4().hex[:10]}"
+    yield name
+
+    async def forget() -> None:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier=name,
+                                  clean_session=True):
+            pass
+
+    asyncio.run(forget())
+
+
+@pytest.fixture
+def twilio_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twilio credentials for the daemon's environment (never in its TOML file)."""
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+
+
+def deploy(
+    directory: Path, *, mosquitto: Mosquitto, client_id: str, twilio_base_url: str,
+    policies: str,
+) -> Deployment:
+    """Write the fleet, responders, policies and a [dispatch] table on a free port."""
+    port = free_port()
+    public_url = f"http://127.0.0.1:{port}"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "responders.toml").write_text(RESPONDERS_TOML, encoding="utf-8")
+    (directory / "policies.toml").write_text(policies, encoding="utf-8")
+    extra = (
+        "\n[dispatch]\n"
+        'responders = "responders.toml"\npolicies = "policies.toml"\n'
+        f'public_base_url = "{public_url}"\nlisten_host = "127.0.0.1"\nlisten_port = {port}\n'
+        f'control_socket = "{directory / "control.sock"}"\n'
+        f'from_number = "{FROM_NUMBER}"\ntwilio_base_url = "{twilio_base_url}"\n'
+    )
+    config, keys, devices = write_fleet(
+        directory, devices=1, mqtt_port=mosquitto.port, client_id=client_id, extra_toml=extra
+    )
+    return Deployment(config, keys, directory / "panicd.sqlite3", devices, public_url)
+
+
+def press_panic(mosquitto: Mosquitto, device: SimDevice) -> None:
+    """One signed panic press over MQTT (QoS 1)."""
+    asyncio.run(press(mosquitto.host, mosquitto.port, device, PressKind.PANIC,
+                      int(time.time())))
+
+
+def rows(database: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Rows from the daemon's database (read-only, beside the running daemon)."""
+    with closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+        return list(conn.execute(sql, params))
+
+
+def duplicated_outbox_keys(database: Path) -> list[tuple[object, ...]]:
+    """Alert pages sent more than once per (incident, round, level, person, channel)."""
+    return rows(
+        database,
+        "SELECT incident_id, round, level, person_id, channel, COUNT(*) FROM outbox"
+        " WHERE purpose = 'alert' GROUP BY incident_id, round, level, person_id, channel"
+        " HAVING COUNT(*) > 1",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRequest:
+    """One request that reached Prism through the proxy, and Prism's answer."""
+
+    method: str
+    path: str
+    form: dict[str, str]
+    status: int
+    violations: str | None
+
+
+class RecordingPeer:
+    """A tiny recording proxy in front of Prism, in its own thread and event loop.
+
+    Prism validates each request and answers from the spec's static example, so every
+    message would carry the same sid; Twilio's sids are unique, so the proxy stamps a
+    fresh one with the example's prefix (SM…, CA…) and the spec's 32 hex digits.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.requests: list[PeerRequest] = []
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="peer-proxy",
+                                        daemon=True)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        assert self._session is not None
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length")}
+        async with self._session.request(request.method, self.upstream + request.path_qs,
+                                         data=body, headers=headers) as upstream:
+            payload = await upstream.read()
+            status = upstream.status
+            content_type = upstream.content_type
+            violations = upstream.headers.get("sl-violations")
+        if status == 201 and content_type == "application/json":
+            document = json.loads(payload)
+            if isinstance(document, dict) and isinstance(document.get("sid"), str):
+                document["sid"] = document["sid"][:2] + uuid.uuid4().hex
+                payload = json.dumps(document).encode()
+        form = dict(urllib.parse.parse_qsl(body.decode()))
+        self.requests.append(PeerRequest(request.method, request.path, form, status,
+                                         violations))
+        return web.Response(body=payload, status=status, content_type=content_type)
+
+    async def _start(self) -> str:
+        self._session = aiohttp.ClientSession()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}"
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        self.url = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def to(self, phone: str, resource: str) -> list[PeerRequest]:
+        """Requests creating ``resource`` ("Messages.json", "Calls.json") for ``phone``."""
+        return [r for r in self.requests
+                if r.path.endswith("/" + resource) and r.form.get("To") == phone]
+
+
+@pytest.fixture
+def twilio_peer(prism: str) -> Iterator[RecordingPeer]:
+    """Prism behind a recording proxy; its ``url`` is panicd's twilio_base_url."""
+    with RecordingPeer(prism) as peer:
+        yield peer
