@@ -10,6 +10,7 @@ writes the rows and queues the SMS to the operations roster (never a responder p
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -191,17 +192,16 @@ def _local(at: float) -> datetime:
 
 
 def _fit(template: str, label: str) -> str:
-    """Fill ``{label}`` and shorten it so the text is one GSM-7 SMS."""
-    label = " ".join(to_gsm7(label).split())
-    room = SMS_LIMIT - len(to_gsm7(template.format(label="")))
+    """Fill ``{label}`` as " (label)", shortened so the text is one GSM-7 SMS."""
+    label = re.sub(r"\s+", " ", to_gsm7(label)).strip()
+    room = SMS_LIMIT - len(to_gsm7(template.format(label=""))) - len(" ()")
     if len(label) > room:
         label = label[: max(0, room - 2)].rstrip() + ".." if room > 2 else ""
-    return to_gsm7(template.format(label=label))
+    return to_gsm7(template.format(label=f" ({label})" if label else ""))
 
 
 def _where(detail: Mapping[str, object]) -> str:
-    label = str(detail.get("label") or "")
-    return f" ({label})" if label else ""
+    return str(detail.get("label") or "")
 
 
 def alert_text(finding: Finding) -> str:

@@ -66,7 +66,9 @@ class HealthMonitor:
         *,
         ops: Ops | None,
         clock: Callable[[], float] = time.time,
+        autostart: bool = True,
     ) -> None:
+        self._autostart = autostart  # False: the caller drives check() itself (tests)
         self._store = DispatchStore(database)
         self._devices = devices
         self._probe = sources
@@ -84,9 +86,10 @@ class HealthMonitor:
         await self._store.__aenter__()
         self._baseline = self._clock()
         self.source_states()
-        self._group = asyncio.TaskGroup()
-        await self._group.__aenter__()
-        self._task = self._group.create_task(self._run(), name="health.monitor")
+        if self._autostart:
+            self._group = asyncio.TaskGroup()
+            await self._group.__aenter__()
+            self._task = self._group.create_task(self._run(), name="health.monitor")
         return self
 
     async def __aexit__(

@@ -19,7 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from dispatch import ctl as dispatch_ctl
-from gateway import queries
+from gateway import ctl_ops, queries
 from gateway.config import Config, load_config
 from gateway.daemon import DEFAULT_CONFIG, load
 from gateway.errors import ConfigError
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dead-letters", cmd_dead_letters, "rejected frames and why")
     p.add_argument("--limit", type=int, default=50)
     dispatch_ctl.register(add)
+    ctl_ops.register(add)
     p = add("decode", cmd_decode, "decode and verify one frame; print press and verdict",
             json_flag=False)
     p.add_argument("--format", required=True, choices=FORMATS)
