@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +75,7 @@ async def run_dispatch(
     feedback: Feedback | None,
     environ: Mapping[str, str] | None = None,
     runtime: Runtime | None = None,
+    mounts: Sequence[tuple[str, web.Application]] = (),
 ) -> AsyncIterator[Dispatcher]:
     """Open the dispatch store, the channel, the dispatcher and the web servers."""
     env = os.environ if environ is None else environ
@@ -105,6 +106,8 @@ async def run_dispatch(
         settings = WebSettings(cfg.public_base_url,
                                credentials.auth_token if credentials else None, secret)
         public_web = public_app(dispatcher, store, settings)
+        for prefix, sub in mounts:
+            public_web.add_subapp(prefix, sub)
         control_web = control_app(dispatcher, store)
         if runtime is not None:
             # /metrics, /ops/status and reassign need the daemon's in-process state.

@@ -106,6 +106,15 @@ class DispatchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AppConfig:
+    """The city app endpoint (POST /app/v1/panic on the dispatch web server)."""
+
+    rate_per_minute: float
+    burst: int
+    commit_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything panicd needs to start, validated."""
 
@@ -122,6 +131,7 @@ class Config:
     external_index: Mapping[tuple[str, str], str] = field(default_factory=dict)
     serial: tuple[SerialSourceConfig, ...] = ()
     dispatch: DispatchConfig | None = None
+    app: AppConfig | None = None
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def device_for(self, frame: Frame) -> Device | None:
@@ -483,6 +493,21 @@ def _health(table: _Table) -> HealthConfig:
     return cfg
 
 
+def _app(table: _Table, has_web: bool) -> AppConfig | None:
+    if not table.data:
+        return None
+    if not has_web:
+        raise table.error("enabled", "the app endpoint is served by the [dispatch] web server")
+    enabled = table.get("enabled", bool, True)
+    cfg = AppConfig(
+        rate_per_minute=table.number("rate_per_minute", 30, 1, 6000),
+        burst=int(table.number("burst", 10, 1, 1000)),
+        commit_timeout_s=table.number("commit_timeout_s", 10, 1, 120),
+    )
+    table.check_unknown()
+    return cfg if enabled else None
+
+
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Load, validate and join the TOML file, the device registry and the device keys."""
     env = os.environ if environ is None else environ
@@ -530,6 +555,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(path, where, f"duplicate source name {serial_source.name}")
         names.append(serial_source.name)
     dispatch = _dispatch(root.table("dispatch"), base)
+    app = _app(root.table("app"), dispatch is not None)
     health = _health(root.table("health"))
     root.check_unknown()
     return Config(
@@ -545,6 +571,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         mqtt=sources,
         serial=serial,
         dispatch=dispatch,
+        app=app,
         health=health,
         external_index={
             (fmt, ref): device.id

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from aiohttp import web
 
 from dispatch.health import HealthSettings, SourceState
 from dispatch.health_monitor import HealthMonitor
@@ -33,6 +34,7 @@ from gateway.locate import Locator
 from gateway.logs import configure_logging
 from gateway.sdnotify import Notifier, watchdog_loop
 from gateway.sources import Source
+from gateway.sources.app import AppSettings, app_api
 from gateway.sources.mqtt import MqttSource
 from gateway.sources.serial import SerialSource
 from gateway.store import SqliteStore, StoreError
@@ -122,7 +124,7 @@ class Daemon:
             if self.dispatch_plan is not None:
                 dispatcher = await stack.enter_async_context(
                     run_dispatch(self.dispatch_plan, config.database, feedback=self._feedback,
-                                 runtime=self)
+                                 runtime=self, mounts=self._mounts(ingestor))
                 )
                 ingestor.add_listener(dispatcher.on_incident)
             self.health = await stack.enter_async_context(
@@ -144,6 +146,14 @@ class Daemon:
                 committed=ingestor.committed_items,
                 pending=ingestor.depth,
             )
+
+    def _mounts(self, ingestor: Ingestor) -> list[tuple[str, web.Application]]:
+        """Extra applications on the public web server (the city app endpoint)."""
+        app = self.config.app
+        if app is None:
+            return []
+        settings = AppSettings(app.rate_per_minute, app.burst, app.commit_timeout_s)
+        return [("/app", app_api(ingestor, settings))]
 
     def _feedback(self, device_id: str, incident_id: int, state: str) -> None:
         """Presser feedback after an ack or closure, on every native MQTT source."""

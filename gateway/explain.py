@@ -55,7 +55,8 @@ def decode_any(
             case "rylr" | "rak3172":
                 return _radio(format_name, payload)
             case "app":
-                raise UnsupportedFormatError("the city app endpoint is not built yet")
+                # The city app posts our native frame over HTTPS (docs/APP_API.md).
+                return Decoded(native.decode("", payload))
             case _:
                 decoder = DECODERS[format_name](options or {})
                 return Decoded(decoder(topic, payload))

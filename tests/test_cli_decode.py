@@ -212,11 +212,23 @@ def test_frame_from_stdin(
     assert json.loads(capsys.readouterr().out)["verdict"] == "accepted"
 
 
-def test_app_format_is_not_yet_supported(
+def test_app_format_runs_the_signed_frame_the_app_posts(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frame_file = tmp_path / "app.json"
+    frame_file.write_bytes(DOCS_FRAME)
+    code = cli.main(["--config", str(config), "decode", "--format", "app", str(frame_file)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["verdict"] == "accepted"
+    assert out["via"] == "app"
+
+
+def test_app_format_with_an_empty_object_is_a_rejection(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     frame_file = tmp_path / "app.json"
     frame_file.write_text("{}", encoding="utf-8")
     code = cli.main(["--config", str(config), "decode", "--format", "app", str(frame_file)])
-    assert code == 2
-    assert "not yet supported" in capsys.readouterr().err
+    assert code == 1
+    assert json.loads(capsys.readouterr().out)["verdict"] == "bad_version"

@@ -88,7 +88,7 @@ def test_unit_declares_the_operations_contract() -> None:
     assert single["StateDirectory"] == "panicd"
     assert single["ExecStart"] == "/usr/bin/panicd --config /etc/panicd/panicd.toml"
     credentials = {v.partition(":")[0] for k, v in settings if k == "LoadCredential"}
-    assert credentials == {"twilio-auth-token", "device-keys", "app-tokens"}
+    assert credentials == {"twilio-auth-token", "device-keys", "ack-link-secret"}
     assert "PrivateDevices" not in single  # it would hide the LoRa serial adapters
     assert ("DeviceAllow", "char-ttyUSB rw") in settings
 
