@@ -38,7 +38,8 @@ pytest: $(STAMP) deps
 test: lint typecheck pytest
 
 bench: $(STAMP) deps
-	$(BIN)/python bench/ingest.py
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.dispatch
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -156,15 +156,16 @@ class Daemon:
         return [("/app", app_api(ingestor, settings))]
 
     def _feedback(self, device_id: str, incident_id: int, state: str) -> None:
-        """Presser feedback after an ack or closure, on every native MQTT source."""
+        """Presser feedback after an ack or closure: MQTT command topics and LoRa downlinks."""
         body: dict[str, object] = {"incident": incident_id, "state": state}
-        sent = any(
+        # A list, not any(): every source that can reach the button gets it.
+        sent = [
             source.send_feedback(device_id, body)
             for source in self.sources
-            if isinstance(source, MqttSource)
-        )
+            if isinstance(source, MqttSource | SerialSource)
+        ]
         log.info("device.feedback", device=device_id, incident=incident_id, state=state,
-                 sent=sent)
+                 sent=any(sent))
 
     async def _announce_ready(self) -> None:
         """READY=1 once the database is open and every source has connected."""

@@ -374,3 +374,27 @@ def test_serial_config_errors_name_file_and_key(
     assert info.value.key == key
     assert problem in info.value.problem
     assert info.value.file == str(config.path)
+
+
+async def test_a_responder_ack_sends_a_signed_help_coming_downlink_to_the_button(
+    tmp_path: Path,
+) -> None:
+    config = _site(tmp_path)
+    store = GatedStore(config.database)
+    link = Path(config.serial[0].port)
+    async with _module(link) as sim, _running(config, store) as (source,):
+        await asyncio.wait_for(source.wait_connected(), 5)
+        received = asyncio.ensure_future(sim.downlink(address_of(BUTTON_ID)))
+        sim.transmit(address_of(BUTTON_ID), lora_payload(BUTTON, PressKind.PANIC, 11))
+        first = await asyncio.wait_for(received, 5)
+        # Dispatch says a responder acked: the daemon forwards it to the receiving source.
+        coming = asyncio.ensure_future(sim.downlink(address_of(BUTTON_ID)))
+        assert source.send_feedback(BUTTON_ID, {"incident": 1, "state": "help_coming"})
+        second = await asyncio.wait_for(coming, 5)
+        # States without a LoRa form, and devices never heard here, send nothing.
+        assert not source.send_feedback(BUTTON_ID, {"incident": 1, "state": "resolved"})
+        assert not source.send_feedback("L0000FFFF", {"incident": 1, "state": "help_coming"})
+    assert lora_ack.decode(bytes.fromhex(first.decode()), key=BUTTON.key) == lora_ack.Ack(
+        BUTTON_ID, 11, lora_ack.AckState.RECEIVED)
+    assert lora_ack.decode(bytes.fromhex(second.decode()), key=BUTTON.key) == lora_ack.Ack(
+        BUTTON_ID, 11, lora_ack.AckState.HELP_COMING)

@@ -194,14 +194,20 @@ class LineInterpreter:
 
 
 def downlink(
-    mode: str, uplink: Uplink, outcome: Stored | Repeated, key: bytes | None
+    mode: str,
+    uplink: Uplink,
+    outcome: Stored | Repeated,
+    key: bytes | None,
+    state: lora_ack.AckState = lora_ack.AckState.RECEIVED,
 ) -> bytes | None:
     """The bytes to write to the receiver to acknowledge a committed press (None: none)."""
     frame = uplink.decoded
     assert isinstance(frame, Frame)
     if mode == "jsonl" or frame.format == native.FORMAT:
         body: dict[str, object] = {
-            "dev": outcome.device_id, "ctr": outcome.counter, "state": "received",
+            "dev": outcome.device_id,
+            "ctr": outcome.counter,
+            "state": state.name.lower(),
         }
         text = json.dumps(body, separators=(",", ":")).encode()
         if mode == "jsonl":
@@ -209,10 +215,7 @@ def downlink(
         return _radio_send(mode, uplink, text, text)
     if key is None or outcome.counter is None:
         return None
-    ack = lora_ack.encode(
-        device=outcome.device_id, counter=outcome.counter, state=lora_ack.AckState.RECEIVED,
-        key=key,
-    )
+    ack = lora_ack.encode(device=outcome.device_id, counter=outcome.counter, state=state, key=key)
     # REYAX carries text on air, so the button sends and receives hex; RAK carries bytes.
     return _radio_send(mode, uplink, ack.hex().upper().encode("ascii"), ack)
 
@@ -240,8 +243,7 @@ class SerialPort:
     @classmethod
     def open(cls, path: str, baud: int) -> Self:
         """Open ``path`` non-blocking and exclusively (raises OSError if it is absent)."""
-        device = serial.Serial(port=path, baudrate=baud, timeout=0, write_timeout=0,
-                               exclusive=True)
+        device = serial.Serial(port=path, baudrate=baud, timeout=0, write_timeout=0, exclusive=True)
         return cls(device)
 
     def close(self) -> None:
@@ -321,6 +323,8 @@ class SerialSource:
         self._connected = False
         self._first_connect = asyncio.Event()
         self._downlinks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=DOWNLINK_QUEUE_MAX)
+        # The last uplink per device, to address a later "help coming" ACK to it.
+        self._last_heard: dict[str, tuple[Uplink, Stored | Repeated]] = {}
         self._reply: asyncio.Future[Reply] | None = None
         self.received = 0
         self.acked = 0
@@ -349,8 +353,9 @@ class SerialSource:
             self.connections += 1
             self._first_connect.set()
             backoff.reset()
-            log.info("serial.connected", source=self.name, port=cfg.port, mode=cfg.mode,
-                     baud=cfg.baud)
+            log.info(
+                "serial.connected", source=self.name, port=cfg.port, mode=cfg.mode, baud=cfg.baud
+            )
             try:
                 error = await self._session(port, stop)
             finally:
@@ -362,8 +367,9 @@ class SerialSource:
 
     async def _pause(self, stop: asyncio.Event, backoff: Backoff, event: str, error: str) -> None:
         delay = backoff.next_delay()
-        log.warning(event, source=self.name, port=self._config.port, error=error,
-                    retry_in_s=round(delay, 2))
+        log.warning(
+            event, source=self.name, port=self._config.port, error=error, retry_in_s=round(delay, 2)
+        )
         try:
             async with asyncio.timeout(delay):
                 await stop.wait()
@@ -440,28 +446,63 @@ class SerialSource:
         )
 
     def _reception(self, uplink: Uplink) -> Reception:
-        return Reception(path=self._path, received_at=self._clock(), source=self.name,
-                         rssi=uplink.rssi, snr=uplink.snr)
+        return Reception(
+            path=self._path,
+            received_at=self._clock(),
+            source=self.name,
+            rssi=uplink.rssi,
+            snr=uplink.snr,
+        )
+
+    def send_feedback(self, device_id: str, body: dict[str, object]) -> bool:
+        """ "Help is coming" to a button last heard on this receiver (after a responder ack).
+
+        Other states (cancelled, resolved) have no LoRa ACK form; the button's LED times out.
+        """
+        last = self._last_heard.get(device_id)
+        if last is None or body.get("state") != "help_coming":
+            return False
+        uplink, outcome = last
+        return self._queue_downlink(uplink, outcome, lora_ack.AckState.HELP_COMING)
 
     def _acknowledge(self, uplink: Uplink, outcome: Outcome) -> None:
         """Queue the ACK downlink; runs after commit (DESIGN §2 Durability)."""
         if not isinstance(outcome, Stored | Repeated):
             return
+        self._last_heard[outcome.device_id] = (uplink, outcome)
+        self._queue_downlink(uplink, outcome, lora_ack.AckState.RECEIVED)
+
+    def _queue_downlink(
+        self, uplink: Uplink, outcome: Stored | Repeated, state: lora_ack.AckState
+    ) -> bool:
         device = self._devices.get(outcome.device_id)
         try:
-            data = downlink(self._config.mode, uplink, outcome, device.key if device else None)
+            data = downlink(
+                self._config.mode, uplink, outcome, device.key if device else None, state
+            )
         except ValueError as exc:  # an ACK that does not fit the module's limits
-            log.warning("serial.downlink_unsendable", source=self.name, error=str(exc),
-                        device=outcome.device_id)
-            return
+            log.warning(
+                "serial.downlink_unsendable",
+                source=self.name,
+                error=str(exc),
+                device=outcome.device_id,
+            )
+            return False
         if data is None:
-            return
+            return False
         try:
             self._downlinks.put_nowait(data)
         except asyncio.QueueFull:
             # The press is stored; the button retries and is acknowledged on the retry.
-            log.warning("serial.downlink_dropped", source=self.name, device=outcome.device_id,
-                        counter=outcome.counter, queued=self._downlinks.qsize())
+            log.warning(
+                "serial.downlink_dropped",
+                source=self.name,
+                device=outcome.device_id,
+                counter=outcome.counter,
+                queued=self._downlinks.qsize(),
+            )
+            return False
+        return True
 
     async def _write_loop(self, port: SerialPort) -> str:
         loop = asyncio.get_running_loop()
@@ -487,9 +528,9 @@ class SerialSource:
                         log.warning("serial.downlink_unanswered", source=self.name)
                     else:
                         if not reply.ok:
-                            log.warning("serial.downlink_failed", source=self.name,
-                                        reply=reply.text)
+                            log.warning(
+                                "serial.downlink_failed", source=self.name, reply=reply.text
+                            )
             finally:
                 self._reply = None
                 self._downlinks.task_done()
-
