@@ -120,6 +120,7 @@ class Config:
 
     path: Path
     site: str
+    ready_timeout_s: float
     database: Path
     kelurahan_file: Path
     nearest_within_m: float
@@ -516,6 +517,8 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     root = _Table(path, "", _read_toml(path))
     panicd = root.table("panicd")
     site = panicd.get("site", str, "Kota Madiun")
+    # Below the unit's TimeoutStartSec=90, so a dead receiver cannot cause a restart loop.
+    ready_timeout_s = panicd.number("ready_timeout_s", 60, 1, 3600)
     database = (base / panicd.get("database", str, "panicd.sqlite3")).resolve()
     panicd.check_unknown()
 
@@ -561,6 +564,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     return Config(
         path=path,
         site=site,
+        ready_timeout_s=ready_timeout_s,
         database=database,
         kelurahan_file=kelurahan_file,
         nearest_within_m=nearest,

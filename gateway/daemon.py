@@ -168,12 +168,25 @@ class Daemon:
                  sent=any(sent))
 
     async def _announce_ready(self) -> None:
-        """READY=1 once the database is open and every source has connected."""
-        for source in self.sources:
-            await source.wait_connected()
+        """READY=1 once the database is open and every source has connected.
+
+        If a source is still down after ``ready_timeout_s`` (a receiver unplugged at boot,
+        a broker away), READY is sent anyway, degraded and loudly: refusing it would make
+        systemd kill and restart panicd in a loop, taking every working source down too.
+        The down source keeps reconnecting and device health raises an operations alert.
+        """
+        try:
+            async with asyncio.timeout(self.config.ready_timeout_s):
+                for source in self.sources:
+                    await source.wait_connected()
+        except TimeoutError:
+            down = [s.name for s in self.sources if not s.connected]
+            log.error("daemon.ready_degraded", down=down,  # noqa: TRY400 -- not an exception
+                      waited_s=self.config.ready_timeout_s)
         await self._refresh_counts()
         self.notifier.ready(self._summary())
-        log.info("daemon.ready", sources=[s.name for s in self.sources], pid=os.getpid())
+        log.info("daemon.ready", sources=[s.name for s in self.sources],
+                 up=[s.name for s in self.sources if s.connected], pid=os.getpid())
 
     def _source_flags(self) -> list[tuple[str, str, bool]]:
         return [(s.name, "mqtt" if isinstance(s, MqttSource) else "serial", s.connected)

@@ -197,3 +197,25 @@ def test_a_database_from_a_newer_schema_exits_1_with_store_unusable(
     finally:
         conn.close()
 
+
+
+def test_a_receiver_missing_at_boot_gives_a_degraded_ready_instead_of_a_restart_loop(
+    mosquitto: Mosquitto, tmp_path: Path, client_id: str
+) -> None:
+    config, keys, _ = write_fleet(
+        tmp_path / "cfg", devices=2, mqtt_port=mosquitto.port, client_id=client_id,
+        extra_toml=f'\n[[serial]]\nname = "rx1"\nport = "{tmp_path}/no-such-tty"\n'
+        'mode = "rylr"\n',
+    )
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("[panicd]\n", "[panicd]\nready_timeout_s = 1\n", 1),
+                      encoding="utf-8")
+    daemon = NotifiedDaemon(config, keys, tmp_path / "run")
+    with daemon:
+        # READY comes although rx1 never connects; the MQTT source is up and ingesting.
+        daemon.wait_for(b"READY=1", 30)
+        assert daemon.terminate() == 0
+    degraded = [e for e in _events(daemon) if e["event"] == "daemon.ready_degraded"]
+    assert [e["down"] for e in degraded] == [["rx1"]]
+    ready = next(e for e in _events(daemon) if e["event"] == "daemon.ready")
+    assert ready["up"] == ["local"]
