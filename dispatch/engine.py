@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
@@ -61,6 +61,17 @@ class DispatchSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class _Fired:
+    """A step that fired inside a pass's transaction, logged once it commits."""
+
+    step: StepRow
+    incident_id: int
+    people: int
+    queued: int
+    remaining: int
+
+
+@dataclass(frozen=True, slots=True)
 class AckResult:
     """What an ack did: ``first`` stopped escalation; ``status`` is the incident's now."""
 
@@ -103,6 +114,8 @@ class Dispatcher:
         self._events: asyncio.Queue[IncidentEvent] = asyncio.Queue()
         self._step_wake = asyncio.Event()
         self._outbox_wake = asyncio.Event()
+        self._planned_through = 0  # highest incident id planned so far
+        self._in_flight = 0  # outbox rows being sent by the outbox loop
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.steps_fired = 0
@@ -159,7 +172,7 @@ class Dispatcher:
 
     async def plan_missing(self) -> int:
         """Plan escalation for every open incident without a plan; returns how many."""
-        planned = 0
+        plans = []
         for incident in await self._store.unplanned_incidents():
             policy, route = self._routing.policy_for(
                 incident.kelurahan_kode, incident.kecamatan, test=incident.test
@@ -167,8 +180,14 @@ class Dispatcher:
             steps = plan_steps(
                 IncidentRef(str(incident.id), incident.opened_at, incident.test), policy
             )
-            now = self._clock()
-            async with self._store.transaction() as db:
+            plans.append((incident, policy, route, steps))
+        if not plans:
+            return 0
+        now = self._clock()
+        # One commit for every incident found: in a storm, a transaction per incident
+        # queued behind the scheduler's and the senders' (measured with bench/dispatch.py).
+        async with self._store.transaction() as db:
+            for incident, policy, route, steps in plans:
                 await db.execute(
                     "INSERT OR IGNORE INTO incident_dispatch (incident_id, policy_id, route,"
                     " planned_at) VALUES (?, ?, ?, ?)",
@@ -191,7 +210,8 @@ class Dispatcher:
                         "repeat": policy.repeat,
                     },
                 )
-            planned += 1
+        for incident, policy, route, _steps in plans:
+            self._planned_through = max(self._planned_through, incident.id)
             log.info(
                 "escalation.planned",
                 incident=incident.id,
@@ -200,9 +220,8 @@ class Dispatcher:
                 kelurahan=incident.kelurahan,
                 test=incident.test,
             )
-        if planned:
-            self._step_wake.set()
-        return planned
+        self._step_wake.set()
+        return len(plans)
 
     async def _resilient(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
         """Run one iteration; a failure is logged and retried after a pause, never fatal.
@@ -235,7 +254,10 @@ class Dispatcher:
         try:
             match event.event:
                 case "opened":
-                    await self.plan_missing()
+                    # Ids grow with commits, so one pass that planned a later incident
+                    # covered this one: skip the scan for the events queued behind it.
+                    if event.incident_id > self._planned_through:
+                        await self.plan_missing()
                 case "cancelled":
                     await self.close(
                         event.incident_id,
@@ -291,10 +313,8 @@ class Dispatcher:
 
     async def fire_due(self) -> int:
         """Fire every step due by the clock's now (one scheduler pass); returns how many."""
-        fired = 0
-        for step in await self._store.due_steps(self._clock()):
-            if await self.fire(step):
-                fired += 1
+        steps = await self._store.due_steps(self._clock())
+        fired = await self._fire_all(steps) if steps else 0
         if fired:
             self._outbox_wake.set()
         return fired
@@ -325,90 +345,121 @@ class Dispatcher:
 
     async def fire(self, step: StepRow) -> bool:
         """Fire one due step exactly once: claim it, queue its pages, all in one commit."""
+        return await self._fire_all([step]) == 1
+
+    async def _fire_all(self, steps: Sequence[StepRow]) -> int:
+        """Fire steps in one commit; returns how many fired (the others were stale)."""
         now = self._clock()
-        incident = await self._store.incident(step.incident_id)
-        level = self._level(step)
-        people = resolve_targets_via(level, self._responders, now)
+        prepared = []
+        for step in steps:
+            incident = await self._store.incident(step.incident_id)
+            level = self._level(step)
+            people = resolve_targets_via(level, self._responders, now)
+            prepared.append((step, incident, level, people))
+        # One commit per scheduler pass, not per step: in a storm each step's transaction
+        # queued behind the senders' (bench/dispatch.py measured fire lag of seconds).
+        fired = []
         async with self._store.transaction() as db:
-            cursor = await db.execute(
-                "UPDATE escalation_steps SET state = 'fired', fired_at = ?"
-                " WHERE key = ? AND state = 'pending'",
-                (now, step.key),
-            )
-            if cursor.rowcount != 1:
-                return False  # an ack, a closure or another wake-up got there first
-            if incident is None or incident.status != "open":
-                await db.execute(
-                    "UPDATE escalation_steps SET state = 'cancelled' WHERE key = ?", (step.key,)
+            for step, incident, level, people in prepared:
+                outcome = await self._fire_in(
+                    db, step, incident, level=level, people=people, now=now
                 )
-                return False
-            messages = []
-            for channel in level.channels:
-                for person_id, _via in people:
-                    person = self._responders.people[person_id]
-                    body = (
-                        self._alert_body(incident, person_id, now) if channel is Medium.SMS else ""
+                if outcome is not None:
+                    fired.append(outcome)
+        for outcome in fired:
+            self._log_fired(outcome, now)
+        return len(fired)
+
+    async def _fire_in(
+        self,
+        db: aiosqlite.Connection,
+        step: StepRow,
+        incident: IncidentInfo | None,
+        *,
+        level: Level,
+        people: Sequence[tuple[str, str]],
+        now: float,
+    ) -> _Fired | None:
+        cursor = await db.execute(
+            "UPDATE escalation_steps SET state = 'fired', fired_at = ?"
+            " WHERE key = ? AND state = 'pending'",
+            (now, step.key),
+        )
+        if cursor.rowcount != 1:
+            return None  # an ack, a closure or another wake-up got there first
+        if incident is None or incident.status != "open":
+            await db.execute(
+                "UPDATE escalation_steps SET state = 'cancelled' WHERE key = ?", (step.key,)
+            )
+            return None
+        messages = []
+        for channel in level.channels:
+            for person_id, _via in people:
+                person = self._responders.people[person_id]
+                body = self._alert_body(incident, person_id, now) if channel is Medium.SMS else ""
+                messages.append(
+                    NewMessage(
+                        key=f"{step.key}:{person_id}:{channel.value}",
+                        incident_id=incident.id,
+                        person_id=person_id,
+                        phone=person.phone,
+                        channel=channel.value,
+                        purpose="alert",
+                        body=body,
+                        due_at=now,
+                        round=step.round,
+                        level=step.level,
                     )
-                    messages.append(
-                        NewMessage(
-                            key=f"{step.key}:{person_id}:{channel.value}",
-                            incident_id=incident.id,
-                            person_id=person_id,
-                            phone=person.phone,
-                            channel=channel.value,
-                            purpose="alert",
-                            body=body,
-                            due_at=now,
-                            round=step.round,
-                            level=step.level,
-                        )
-                    )
-            queued = await DispatchStore.insert_messages(db, messages, now)
+                )
+        queued = await DispatchStore.insert_messages(db, messages, now)
+        await DispatchStore.timeline(
+            db,
+            incident.id,
+            now,
+            "escalation.step_fired",
+            f"level {step.level + 1}",
+            detail={
+                "round": step.round + 1,
+                "level": step.level + 1,
+                "people": [p for p, _ in people],
+                "via": [v for _, v in people],
+                "messages": queued,
+            },
+        )
+        if not people:
+            await self._pull_next_forward(db, step, now)
+        remaining = next(
+            iter(
+                await db.execute_fetchall(
+                    "SELECT COUNT(*) FROM escalation_steps"
+                    " WHERE incident_id = ? AND state = 'pending'",
+                    (incident.id,),
+                )
+            )
+        )[0]
+        if remaining == 0:
             await DispatchStore.timeline(
-                db,
-                incident.id,
-                now,
-                "escalation.step_fired",
-                f"level {step.level + 1}",
-                detail={
-                    "round": step.round + 1,
-                    "level": step.level + 1,
-                    "people": [p for p, _ in people],
-                    "via": [v for _, v in people],
-                    "messages": queued,
-                },
+                db, incident.id, now, "escalation.exhausted", "no_ack_after_last_level"
             )
-            if not people:
-                await self._pull_next_forward(db, step, now)
-            remaining = next(
-                iter(
-                    await db.execute_fetchall(
-                        "SELECT COUNT(*) FROM escalation_steps"
-                        " WHERE incident_id = ? AND state = 'pending'",
-                        (incident.id,),
-                    )
-                )
-            )[0]
-            if remaining == 0:
-                await DispatchStore.timeline(
-                    db, incident.id, now, "escalation.exhausted", "no_ack_after_last_level"
-                )
+        return _Fired(step, incident.id, len(people), queued, remaining)
+
+    def _log_fired(self, fired: _Fired, now: float) -> None:
+        step = fired.step
         self.steps_fired += 1
         self.step_latency.observe(max(0.0, now - step.due_at))
         log.info(
             "escalation.step_due",
-            incident=incident.id,
+            incident=fired.incident_id,
             level=step.level + 1,
             round=step.round + 1,
-            people=len(people),
-            messages=queued,
+            people=fired.people,
+            messages=fired.queued,
             late_s=round(now - step.due_at, 3),
         )
-        if not people:
-            log.warning("escalation.level_empty", incident=incident.id, level=step.level + 1)
-        if remaining == 0:
-            log.warning("escalation.exhausted", incident=incident.id)
-        return True
+        if not fired.people:
+            log.warning("escalation.level_empty", incident=fired.incident_id, level=step.level + 1)
+        if fired.remaining == 0:
+            log.warning("escalation.exhausted", incident=fired.incident_id)
 
     async def _pull_next_forward(self, db: aiosqlite.Connection, step: StepRow, now: float) -> None:
         """A level that paged nobody (roster gap) must not keep the next level waiting."""
@@ -431,13 +482,38 @@ class Dispatcher:
     # -- the outbox ----------------------------------------------------------------------
 
     async def _outbox_loop(self) -> None:
-        await self._resilient("outbox", self._outbox_once)
+        # Senders run side by side in this group and each frees its slot when done: a
+        # claimed batch that waited for its slowest request held back every row queued
+        # behind it (p99 of seconds with the Twilio peer, bench/dispatch.py).
+        async with asyncio.TaskGroup() as senders:
+            await self._resilient("outbox", lambda: self._outbox_once(senders))
 
-    async def _outbox_once(self) -> None:
+    async def _outbox_once(self, senders: asyncio.TaskGroup) -> None:
         self._outbox_wake.clear()
-        if await self.send_due():
+        free = self._settings.send_concurrency - self._in_flight
+        if free <= 0:
+            await self._outbox_wake.wait()  # a sender finishing sets it
             return
+        rows = await self._store.claim_outbox(self._clock(), free)
+        for row in rows:
+            self._in_flight += 1
+            senders.create_task(self._send_in_slot(row), name=f"outbox.send.{row.id}")
+        if len(rows) == free:
+            return  # more may be due: claim again as soon as a slot frees
         await self._wait(self._outbox_wake, await self._store.next_outbox_due())
+
+    async def _send_in_slot(self, row: OutboxRow) -> None:
+        try:
+            await self._send(row)
+        except Exception as exc:  # noqa: BLE001 -- one sender must not cancel the others
+            # As before this change: the row stays 'sending' and is requeued at the next
+            # start (requeue_interrupted); the line says which one.
+            log.error(  # noqa: TRY400 -- one journal line, not a traceback
+                "outbox.send_failed", outbox=row.id, incident=row.incident_id, error=repr(exc)
+            )
+        finally:
+            self._in_flight -= 1
+            self._outbox_wake.set()
 
     async def send_due(self) -> int:
         """Claim and send one batch of due outbox rows (one outbox pass); returns how many."""
