@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -119,6 +120,8 @@ class MqttSource:
             password=cfg.password,
             tls_context=tls_context,
             timeout=10,
+            # PUBACKs and feedback are tiny: send them now, not after a delayed ACK.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
         # The one seam aiomqtt 2.5 lacks: acknowledge after our commit, not on receipt.
         client._client.manual_ack_set(True)
