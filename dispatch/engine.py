@@ -170,10 +170,14 @@ class Dispatcher:
             return self._routing.policies[self._routing.city]
         return policy
 
-    async def plan_missing(self) -> int:
-        """Plan escalation for every open incident without a plan; returns how many."""
+    async def plan_missing(self, after_id: int = 0) -> int:
+        """Plan escalation for every open incident without a plan; returns how many.
+
+        A full scan (``after_id=0``) runs at start; incident events scan only above the
+        last incident planned.
+        """
         plans = []
-        for incident in await self._store.unplanned_incidents():
+        for incident in await self._store.unplanned_incidents(after_id):
             policy, route = self._routing.policy_for(
                 incident.kelurahan_kode, incident.kecamatan, test=incident.test
             )
@@ -257,7 +261,7 @@ class Dispatcher:
                     # Ids grow with commits, so one pass that planned a later incident
                     # covered this one: skip the scan for the events queued behind it.
                     if event.incident_id > self._planned_through:
-                        await self.plan_missing()
+                        await self.plan_missing(after_id=self._planned_through)
                 case "cancelled":
                     await self.close(
                         event.incident_id,

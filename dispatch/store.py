@@ -191,13 +191,19 @@ class DispatchStore:
         )
         return None if row is None else _incident(row)
 
-    async def unplanned_incidents(self) -> list[IncidentInfo]:
-        """Open incidents with no escalation plan yet (e.g. after a crash between commits)."""
+    async def unplanned_incidents(self, after_id: int = 0) -> list[IncidentInfo]:
+        """Open incidents with no escalation plan yet (e.g. after a crash between commits).
+
+        ``after_id`` skips incidents already known to be planned: ids are allocated and
+        committed in order by the single ingest writer, so a new incident is always above
+        the last one planned, and the scan stays O(new) however many are open.
+        """
         rows = await self.db.execute_fetchall(
             f"SELECT {_INCIDENT_COLUMNS} FROM incidents i"  # noqa: S608
-            " WHERE status IN ('open', 'acknowledged')"
+            " WHERE i.id > ? AND status IN ('open', 'acknowledged')"
             " AND NOT EXISTS (SELECT 1 FROM incident_dispatch d WHERE d.incident_id = i.id)"
-            " ORDER BY id"
+            " ORDER BY id",
+            (after_id,),
         )
         return [_incident(r) for r in rows]
 
