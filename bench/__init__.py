@@ -1,1 +1,4 @@
-"""Benchmarks that print figures; run as modules: python -m bench.ingest, python -m bench.dispatch."""
+"""Benchmarks that print figures.
+
+Run them as modules (python -m bench.ingest, python -m bench.dispatch).
+"""

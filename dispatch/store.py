@@ -92,6 +92,22 @@ class NewMessage:
 # response: the outbox UPDATEs below never let a late "sent" (queued, sending, ringing…)
 # undo a final state (delivered, failed, no_answer).
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The outcome of one send attempt, to record."""
+
+    outbox_id: int
+    incident_id: int | None
+    state: str
+    at: float
+    sid: str | None
+    error_code: int | None
+    error: str | None
+    event: str
+    reason: str
+    detail: Mapping[str, Any]
+
+
 _INCIDENT_COLUMNS = (
     "id, device_id, status, test, urgent, opened_at, kelurahan_kode, kelurahan, kecamatan,"
     " address, landmark, lat, lon"
@@ -314,41 +330,36 @@ class DispatchStore:
             )
         return claimed
 
-    async def requeue_interrupted(self, now: float) -> int:
-        """Rows left in 'sending' by a crash go back to 'pending' (at-least-once delivery)."""
+    async def requeue_interrupted(self, now: float, older_than: float | None = None) -> int:
+        """Rows left in 'sending' go back to 'pending' (at-least-once delivery): all of them
+        at start (a crash), or those untouched since ``older_than`` while running."""
+        cutoff = now if older_than is None else older_than
         async with self.transaction() as db:
             cursor = await db.execute(
                 "UPDATE outbox SET state = 'pending', due_at = ?, updated_at = ?"
-                " WHERE state = 'sending'",
-                (now, now),
+                " WHERE state = 'sending' AND updated_at <= ?",
+                (now, now, cutoff),
             )
             return cursor.rowcount
 
-    async def record_delivery(
-        self,
-        outbox_id: int,
-        *,
-        state: str,
-        now: float,
-        sid: str | None,
-        error_code: int | None,
-        error: str | None,
-        event: str,
-        reason: str,
-        detail: Mapping[str, Any],
-    ) -> None:
-        """Write the outcome of a send attempt and its timeline line."""
+    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        """Write the outcomes of many send attempts, and their timeline lines, in one commit."""
         async with self.transaction() as db:
-            await db.execute(
+            await db.executemany(
+                # A late 'sent' must not undo a final state a status callback already set.
                 "UPDATE outbox SET state = CASE WHEN ? = 'sent' AND state IN"
                 " ('delivered', 'failed', 'no_answer') THEN state ELSE ? END,"
                 " provider_sid = COALESCE(?, provider_sid),"
                 " error_code = ?, error = ?, updated_at = ? WHERE id = ?",
-                (state, state, sid, error_code, error, now, outbox_id),
+                [(d.state, d.state, d.sid, d.error_code, d.error, d.at, d.outbox_id)
+                 for d in deliveries],
             )
-            row = await self._one("SELECT incident_id FROM outbox WHERE id = ?", (outbox_id,))
-            if row is not None and row[0] is not None:
-                await self.timeline(db, row[0], now, event, reason, detail=detail)
+            await db.executemany(
+                "INSERT INTO incident_events (incident_id, at, event, reason, actor, detail)"
+                " VALUES (?, ?, ?, ?, NULL, ?)",
+                [(d.incident_id, d.at, d.event, d.reason, json.dumps(d.detail, sort_keys=True))
+                 for d in deliveries if d.incident_id is not None],
+            )
 
     async def record_status_callback(
         self,

@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from dispatch.channel import Channel, DeliveryResult, DeliveryStatus
 from dispatch.engine import Dispatcher, DispatchSettings
 from dispatch.policy import CommandCentre, Level, Medium, Policy, Routing, Targets
 from dispatch.responders import Group, Person, Responders, Roster, Shift
-from dispatch.store import DispatchStore
+from dispatch.store import Delivery, DispatchStore
 from gateway.store import BatchWrites, IncidentChange, IncidentRow, SqliteStore
 
 PUBLIC_URL = "https://panicd.madiunkota.go.id"
@@ -230,10 +229,10 @@ class WatchedStore(DispatchStore):
         self.recorded = 0
         self._changed = asyncio.Event()
 
-    async def record_delivery(self, outbox_id: int, **fields: Any) -> None:
-        """Commit the outcome, then count it."""
-        await super().record_delivery(outbox_id, **fields)
-        self.recorded += 1
+    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        """Commit the outcomes, then count them."""
+        await super().record_deliveries(deliveries)
+        self.recorded += len(deliveries)
         self._changed.set()
 
     async def wait_recorded(self, count: int, timeout_s: float = 10.0) -> None:
