@@ -16,12 +16,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiosqlite
 
-from gateway.store import StoreError, migrate
+from gateway.store import SqliteDatabase
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,41 +138,14 @@ def _outbox(row: Sequence[Any]) -> OutboxRow:
     return OutboxRow(*row)
 
 
-class DispatchStore:
+class DispatchStore(SqliteDatabase):
     """Dispatch's SQLite connection; an async context manager."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: aiosqlite.Connection | None = None
+        super().__init__(path)
         # One connection, many tasks (scheduler, outbox senders, webhooks): transactions
         # on it must not interleave.
         self._tx_lock = asyncio.Lock()
-
-    async def __aenter__(self) -> Self:
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        try:
-            await migrate(self._db)
-        except BaseException:
-            await self._db.close()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        """The open connection."""
-        if self._db is None:
-            raise StoreError("dispatch store is not open")
-        return self._db
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:

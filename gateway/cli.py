@@ -7,48 +7,23 @@ found / nothing to show where something was expected, 2 bad configuration or usa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Any
-from zoneinfo import ZoneInfo
 
 from dispatch import ctl as dispatch_ctl
 from gateway import ctl_ops, queries
 from gateway.config import Config, load_config
+from gateway.ctl_format import WIB, print_json, table, when
 from gateway.daemon import DEFAULT_CONFIG, load
 from gateway.errors import ConfigError
 from gateway.explain import FORMATS, UnsupportedFormatError, explain
 from gateway.locate import Locator, map_link
 from gateway.model import GeoFix
-
-WIB = ZoneInfo("Asia/Jakarta")
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, tz=UTC).astimezone(WIB).strftime("%Y-%m-%d %H:%M:%S WIB")
-
-
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """A plain fixed-width table (no dependency, readable over ssh)."""
-    cells = [[title for _, title in columns]]
-    cells += [["" if row.get(key) is None else str(row[key]) for key, _ in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join(
-        "  ".join(value.ljust(widths[i]) for i, value in enumerate(line)).rstrip()
-        for line in cells
-    )
-
-
-def _print_json(value: object) -> None:
-    print(json.dumps(value, ensure_ascii=False, indent=2, sort_keys=True))
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -71,7 +46,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "serial_sources": [f"{s.name} ({s.mode} on {s.port})" for s in config.serial],
     }
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"{config.path}: OK")
         for key, value in summary.items():
@@ -94,15 +69,15 @@ def cmd_incidents(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     for row in rows:
-        row["opened"] = _when(row["opened_at"])
+        row["opened"] = when(row["opened_at"])
         row["flags"] = ",".join(
             flag for flag, on in (("TES", row["test"]), ("URGENT", row["urgent"])) if on
         )
     print(
-        _table(
+        table(
             rows,
             [("id", "ID"), ("status", "STATUS"), ("flags", "FLAGS"), ("opened", "OPENED"),
              ("device_id", "DEVICE"), ("press_count", "PRESSES"), ("kelurahan", "KELURAHAN"),
@@ -122,12 +97,12 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"panicctl: {exc}", file=sys.stderr)
             return 1
     if args.json:
-        _print_json(row)
+        print_json(row)
         return 0
     flags = " TES" if row["test"] else ""
     print(f"Incident {row['id']}{flags}  status={row['status']}  presses={row['press_count']}")
     print(f"  device     {row['device_id']}")
-    print(f"  opened     {_when(row['opened_at'])}")
+    print(f"  opened     {when(row['opened_at'])}")
     where = row["kelurahan"] or "(outside Kota Madiun / unknown)"
     print(f"  kelurahan  {where} ({row['kecamatan'] or '-'}; {row['kelurahan_match']})")
     print(f"  address    {row['address']} — {row['landmark']}")
@@ -138,11 +113,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     for press in row["presses"]:
         paths = ", ".join(f"{p['path']} x{p['heard']}" for p in press["paths"])
         print(f"    #{press['id']} ctr={press['counter']} {press['kind']} "
-              f"{_when(press['received_at'])} {press['outcome']} via {paths}")
+              f"{when(press['received_at'])} {press['outcome']} via {paths}")
     print("  timeline:")
     for entry in row["timeline"]:
         actor = f" by {entry['actor']}" if entry["actor"] else ""
-        print(f"    {_when(entry['at'])}  {entry['event']} ({entry['reason']}){actor}")
+        print(f"    {when(entry['at'])}  {entry['event']} ({entry['reason']}){actor}")
     return 0
 
 
@@ -152,12 +127,12 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     with queries.read_only(config.database) as conn:
         rows = queries.dead_letters(conn, limit=args.limit)
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     for row in rows:
-        row["received"] = _when(row["received_at"])
+        row["received"] = when(row["received_at"])
     print(
-        _table(
+        table(
             rows,
             [("id", "ID"), ("received", "RECEIVED"), ("reason", "REASON"),
              ("device_ref", "DEVICE"), ("path", "PATH"), ("detail", "DETAIL")],
@@ -178,7 +153,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
         locator = Locator.from_geojson(bundled)
     fix = GeoFix(args.lat, args.lon)
     kelurahan, match, distance = locator.kelurahan_at(fix)
-    _print_json(
+    print_json(
         {
             "lat": args.lat,
             "lon": args.lon,
@@ -203,7 +178,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(f"panicctl: decode --format {args.format}: not yet supported ({exc})",
               file=sys.stderr)
         return 2
-    _print_json(result)
+    print_json(result)
     return 0 if result.get("verdict") == "accepted" else 1
 
 

@@ -16,7 +16,6 @@ import sqlite3
 import ssl
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ import aiohttp
 import aiomqtt
 
 from dispatch.health import Condition, DeviceView, HealthSettings, device_findings
-from dispatch.messages import WIB
 from dispatch.observe import (
     OPEN_INCIDENTS_SQL,
     PENDING_OUTBOX_SQL,
@@ -35,28 +33,9 @@ from firmware_sim.button import build_frame, topic_for
 from firmware_sim.fleet import SimDevice
 from gateway import queries
 from gateway.config import Config, MqttSourceConfig, load_config
+from gateway.ctl_format import print_json, table, when
 from gateway.formats import native
 from gateway.model import PressKind
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, tz=UTC).astimezone(WIB).strftime("%Y-%m-%d %H:%M:%S WIB")
-
-
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    cells = [[title for _, title in columns]]
-    cells += [["" if row.get(key) is None else str(row[key]) for key, _ in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join(
-        "  ".join(value.ljust(widths[i]) for i, value in enumerate(line)).rstrip()
-        for line in cells
-    )
-
-
-def _print_json(value: object) -> None:
-    print(json.dumps(value, ensure_ascii=False, indent=2, sort_keys=True))
 
 
 def _err(message: str) -> None:
@@ -123,7 +102,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _err(f"daemon not reachable ({reason}); showing the database only")
         snapshot = _db_status(config)
     if args.json:
-        _print_json(snapshot)
+        print_json(snapshot)
     else:
         _print_status(snapshot)
     return 0 if snapshot["daemon"]["reachable"] else 1
@@ -134,25 +113,25 @@ def _print_status(snap: dict[str, Any]) -> None:
     print(f"panicd: running (pid {daemon['pid']})" if daemon["reachable"]
           else "panicd: NOT REACHABLE (database view)")
     sources = [{**s, "state": "?" if s["connected"] is None else
-                ("up" if s["connected"] else "DOWN"), "since_at": _when(s["since"])}
+                ("up" if s["connected"] else "DOWN"), "since_at": when(s["since"])}
                for s in snap["sources"]]
     print("\nSources")
-    print(_table(sources, [("name", "NAME"), ("kind", "KIND"), ("state", "STATE"),
+    print(table(sources, [("name", "NAME"), ("kind", "KIND"), ("state", "STATE"),
                            ("since_at", "SINCE")]))
     q = snap["queues"]
     ingest = "?" if q["ingest"] is None else q["ingest"]
     print(f"\nQueues: ingest {ingest}, outbox {q['outbox']}, pending steps {q['escalation']}")
-    incidents = [{**r, "opened": _when(r["opened_at"]), "flags": "TES" if r["test"] else ""}
+    incidents = [{**r, "opened": when(r["opened_at"]), "flags": "TES" if r["test"] else ""}
                  for r in snap["open_incidents"]]
     print(f"\nOpen incidents: {len(incidents)}")
     if incidents:
-        print(_table(incidents, [("id", "ID"), ("status", "STATUS"), ("flags", "FLAGS"),
+        print(table(incidents, [("id", "ID"), ("status", "STATUS"), ("flags", "FLAGS"),
                                  ("opened", "OPENED"), ("device_id", "DEVICE"),
                                  ("kelurahan", "KELURAHAN")]))
-    unhealthy = [{**r, "raised": _when(r["raised_at"])} for r in snap["unhealthy"]]
+    unhealthy = [{**r, "raised": when(r["raised_at"])} for r in snap["unhealthy"]]
     print(f"\nUnhealthy: {len(unhealthy)}")
     if unhealthy:
-        print(_table(unhealthy, [("subject", "SUBJECT"), ("condition", "CONDITION"),
+        print(table(unhealthy, [("subject", "SUBJECT"), ("condition", "CONDITION"),
                                  ("raised", "RAISED")]))
 
 
@@ -193,12 +172,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.low_battery:
         rows = [r for r in rows if r["low_battery"]]
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     for row in rows:
-        row["seen"] = _when(row["last_seen_at"])
+        row["seen"] = when(row["last_seen_at"])
         row["batt"] = "-" if row["battery"] is None else f"{row['battery']}%"
-    print(_table(rows, [("id", "DEVICE"), ("state", "STATE"), ("seen", "LAST SEEN"),
+    print(table(rows, [("id", "DEVICE"), ("state", "STATE"), ("seen", "LAST SEEN"),
                         ("batt", "BATTERY"), ("last_kind", "LAST"), ("hardware", "HARDWARE"),
                         ("landmark", "LANDMARK")]))
     return 0
@@ -221,7 +200,7 @@ def cmd_reassign(args: argparse.Namespace) -> int:
         _err(f"cannot reach panicd: {exc} (is it running?)")
         return 1
     if args.json:
-        _print_json(reply)
+        print_json(reply)
     elif code == 200:
         print(f"incident {reply['incident']}: paging {reply['to']} ({reply['messages']} messages)")
     else:
@@ -295,7 +274,7 @@ def cmd_test_press(args: argparse.Namespace) -> int:
     result = {"device": device.id, "counter": counter, "source": source.name,
               "received": feedback is not None, "feedback": feedback}
     if args.json:
-        _print_json(result)
+        print_json(result)
     elif feedback is not None:
         print(f"test press {device.id} ctr={counter}: received by panicd "
               f"(press {feedback.get('press')}, incident {feedback.get('incident', '-')} TES)")
@@ -330,7 +309,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     partial.replace(target)
     result = {"backup": str(target), "bytes": target.stat().st_size, **counts}
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(f"backup written to {target} ({result['bytes']} bytes): "
               + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -387,10 +366,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
     cutoff = time.time() - args.older_than * 86400.0
     counts = purge(config.database, cutoff, dry_run=args.dry_run)
     if args.json:
-        _print_json({"dry_run": args.dry_run, "cutoff": cutoff, "deleted": counts})
+        print_json({"dry_run": args.dry_run, "cutoff": cutoff, "deleted": counts})
     else:
         verb = "would delete" if args.dry_run else "deleted"
-        print(f"purge older than {args.older_than} days ({_when(cutoff)}): {verb}")
+        print(f"purge older than {args.older_than} days ({when(cutoff)}): {verb}")
         for table, count in counts.items():
             print(f"  {table:<18} {count}")
     return 0

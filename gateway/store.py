@@ -361,16 +361,14 @@ def _chunks(items: Sequence[Any], size: int = 400) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
-class SqliteStore:
-    """SQLite implementation of :class:`IngestStore`; an async context manager."""
+class SqliteDatabase:
+    """One aiosqlite connection to panicd's database, migrated on open; an async context
+    manager. Each component (ingest, dispatch) owns one, so they never share a transaction.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
-        self._next_press = 1
-        self._next_incident = 1
-        self._base_press = 1
-        self._base_incident = 1
 
     async def __aenter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -379,11 +377,14 @@ class SqliteStore:
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
             await migrate(self._db)
-            await self._load_ids()
+            await self._opened()
         except BaseException:
             await self._db.close()
             raise
         return self
+
+    async def _opened(self) -> None:
+        """Called once the schema is current (subclasses load what they cache)."""
 
     async def __aexit__(
         self,
@@ -399,8 +400,22 @@ class SqliteStore:
     def db(self) -> aiosqlite.Connection:
         """The open connection."""
         if self._db is None:
-            raise StoreError("store is not open")
+            raise StoreError(f"{type(self).__name__} is not open")
         return self._db
+
+
+class SqliteStore(SqliteDatabase):
+    """SQLite implementation of :class:`IngestStore`; an async context manager."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._next_press = 1
+        self._next_incident = 1
+        self._base_press = 1
+        self._base_incident = 1
+
+    async def _opened(self) -> None:
+        await self._load_ids()
 
     async def _load_ids(self) -> None:
         rows = await self.db.execute_fetchall(
