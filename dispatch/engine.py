@@ -23,7 +23,7 @@ import aiosqlite
 import structlog
 
 from dispatch.channel import Channel
-from dispatch.escalation import IncidentRef, plan_steps, resolve_targets_via
+from dispatch.escalation import EscalationStep, IncidentRef, plan_steps, resolve_targets_via
 from dispatch.loops import resilient, wait_until
 from dispatch.metrics import Histogram
 from dispatch.outbox import Outbox
@@ -140,11 +140,13 @@ class Dispatcher:
             return self._routing.policies[self._routing.city]
         return policy
 
-    async def plan_missing(self, after_id: int = 0) -> int:
+    async def plan_missing(self, after_id: int = 0, *, fire_now: bool = False) -> int:
         """Plan escalation for every open incident without a plan; returns how many.
 
         A full scan (``after_id=0``) runs at start; incident events scan only above the
-        last incident planned.
+        last incident planned. With ``fire_now`` the steps already due (level 1) fire in
+        the same commit as the plan — one transaction per new incident instead of two on
+        the dispatch connection, which is what a storm queues on (bench/dispatch.py).
         """
         plans = []
         for incident in await self._store.unplanned_incidents(after_id):
@@ -158,6 +160,7 @@ class Dispatcher:
         if not plans:
             return 0
         now = self._clock()
+        fired: list[_Fired] = []
         # One commit for every incident found: in a storm, a transaction per incident
         # queued behind the scheduler's and the senders' (measured with bench/dispatch.py).
         async with self._store.transaction() as db:
@@ -184,6 +187,12 @@ class Dispatcher:
                         "repeat": policy.repeat,
                     },
                 )
+                if fire_now:
+                    fired += await self._fire_planned(db, incident, policy.id, steps, now)
+        for outcome in fired:
+            self._log_fired(outcome, now)
+        if fired:
+            self._outbox.wake()
         for incident, policy, route, _steps in plans:
             self._planned_through = max(self._planned_through, incident.id)
             log.info(
@@ -208,7 +217,7 @@ class Dispatcher:
                     # Ids grow with commits, so one pass that planned a later incident
                     # covered this one: skip the scan for the events queued behind it.
                     if event.incident_id > self._planned_through:
-                        await self.plan_missing(after_id=self._planned_through)
+                        await self.plan_missing(after_id=self._planned_through, fire_now=True)
                 case "cancelled":
                     await self.close(
                         event.incident_id,
@@ -298,6 +307,27 @@ class Dispatcher:
         for outcome in fired:
             self._log_fired(outcome, now)
         return len(fired)
+
+    async def _fire_planned(
+        self,
+        db: aiosqlite.Connection,
+        incident: IncidentInfo,
+        policy_id: str,
+        steps: Sequence[EscalationStep],
+        now: float,
+    ) -> list[_Fired]:
+        """Fire, inside the planning commit, the steps that are already due."""
+        fired = []
+        for step in steps:
+            if step.due_at > now:
+                break  # plan_steps orders them by due time
+            row = StepRow(step.key, incident.id, step.round, step.level, step.due_at, policy_id)
+            level = self._level(row)
+            people = resolve_targets_via(level, self._responders, now)
+            outcome = await self._fire_in(db, row, incident, level=level, people=people, now=now)
+            if outcome is not None:
+                fired.append(outcome)
+        return fired
 
     async def _fire_in(
         self,

@@ -414,3 +414,21 @@ async def test_the_timeline_has_every_transition_with_its_reason(database: Path)
     assert entries[0][1] == "kelurahan"
     assert [r for e, r, _ in entries if e == "escalation.step_fired"] == ["level 1", "level 2"]
     assert [r for e, r, _ in entries if e == "sms.sent"] == ["alert"] * 3 + ["handled"] * 2
+
+
+async def test_planning_with_fire_now_fires_level_1_in_the_same_commit_exactly_once(
+    database: Path,
+) -> None:
+    incident = await open_incident(database, KODE_LADDER, at=T0)
+    clock, channel = Clock(T0 + 0.1), RecordingChannel()
+    async with DispatchStore(database) as store:
+        engine = dispatcher(store, channel, clock)
+        assert await engine.plan_missing(fire_now=True) == 1
+        # Level 1 is already fired: the scheduler finds nothing due, and a later wait
+        # still belongs to level 2 only.
+        assert [s[2] for s in steps(database, incident)] == ["fired", "pending", "pending"]
+        assert await engine.fire_due() == 0
+        assert await engine.send_due() == 4
+    timeline = list(events(database, incident))
+    assert timeline.count("escalation.step_fired") == 1
+    assert timeline.index("escalation.planned") < timeline.index("escalation.step_fired")
