@@ -67,9 +67,10 @@ class HealthMonitor:
         ops: Ops | None,
         clock: Callable[[], float] = time.time,
         autostart: bool = True,
+        write_lock: asyncio.Lock | None = None,
     ) -> None:
         self._autostart = autostart  # False: the caller drives check() itself (tests)
-        self._store = DispatchStore(database)
+        self._store = DispatchStore(database, write_lock=write_lock)
         self._devices = devices
         self._probe = sources
         self._settings = settings

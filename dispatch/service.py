@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import stat
@@ -76,13 +77,14 @@ async def run_dispatch(
     environ: Mapping[str, str] | None = None,
     runtime: Runtime | None = None,
     mounts: Sequence[tuple[str, web.Application]] = (),
+    write_lock: asyncio.Lock | None = None,
 ) -> AsyncIterator[Dispatcher]:
     """Open the dispatch store, the channel, the dispatcher and the web servers."""
     env = os.environ if environ is None else environ
     cfg = plan.config
     credentials = twilio_credentials_from_env(env)
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(DispatchStore(database))
+        store = await stack.enter_async_context(DispatchStore(database, write_lock=write_lock))
         channel: Channel
         if credentials is None:
             channel = ConsoleChannel()

@@ -141,17 +141,17 @@ def _outbox(row: Sequence[Any]) -> OutboxRow:
 class DispatchStore(SqliteDatabase):
     """Dispatch's SQLite connection; an async context manager."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, *, write_lock: asyncio.Lock | None = None) -> None:
         # One connection, many tasks (scheduler, outbox senders, webhooks): transactions
-        # on it must not interleave.
-        self._tx_lock = asyncio.Lock()
+        # on it must not interleave — the write lock (shared with the process's other
+        # connections) also serialises them.
+        super().__init__(path, write_lock=write_lock)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """One BEGIN IMMEDIATE … COMMIT; rolled back on any exception."""
         db = self.db
-        async with self._tx_lock:
+        async with self.write_lock:
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 yield db

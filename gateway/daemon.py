@@ -91,7 +91,12 @@ class Daemon:
         """Run until :meth:`request_stop`; returns after a graceful drain."""
         config = self.config
         async with AsyncExitStack() as stack:
-            store = await stack.enter_async_context(SqliteStore(config.database))
+            # One write lock for every connection of this process (ingest, dispatch,
+            # health): writers queue in asyncio instead of SQLite's sleeping busy handler.
+            write_lock = asyncio.Lock()
+            store = await stack.enter_async_context(
+                SqliteStore(config.database, write_lock=write_lock)
+            )
             log.info("store.opened", database=str(config.database))
             ingest = config.ingest
             ingestor = await stack.enter_async_context(
@@ -124,12 +129,14 @@ class Daemon:
             if self.dispatch_plan is not None:
                 dispatcher = await stack.enter_async_context(
                     run_dispatch(self.dispatch_plan, config.database, feedback=self._feedback,
-                                 runtime=self, mounts=self._mounts(ingestor))
+                                 runtime=self, mounts=self._mounts(ingestor),
+                                 write_lock=write_lock)
                 )
                 ingestor.add_listener(dispatcher.on_incident)
             self.health = await stack.enter_async_context(
                 HealthMonitor(config.database, config.devices, self._source_flags,
-                              HealthSettings.from_config(config.health), ops=dispatcher)
+                              HealthSettings.from_config(config.health), ops=dispatcher,
+                              write_lock=write_lock)
             )
             async with asyncio.TaskGroup() as group:
                 for source in self.sources:

@@ -8,6 +8,7 @@ their senders only after ``COMMIT`` returns.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -366,9 +367,13 @@ class SqliteDatabase:
     manager. Each component (ingest, dispatch) owns one, so they never share a transaction.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, write_lock: asyncio.Lock | None = None) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        # Connections of one process share this lock around their write transactions:
+        # left to SQLite, a second writer gets SQLITE_BUSY and its busy handler sleeps in
+        # steps of up to 100 ms, which showed as latency spikes in bench/dispatch.py.
+        self.write_lock = write_lock or asyncio.Lock()
 
     async def __aenter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -407,8 +412,9 @@ class SqliteDatabase:
 class SqliteStore(SqliteDatabase):
     """SQLite implementation of :class:`IngestStore`; an async context manager."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, *, write_lock: asyncio.Lock | None = None) -> None:
+        super().__init__(path, write_lock=write_lock)
+        self._holding = False
         self._next_press = 1
         self._next_incident = 1
         self._base_press = 1
@@ -439,21 +445,37 @@ class SqliteStore(SqliteDatabase):
         return value
 
     async def begin(self) -> None:
-        """Start the batch's write transaction."""
-        await self.db.execute("BEGIN IMMEDIATE")
+        """Start the batch's write transaction (holding the process's write lock)."""
+        await self.write_lock.acquire()
+        self._holding = True
+        try:
+            await self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        # Only ever release what this store acquired: the lock is shared.
+        if self._holding:
+            self._holding = False
+            self.write_lock.release()
 
     async def commit(self) -> None:
         """Make the batch durable."""
         await self.db.execute("COMMIT")
         self._base_press = self._next_press
         self._base_incident = self._next_incident
+        self._release()
 
     async def rollback(self) -> None:
         """Abandon the batch (ids handed out since begin are forgotten)."""
-        if self.db.in_transaction:
-            await self.db.execute("ROLLBACK")
-        self._next_press = self._base_press
-        self._next_incident = self._base_incident
+        try:
+            if self.db.in_transaction:
+                await self.db.execute("ROLLBACK")
+        finally:
+            self._next_press = self._base_press
+            self._next_incident = self._base_incident
+            self._release()
 
     async def batch_state(
         self, device_ids: Iterable[str], keys: Iterable[tuple[str, int]]
