@@ -68,6 +68,9 @@ class DeviceView:
     last_seen_at: float | None
     battery: int | None
     label: str = ""
+    # Since when the device's own network says it is offline (Tasmota LWT, Zigbee2MQTT
+    # or Shelly availability), or None while it reports online / reports nothing.
+    reported_offline_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +129,13 @@ def device_findings(
     reference = heard
     if (subject, Condition.OFFLINE) not in raised and baseline is not None:
         reference = baseline if heard is None else max(heard, baseline)
-    if reference is not None and now - reference > limit:
+    reported = device.reported_offline_since
+    # The network saying "offline" is news at once; the threshold only absorbs flapping.
+    reported_down = reported is not None and now - reported >= settings.source_down_alert_s
+    if (reference is not None and now - reference > limit) or reported_down:
         out.append(Finding(subject, Condition.OFFLINE, heard, {
             "device": device.id, "label": device.label, "last_seen_at": heard,
-            "interval_s": device.heartbeat_interval_s,
+            "interval_s": device.heartbeat_interval_s, "reported_offline": reported_down,
         }))
     if device.battery is not None:
         threshold = settings.low_battery_percent

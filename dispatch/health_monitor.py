@@ -44,6 +44,8 @@ from gateway.model import Device
 log = structlog.get_logger("panicd.health")
 
 SourceProbe = Callable[[], Iterable[tuple[str, str, bool]]]
+# device id -> since when its network reports it offline (absent: online or unknown).
+AvailabilityProbe = Callable[[], Mapping[str, float]]
 
 
 class Ops(Protocol):
@@ -68,7 +70,9 @@ class HealthMonitor:
         clock: Callable[[], float] = time.time,
         autostart: bool = True,
         write_lock: asyncio.Lock | None = None,
+        reported_offline: AvailabilityProbe | None = None,
     ) -> None:
+        self._reported_offline = reported_offline
         self._autostart = autostart  # False: the caller drives check() itself (tests)
         self._store = DispatchStore(database, write_lock=write_lock)
         self._devices = devices
@@ -138,9 +142,10 @@ class HealthMonitor:
             "SELECT id, last_seen_at, battery FROM devices"
         )
         seen = {r[0]: (r[1], r[2]) for r in rows}
+        offline = self._reported_offline() if self._reported_offline else {}
         return [
             DeviceView(d.id, d.heartbeat_interval_s, *seen.get(d.id, (None, None)),
-                       label=d.landmark or d.address)
+                       label=d.landmark or d.address, reported_offline_since=offline.get(d.id))
             for d in self._devices.values()
         ]
 

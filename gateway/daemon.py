@@ -78,6 +78,8 @@ class Daemon:
         self.sources: list[Source] = []
         self.ingestor: Ingestor | None = None
         self.health: HealthMonitor | None = None
+        # device id -> when its network (LWT / availability) reported it offline.
+        self.reported_offline: dict[str, float] = {}
         self._counts = (0, 0)  # open incidents, pending steps (for STATUS=)
 
     def request_stop(self, reason: str) -> None:
@@ -115,7 +117,8 @@ class Daemon:
             )
             self.ingestor = ingestor
             self.sources = [
-                MqttSource(source, ingestor, drain_timeout_s=ingest.drain_timeout_s)
+                MqttSource(source, ingestor, drain_timeout_s=ingest.drain_timeout_s,
+                           on_availability=self._availability)
                 for source in config.mqtt
             ]
             self.sources += [
@@ -136,7 +139,8 @@ class Daemon:
             self.health = await stack.enter_async_context(
                 HealthMonitor(config.database, config.devices, self._source_flags,
                               HealthSettings.from_config(config.health), ops=dispatcher,
-                              write_lock=write_lock)
+                              write_lock=write_lock,
+                              reported_offline=lambda: self.reported_offline)
             )
             async with asyncio.TaskGroup() as group:
                 for source in self.sources:
@@ -153,6 +157,18 @@ class Daemon:
                 committed=ingestor.committed_items,
                 pending=ingestor.depth,
             )
+
+    def _availability(self, format_name: str, ref: str, online: bool, at: float) -> None:
+        """A third-party device's own network says it went offline or came back."""
+        device_id = self.config.external_index.get((format_name, ref))
+        if device_id is None:
+            return
+        if online:
+            if self.reported_offline.pop(device_id, None) is not None:
+                log.info("device.reported_online", device=device_id, via=format_name)
+        elif device_id not in self.reported_offline:
+            self.reported_offline[device_id] = at
+            log.warning("device.reported_offline", device=device_id, via=format_name)
 
     def _mounts(self, ingestor: Ingestor) -> list[tuple[str, web.Application]]:
         """Extra applications on the public web server (the city app endpoint)."""

@@ -219,3 +219,26 @@ def test_a_receiver_missing_at_boot_gives_a_degraded_ready_instead_of_a_restart_
     assert [e["down"] for e in degraded] == [["rx1"]]
     ready = next(e for e in _events(daemon) if e["event"] == "daemon.ready")
     assert ready["up"] == ["local"]
+
+
+def test_network_availability_maps_to_the_registered_device_and_clears_on_return(
+    tmp_path: Path,
+) -> None:
+    from gateway.daemon import Daemon, Loaded  # noqa: PLC0415 -- only this test needs them
+    from gateway.sdnotify import Notifier  # noqa: PLC0415
+    from tests.pipeline import make_fleet  # noqa: PLC0415
+
+    fleet = make_fleet(
+        tmp_path / "cfg",
+        extra_registry='[[device]]\nid = "ZB-SOS-1"\nhardware = "zigbee-sos"\n'
+        "location = { lat = -7.61364, lon = 111.53369 }\n"
+        'external_ids = { zigbee2mqtt = "sos_button_1" }\n',
+    )
+    daemon = Daemon(Loaded(fleet.config, fleet.locator, None), Notifier({}))
+    daemon._availability("zigbee2mqtt", "sos_button_1", False, 100.0)
+    daemon._availability("zigbee2mqtt", "sos_button_1", False, 200.0)
+    daemon._availability("zigbee2mqtt", "unknown_name", False, 100.0)
+    # The first report's time is kept: it is when the device dropped off.
+    assert daemon.reported_offline == {"ZB-SOS-1": 100.0}
+    daemon._availability("zigbee2mqtt", "sos_button_1", True, 300.0)
+    assert daemon.reported_offline == {}

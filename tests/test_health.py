@@ -64,6 +64,17 @@ def test_a_device_is_offline_only_past_its_interval_times_the_grace_factor() -> 
     assert finding.detail["last_seen_at"] == T0
 
 
+def test_a_device_its_network_reports_offline_is_offline_after_the_flap_threshold() -> None:
+    # Heard a minute ago, so silence alone says nothing; the LWT says it dropped off.
+    device = DeviceView("BTN-1", 3600, T0 - 60, 80, reported_offline_since=T0)
+    assert device_findings(device, SETTINGS, T0 + SETTINGS.source_down_alert_s - 1,
+                           baseline=T0) == []
+    (finding,) = device_findings(device, SETTINGS, T0 + SETTINGS.source_down_alert_s,
+                                 baseline=T0)
+    assert finding.condition is Condition.OFFLINE
+    assert finding.detail["reported_offline"] is True
+
+
 def test_silence_while_panicd_was_down_counts_from_its_start_until_raised() -> None:
     old = _device(last_seen=T0 - 10 * HOUR)
     started = T0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +45,18 @@ class Running:
 
 @asynccontextmanager
 async def pipeline(
-    fleet: Fleet, *, source: int = 0, blocking: bool = False
+    fleet: Fleet,
+    *,
+    source: int = 0,
+    blocking: bool = False,
+    on_availability: Callable[[str, str, bool, float], None] | None = None,
 ) -> AsyncIterator[Running]:
     """Store → Ingestor → MqttSource, connected; a graceful stop on exit."""
     async with SqliteStore(fleet.database) as inner:
         store = BlockingStore(inner) if blocking else CountingStore(inner)
         async with Ingestor(store, fleet.config, fleet.locator, policy=DedupPolicy()) as ingestor:
-            mqtt = MqttSource(fleet.config.mqtt[source], ingestor, drain_timeout_s=5.0)
+            mqtt = MqttSource(fleet.config.mqtt[source], ingestor, drain_timeout_s=5.0,
+                              on_availability=on_availability)
             stop = asyncio.Event()
             async with asyncio.TaskGroup() as group:
                 group.create_task(mqtt.run(stop), name="test.mqtt.source")
@@ -255,4 +260,48 @@ async def test_a_retained_zigbee2mqtt_action_is_ignored_and_a_live_one_is_stored
     assert rows(fleet.database, "SELECT device_id, press_count, kelurahan FROM incidents") == [
         ("ZB-SOS-1", 1, "Sukosari")
     ]
+    assert scalar(fleet.database, "SELECT COUNT(*) FROM dead_letters") == 0
+
+
+async def test_zigbee2mqtt_availability_reports_a_device_offline_and_back_online(
+    mosquitto: Mosquitto, tmp_path: Path, client_id: str
+) -> None:
+    zigbee_source = (
+        f'\n[[mqtt]]\nname = "zigbee"\nhost = "127.0.0.1"\nport = {mosquitto.port}\n'
+        f'client_id = "{client_id}-z"\nformat = "zigbee2mqtt"\ntopics = ["zigbee2mqtt/#"]\n'
+        "reconnect_min_s = 0.1\nreconnect_max_s = 1\n"
+    )
+    fleet = make_fleet(
+        tmp_path / "cfg", mqtt_port=mosquitto.port, client_id=client_id,
+        extra_toml=zigbee_source, extra_registry=ZIGBEE_DEVICE,
+    )
+    reports: list[tuple[str, str, bool]] = []
+    changed = asyncio.Event()
+
+    def on_availability(fmt: str, ref: str, online: bool, _at: float) -> None:
+        reports.append((fmt, ref, online))
+        changed.set()
+
+    topic = f"{ZIGBEE_TOPIC}/availability"
+    try:
+        async with pipeline(fleet, source=1, on_availability=on_availability) as running:
+            # Zigbee2MQTT retains availability: the state is known on (re)subscribe.
+            await publish(mosquitto, topic, b'{"state":"offline"}', retain=True)
+            async with asyncio.timeout(DEADLINE_S):
+                while len(reports) < 1:
+                    changed.clear()
+                    await changed.wait()
+            await publish(mosquitto, topic, b'{"state":"online"}', retain=True)
+            async with asyncio.timeout(DEADLINE_S):
+                while len(reports) < 2:
+                    changed.clear()
+                    await changed.wait()
+            assert running.source.acked == 2
+    finally:
+        await publish(mosquitto, topic, b"", retain=True)
+        await forget_session(mosquitto, f"{client_id}-z")
+    assert reports == [("zigbee2mqtt", "sos_button_1", False),
+                       ("zigbee2mqtt", "sos_button_1", True)]
+    # Availability is health, never a press.
+    assert scalar(fleet.database, "SELECT COUNT(*) FROM presses") == 0
     assert scalar(fleet.database, "SELECT COUNT(*) FROM dead_letters") == 0

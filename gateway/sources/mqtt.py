@@ -75,6 +75,7 @@ class MqttSource:
         *,
         drain_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        on_availability: Callable[[str, str, bool, float], None] | None = None,
     ) -> None:
         self.name = config.name
         self._config = config
@@ -82,6 +83,9 @@ class MqttSource:
         self._drain_timeout_s = drain_timeout_s
         self._clock = clock
         self._decode = decoder_for(config.format, config.format_options)
+        # Third-party decoders that understand LWT/availability messages expose this.
+        self._availability = getattr(self._decode, "availability", None)
+        self._on_availability = on_availability
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self._connected = False
@@ -209,6 +213,11 @@ class MqttSource:
             except DecodeError as exc:
                 decoded = exc
             done = partial(self._acknowledge, client, generation, message.mid, message.qos)
+            if self._availability is not None and self._on_availability is not None:
+                health = self._availability(topic, payload)
+                if health is not None:
+                    self._on_availability(self._config.format, health.device_ref,
+                                          health.online, reception.received_at)
             if message.retain and self._config.format != "native":
                 # A retained Zigbee2MQTT/Tasmota state would replay its last action (a
                 # panic!) on every reconnect; retained messages are state, never presses.
