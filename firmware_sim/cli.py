@@ -7,12 +7,12 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from firmware_sim import button, demo, lora_cmds
+from firmware_sim import button, demo, lora_cmds, third_party
 from firmware_sim.fleet import CounterState, SimDevice, default_state_path, load_keys
-from firmware_sim.storm import storm
+from firmware_sim.storm import publish_all, storm
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.model import GeoFix, PressKind
@@ -83,10 +83,42 @@ def cmd_button(args: argparse.Namespace) -> int:
     return 0 if feedback is not None or args.wait <= 0 else 1
 
 
+def _zigbee_sender(name: str) -> Callable[[int], tuple[str, bytes]]:
+    return lambda _n: third_party.zigbee_press(name)
+
+
+def _chirpstack_sender(
+    sim: SimDevice, dev_eui: str, counter_base: int
+) -> Callable[[int], tuple[str, bytes]]:
+    return lambda n: third_party.chirpstack_uplink(
+        sim, dev_eui, counter_base + n, n, kind=PressKind.PANIC
+    )
+
+
+def third_party_messages(
+    config: Config, keyed: dict[str, SimDevice], count: int, counter_base: int
+) -> list[tuple[str, bytes]]:
+    """Presses as Zigbee2MQTT and ChirpStack publish them, round-robin over the devices
+    registered with those external ids (ChirpStack carries our signed frame, so it needs
+    the device's key)."""
+    senders: list[Callable[[int], tuple[str, bytes]]] = []
+    for device in config.devices.values():
+        name = device.external_ids.get("zigbee2mqtt")
+        if name is not None:
+            senders.append(_zigbee_sender(name))
+        dev_eui = device.external_ids.get("chirpstack")
+        if dev_eui is not None and device.id in keyed:
+            senders.append(_chirpstack_sender(keyed[device.id], dev_eui, counter_base))
+    if not senders:
+        return []
+    return [senders[i % len(senders)](i // len(senders)) for i in range(count)]
+
+
 def cmd_storm(args: argparse.Namespace) -> int:
     """Publish many presses at a fixed rate."""
     config = load_config(args.config)
-    fleet = list(_fleet(config, _keys_file(args)).values())[: args.devices]
+    keyed = _fleet(config, _keys_file(args))
+    fleet = list(keyed.values())[: args.devices]
     if not fleet:
         print("panic-sim: no devices with keys in the registry", file=sys.stderr)
         return 2
@@ -105,6 +137,14 @@ def cmd_storm(args: argparse.Namespace) -> int:
         state.save()
         print(json.dumps({"lora_sent": len(lora_result.sent), "lora_acked": lora_result.acked,
                           "heard_twice": lora_result.heard_twice}))
+    if args.third_party:
+        messages = third_party_messages(config, keyed, args.third_party, base)
+        if not messages:
+            print("panic-sim: no registered device has a zigbee2mqtt or chirpstack external id",
+                  file=sys.stderr)
+            return 2
+        sent = asyncio.run(publish_all(host, port, messages, rate=args.rate))
+        print(json.dumps({"third_party_sent": sent}))
     if not fleet:
         return 0
     result = asyncio.run(
@@ -180,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=200.0, help="presses per second")
     p.add_argument("--duplicates", type=float, default=0.1, help="share heard twice")
     p.add_argument("--feedback", action="store_true", help="time panicd's feedback per press")
+    p.add_argument("--third-party", type=int, default=0, metavar="N",
+                   help="also publish N presses as Zigbee2MQTT / ChirpStack would")
     p.add_argument("--out", help="write sent presses as JSON lines")
     p.add_argument("--lora", metavar="LINK",
                    help="LoRa buttons (L…) press through the `panic-sim lora-rx` serving LINK;"

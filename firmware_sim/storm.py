@@ -123,6 +123,21 @@ async def storm(
     return result
 
 
+async def publish_all(host: str, port: int, messages: Sequence[tuple[str, bytes]], *,
+                      rate: float) -> int:
+    """Publish prepared (topic, payload) pairs at ``rate`` per second, QoS 1; returns count."""
+    async with aiomqtt.Client(host, port, identifier=f"panic-sim-3p-{os.getpid()}",
+                              clean_session=True) as client:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for index, (topic, payload) in enumerate(messages):
+            delay = start + index / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await client.publish(topic, payload, qos=1, timeout=30)
+    return len(messages)
+
+
 async def _collect(client: aiomqtt.Client, result: StormResult) -> None:
     async for message in client.messages:
         arrived = time.time()
