@@ -51,6 +51,7 @@ from typing import IO, Self
 import aiohttp
 from aiohttp import web
 
+from bench.common import Panicd, cpu_model, percentile, profiled
 from firmware_sim.broker import Mosquitto, free_port
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import storm
@@ -123,14 +124,6 @@ class RunFigures:
     baseline_p99_ms: float
     cpu: float
     rss_mb: float
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), round(fraction * len(sorted_values) + 0.5)))
-    return sorted_values[rank - 1]
 
 
 def p50_p99(values: Sequence[float]) -> tuple[float, float]:
@@ -227,7 +220,7 @@ class RecordingProxy:
         self.url = ""
 
     def __enter__(self) -> Self:
-        argv = [sys.executable, __file__, "--serve-proxy", self._upstream or "self",
+        argv = [sys.executable, "-m", "bench.dispatch", "--serve-proxy", self._upstream or "self",
                 "--records", str(self.records_path)]
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert self.process.stdout is not None
@@ -332,108 +325,6 @@ async def peer_baseline(base_url: str, rate: float, count: int) -> list[float]:
 # -- panicd ---------------------------------------------------------------------------
 
 
-class Panicd:
-    """``python -m gateway.daemon`` with Twilio credentials, after the READY handshake."""
-
-    def __init__(self, config: Path, keys: Path, workdir: Path, log_level: str) -> None:
-        self._config = config
-        self._keys = keys
-        self._workdir = workdir
-        self._notify_path = workdir / "notify.sock"
-        self._sock: socket.socket | None = None
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "panicd.log"
-        self._log_level = log_level
-
-    def __enter__(self) -> Self:
-        self._workdir.mkdir(parents=True, exist_ok=True)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(self._notify_path))
-        env = dict(os.environ)
-        env.update(PANICD_DEVICE_KEYS_FILE=str(self._keys), NOTIFY_SOCKET=str(self._notify_path),
-                   PANICD_LOG_LEVEL=self._log_level, PANICD_ACK_SECRET="bench-ack-secret",
-                   TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_AUTH_TOKEN=AUTH_TOKEN)
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway.daemon", "--config", str(self._config),
-                 "--log-format", "json"],
-                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Wait for READY=1 (every source connected, dispatch open)."""
-        assert self._sock is not None and self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                raise RuntimeError(f"panicd exited with {code}; see {self.log_path}")
-            self._sock.settimeout(0.1)
-            try:
-                if b"READY=1" in self._sock.recv(65536).split(b"\n"):
-                    return
-            except TimeoutError:
-                continue
-        raise RuntimeError(f"panicd not ready in {timeout_s}s; see {self.log_path}")
-
-    def peak_rss_mb(self) -> float:
-        """Peak resident set size (VmHWM) in MiB."""
-        assert self.process is not None
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc/PID/status")
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds used so far (all threads)."""
-        assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
-        # utime and stime, fields 14 and 15 of proc(5), counted after the ")" of comm.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._sock is not None:
-            self._sock.close()
-
-
-@contextlib.contextmanager
-def profiled(pid: int, out: Path | None) -> Iterator[None]:
-    """Sample ``pid`` with py-spy (raw collapsed stacks, all threads) while the block runs."""
-    if out is None:
-        yield
-        return
-    spy = str(Path(sys.executable).with_name("py-spy"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sampler = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads",
-         "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.3)  # py-spy needs a moment to attach
-        yield
-    finally:
-        sampler.send_signal(signal.SIGINT)
-        try:
-            sampler.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            sampler.kill()
-            sampler.wait()
-
-
 def wait_dispatched(database: Path, expected: int, timeout_s: float) -> int:
     """Poll (read-only) until ``expected`` alert messages left the outbox; returns the count."""
     deadline = time.monotonic() + timeout_s
@@ -526,7 +417,11 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measured:
         )
         config, keys, devices = write_fleet(cfg, devices=count, mqtt_port=broker.port,
                                             client_id=PANICD_CLIENT_ID, extra_toml=dispatch_toml)
-        panicd = stack.enter_context(Panicd(config, keys, workdir / "run", args.log_level))
+        twilio_env = {"PANICD_ACK_SECRET": "bench-ack-secret",
+                      "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN}
+        panicd = stack.enter_context(
+            Panicd(config, keys, workdir / "run", args.log_level, extra_env=twilio_env)
+        )
         panicd.wait_ready(args.timeout)
         assert panicd.process is not None
         cpu_before = panicd.cpu_s()
@@ -608,7 +503,7 @@ def median_figures(runs: Sequence[RunFigures]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the benchmark, print one JSON line of figures last."""
-    parser = argparse.ArgumentParser(prog="bench/dispatch.py",
+    parser = argparse.ArgumentParser(prog="python -m bench.dispatch",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=200.0, help="presses/s (%(default)s)")
     parser.add_argument("--duration", type=float, default=15.0,
@@ -647,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # aiomqtt warns per publish once many are pending.
     logging.getLogger("mqtt").setLevel(logging.ERROR)
 
-    print(f"machine: {os.cpu_count()} cpu, {_cpu_model()}, Python {platform.python_version()}, "
+    print(f"machine: {os.cpu_count()} cpu, {cpu_model()}, Python {platform.python_version()}, "
           f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
     runs: list[RunFigures] = []
     for index in range(args.runs):
@@ -673,14 +568,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": len(runs),
     }))
     return 0 if all(r.lost == 0 for r in runs) else 1
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -26,23 +26,18 @@ import json
 import logging
 import os
 import platform
-import shutil
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import aiomqtt
 
+from bench.common import Panicd, cpu_model, cpu_seconds, percentile, profiled
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import SimDevice, write_fleet
 from firmware_sim.storm import storm
@@ -93,82 +88,6 @@ class Latency:
     after_receive_ms: list[float]
 
 
-class Panicd:
-    """``python -m gateway.daemon`` as a subprocess, with the sd_notify READY handshake."""
-
-    def __init__(self, config: Path, keys: Path, workdir: Path, log_level: str) -> None:
-        self._config = config
-        self._keys = keys
-        self._workdir = workdir
-        self._notify_path = workdir / "notify.sock"
-        self._sock: socket.socket | None = None
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "panicd.log"
-        self.log_level = log_level
-        self.launcher: list[str] = ["-m", "gateway.daemon"]
-
-    def __enter__(self) -> Self:
-        self._workdir.mkdir(parents=True, exist_ok=True)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(self._notify_path))
-        env = dict(os.environ)
-        env.update(PANICD_DEVICE_KEYS_FILE=str(self._keys), NOTIFY_SOCKET=str(self._notify_path),
-                   PANICD_LOG_LEVEL=self.log_level)
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, *self.launcher, "--config", str(self._config),
-                 "--log-format", "json"],
-                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Wait for READY=1 (every source connected)."""
-        assert self._sock is not None and self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                raise RuntimeError(f"panicd exited with {code}; see {self.log_path}")
-            self._sock.settimeout(0.1)
-            try:
-                if b"READY=1" in self._sock.recv(65536).split(b"\n"):
-                    return
-            except TimeoutError:
-                continue
-        raise RuntimeError(f"panicd not ready in {timeout_s}s; see {self.log_path}")
-
-    def peak_rss_mb(self) -> float:
-        """The process's peak resident set size (VmHWM) in MiB."""
-        assert self.process is not None
-        status = Path(f"/proc/{self.process.pid}/status").read_text(encoding="utf-8")
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc/PID/status")
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds the process has used so far (all its threads)."""
-        assert self.process is not None
-        return cpu_seconds(self.process.pid)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._sock is not None:
-            self._sock.close()
-
-
 async def park_session(host: str, port: int, client_id: str) -> None:
     """Create a persistent QoS 1 session for ``client_id`` and leave it offline."""
     async with aiomqtt.Client(host, port, identifier=client_id, clean_session=False) as client:
@@ -192,14 +111,6 @@ async def drain_bare(host: str, port: int, expected: int, timeout_s: float) -> f
     return last - first
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process ``pid`` has used so far (all its threads)."""
-    stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
-    fields = stat.rpartition(")")[2].split()
-    # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" of comm.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def broker_pid(broker: Mosquitto) -> int:
     """The pid of our private Mosquitto, found by its config file on the command line."""
     conf = str(broker.workdir / "mosquitto.conf").encode()
@@ -209,31 +120,6 @@ def broker_pid(broker: Mosquitto) -> int:
                 if conf in (entry / "cmdline").read_bytes().split(b"\0"):
                     return int(entry.name)
     raise RuntimeError("cannot find the broker process")
-
-
-@contextlib.contextmanager
-def profiled(pid: int, out: Path | None) -> Iterator[None]:
-    """Sample ``pid`` with py-spy (raw collapsed stacks, all threads) while the block runs."""
-    if out is None:
-        yield
-        return
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sampler = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
-         "--threads", "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.3)  # py-spy needs a moment to attach
-        yield
-    finally:
-        sampler.send_signal(signal.SIGINT)
-        try:
-            sampler.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            sampler.kill()
-            sampler.wait()
 
 
 def wait_committed(database: Path, expected: int, timeout_s: float) -> tuple[float, float]:
@@ -282,14 +168,6 @@ async def wait_feedback_quiet(host: str, port: int, quiet_s: float, timeout_s: f
                 except TimeoutError:
                     return last
                 last = time.time()
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), round(fraction * len(sorted_values) + 0.5)))
-    return sorted_values[rank - 1]
 
 
 def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
@@ -417,7 +295,7 @@ def median_figures(runs: Sequence[RunFigures]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the benchmark, print one JSON line of figures last."""
-    parser = argparse.ArgumentParser(prog="bench/ingest.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--presses", type=int, default=20_000, help="backlog size (%(default)s)")
     parser.add_argument("--devices", type=int, default=500, help="buttons (%(default)s)")
     parser.add_argument("--rate", type=float, default=1000.0,
@@ -444,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.presses < 1 or args.devices < 1 or args.rate <= 0 or args.duration <= 0:
         parser.error("--presses, --devices, --rate and --duration must be positive")
 
-    print(f"machine: {os.cpu_count()} cpu, {_cpu_model()}, Python {platform.python_version()}, "
+    print(f"machine: {os.cpu_count()} cpu, {cpu_model()}, Python {platform.python_version()}, "
           f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
     runs: list[RunFigures] = []
     for index in range(args.runs):
@@ -468,14 +346,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": len(runs),
     }))
     return 0 if all(r.latency_feedback == r.latency_sent for r in runs) else 1
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
