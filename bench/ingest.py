@@ -295,7 +295,9 @@ def median_figures(runs: Sequence[RunFigures]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the benchmark, print one JSON line of figures last."""
-    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ingest", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--presses", type=int, default=20_000, help="backlog size (%(default)s)")
     parser.add_argument("--devices", type=int, default=500, help="buttons (%(default)s)")
     parser.add_argument("--rate", type=float, default=1000.0,
