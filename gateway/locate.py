@@ -186,24 +186,34 @@ def locate(
 ) -> Location:
     """Resolve a press's location by DESIGN §2's ladder: GPS, registered, gateway, unknown.
 
-    A device's ``kelurahan_kode`` (operator override) replaces the polygon lookup of its
-    registered location only; a GPS fix says where the button actually is and wins over it.
-    An override kode the boundaries do not know is ignored in favour of the lookup, since
-    this stage must always produce a location; the device registry should reject it at load.
+    A device's ``kelurahan_kode`` (operator override) decides the kelurahan whenever there
+    is no GPS fix: it replaces the polygon lookup of the registered location, and for a
+    device with no registered location (a carried button issued to one kelurahan's patrol)
+    it beats the receiving gateway, which may hear a LoRa button kilometres away. A GPS fix
+    says where the button actually is and wins over it. An override kode the boundaries do
+    not know is ignored, since this stage must always produce a location; the daemon
+    rejects such a registry at load.
     """
     if gps is not None and _is_usable(gps):
         return _resolved(LocationSource.GPS, gps, locator)
+    override = (
+        locator.by_kode(device.kelurahan_kode)
+        if device is not None and device.kelurahan_kode is not None
+        else None
+    )
     registered = device.location if device is not None else None
-    if device is not None and registered is not None and _is_usable(registered):
-        if device.kelurahan_kode is not None:
-            override = locator.by_kode(device.kelurahan_kode)
-            if override is not None:
-                return Location(
-                    LocationSource.REGISTERED, registered, override, KelurahanMatch.OVERRIDE
-                )
+    if registered is not None and _is_usable(registered):
+        if override is not None:
+            return Location(
+                LocationSource.REGISTERED, registered, override, KelurahanMatch.OVERRIDE
+            )
         return _resolved(LocationSource.REGISTERED, registered, locator)
     if gateway_fix is not None and _is_usable(gateway_fix):
+        if override is not None:
+            return Location(LocationSource.GATEWAY, gateway_fix, override, KelurahanMatch.OVERRIDE)
         return _resolved(LocationSource.GATEWAY, gateway_fix, locator)
+    if override is not None:
+        return Location(LocationSource.UNKNOWN, None, override, KelurahanMatch.OVERRIDE)
     return Location(LocationSource.UNKNOWN, None, None, KelurahanMatch.NONE)
 
 

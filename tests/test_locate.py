@@ -450,7 +450,9 @@ def test_mobile_device_without_location_uses_the_gateway(locator: Locator) -> No
     )
 
 
-def test_override_applies_only_to_the_registered_location(locator: Locator) -> None:
+def test_without_gps_the_override_beats_the_gateway_position(locator: Locator) -> None:
+    # A carried button issued to one kelurahan, heard by a gateway that may be far away:
+    # the map shows the gateway, the kelurahan (and so the responders) is the override.
     result = locate(
         gps=None,
         device=device(location=None, kelurahan_kode=OVERRIDE_KODE, mobile=True),
@@ -458,10 +460,27 @@ def test_override_applies_only_to_the_registered_location(locator: Locator) -> N
         locator=locator,
     )
 
-    assert (result.source, result.kelurahan, result.match) == (
+    assert (result.source, result.fix, result.match) == (
         LocationSource.GATEWAY,
-        KEJURON,
-        KelurahanMatch.INSIDE,
+        KEJURON_FIX,
+        KelurahanMatch.OVERRIDE,
+    )
+    assert result.kelurahan == locator.by_kode(OVERRIDE_KODE)
+    assert result.kelurahan != KEJURON
+
+
+def test_with_no_position_at_all_the_override_still_names_the_kelurahan(
+    locator: Locator,
+) -> None:
+    result = locate(
+        gps=None,
+        device=device(location=None, kelurahan_kode=OVERRIDE_KODE, mobile=True),
+        gateway_fix=None,
+        locator=locator,
+    )
+
+    assert result == Location(
+        LocationSource.UNKNOWN, None, locator.by_kode(OVERRIDE_KODE), KelurahanMatch.OVERRIDE
     )
 
 
