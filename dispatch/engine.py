@@ -75,7 +75,8 @@ class Dispatcher:
         self._step_wake = asyncio.Event()
         self._planned_through = 0  # highest incident id planned so far
         self._outbox = Outbox(store, channel, base_url=self.base_url_of(settings),
-                              concurrency=settings.send_concurrency, clock=clock)
+                              concurrency=settings.send_concurrency, clock=clock,
+                              on_undeliverable=self._level_undeliverable)
         self._responses = Responses(store, routing, responders, settings, clock=clock,
                                     feedback=feedback, outbox=self._outbox,
                                     wake_scheduler=self._step_wake.set)
@@ -234,8 +235,9 @@ class Dispatcher:
             self._events.put_nowait(event)
             raise
 
-    async def _hasten(self, incident_id: int) -> None:
-        """Repeated presses: bring the next pending level forward to now."""
+    async def _hasten(self, incident_id: int, reason: str = "repeated_presses") -> None:
+        """Bring the next pending level forward to now (repeated presses, or a level at
+        which nobody could be reached)."""
         now = self._clock()
         async with self._store.transaction() as db:
             cursor = await db.execute(
@@ -245,12 +247,15 @@ class Dispatcher:
                 (now, incident_id, now),
             )
             if cursor.rowcount:
-                await DispatchStore.timeline(
-                    db, incident_id, now, "escalation.hastened", "repeated_presses"
-                )
+                await DispatchStore.timeline(db, incident_id, now, "escalation.hastened", reason)
         if cursor.rowcount:
-            log.info("escalation.hastened", incident=incident_id)
+            log.info("escalation.hastened", incident=incident_id, reason=reason)
             self._step_wake.set()
+
+    async def _level_undeliverable(self, incident_id: int) -> None:
+        incident = await self._store.incident(incident_id)
+        if incident is not None and incident.status == "open":
+            await self._hasten(incident_id, reason="level_undeliverable")
 
     # -- the scheduler ------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -64,12 +64,14 @@ class Outbox:
         base_url: str,
         concurrency: int,
         clock: Callable[[], float] = time.time,
+        on_undeliverable: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._channel = channel
         self._base_url = base_url
         self._concurrency = concurrency
         self._clock = clock
+        self._on_undeliverable = on_undeliverable
         self._wake = asyncio.Event()
         self._results: asyncio.Queue[_Sent] = asyncio.Queue()
         self._in_flight = 0
@@ -191,6 +193,12 @@ class Outbox:
         self._finished(len(batch))
         for sent in batch:
             self._log(sent)
+        failed = [sent.row.id for sent in batch if not sent.result.ok]
+        if failed and self._on_undeliverable is not None:
+            # DESIGN §2 Delivery: a level nobody can be reached at moves on now, rather
+            # than after its wait (e.g. every number invalid, 21211).
+            for incident_id in await self._store.undeliverable_levels(failed):
+                await self._on_undeliverable(incident_id)
 
     def _log(self, sent: _Sent) -> None:
         row, result = sent.row, sent.result

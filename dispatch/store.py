@@ -314,6 +314,22 @@ class DispatchStore(SqliteDatabase):
             )
             return cursor.rowcount
 
+    async def undeliverable_levels(self, outbox_ids: Sequence[int]) -> list[int]:
+        """Incidents where one of these failed alerts completed a level whose every alert
+        (each person, each channel) has failed: nobody at that level can be reached."""
+        if not outbox_ids:
+            return []
+        marks = ",".join("?" * len(outbox_ids))
+        rows = await self.db.execute_fetchall(
+            "SELECT DISTINCT o.incident_id FROM outbox o"  # noqa: S608 -- placeholders only
+            f" WHERE o.id IN ({marks}) AND o.purpose = 'alert' AND o.state = 'failed'"
+            " AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.incident_id = o.incident_id"
+            " AND p.round = o.round AND p.level = o.level AND p.purpose = 'alert'"
+            " AND p.state != 'failed')",
+            list(outbox_ids),
+        )
+        return [int(r[0]) for r in rows]
+
     async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
         """Write the outcomes of many send attempts, and their timeline lines, in one commit."""
         async with self.transaction() as db:

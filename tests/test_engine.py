@@ -432,3 +432,33 @@ async def test_planning_with_fire_now_fires_level_1_in_the_same_commit_exactly_o
     timeline = list(events(database, incident))
     assert timeline.count("escalation.step_fired") == 1
     assert timeline.index("escalation.planned") < timeline.index("escalation.step_fired")
+
+
+async def test_a_level_nobody_can_be_reached_at_moves_on_without_waiting(database: Path) -> None:
+    incident = await open_incident(database, KODE_LADDER, at=T0)
+    clock = Clock(T0)
+    # Both level-1 people have numbers Twilio refuses (21211): nobody there can be paged.
+    channel = RecordingChannel(permanent={PEOPLE["ani"].phone, PEOPLE["budi"].phone})
+    async with DispatchStore(database) as store:
+        engine = dispatcher(store, channel, clock)
+        await engine.plan_missing()
+        await engine.fire_due()
+        assert await engine.send_due() == 4
+        # No clock advance: level 2 (due in 60 s) was pulled forward to now.
+        assert await engine.fire_due() == 1
+        await engine.send_due()
+    assert len(channel.to("citra")) == 2
+    assert ("escalation.hastened", "level_undeliverable", None) in timeline(database, incident)
+
+
+async def test_one_reachable_person_keeps_the_level_waiting_its_turn(database: Path) -> None:
+    incident = await open_incident(database, KODE_LADDER, at=T0)
+    clock = Clock(T0)
+    channel = RecordingChannel(permanent={PEOPLE["ani"].phone})
+    async with DispatchStore(database) as store:
+        engine = dispatcher(store, channel, clock)
+        await engine.plan_missing()
+        await engine.fire_due()
+        await engine.send_due()
+        assert await engine.fire_due() == 0  # budi was reached: level 2 waits its 60 s
+    assert "escalation.hastened" not in set(events(database, incident))
