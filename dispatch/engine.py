@@ -235,20 +235,26 @@ class Dispatcher:
             self._events.put_nowait(event)
             raise
 
+    @staticmethod
+    async def _bring_next_forward(db: aiosqlite.Connection, incident_id: int, now: float) -> bool:
+        """Make the incident's next pending level due now; False if none was later."""
+        cursor = await db.execute(
+            "UPDATE escalation_steps SET due_at = ? WHERE key = (SELECT key FROM"
+            " escalation_steps WHERE incident_id = ? AND state = 'pending'"
+            " ORDER BY due_at, round, level LIMIT 1) AND due_at > ?",
+            (now, incident_id, now),
+        )
+        return cursor.rowcount > 0
+
     async def _hasten(self, incident_id: int, reason: str = "repeated_presses") -> None:
         """Bring the next pending level forward to now (repeated presses, or a level at
         which nobody could be reached)."""
         now = self._clock()
         async with self._store.transaction() as db:
-            cursor = await db.execute(
-                "UPDATE escalation_steps SET due_at = ? WHERE key = (SELECT key FROM"
-                " escalation_steps WHERE incident_id = ? AND state = 'pending'"
-                " ORDER BY due_at, round, level LIMIT 1) AND due_at > ?",
-                (now, incident_id, now),
-            )
-            if cursor.rowcount:
+            moved = await self._bring_next_forward(db, incident_id, now)
+            if moved:
                 await DispatchStore.timeline(db, incident_id, now, "escalation.hastened", reason)
-        if cursor.rowcount:
+        if moved:
             log.info("escalation.hastened", incident=incident_id, reason=reason)
             self._step_wake.set()
 
@@ -427,12 +433,7 @@ class Dispatcher:
 
     async def _pull_next_forward(self, db: aiosqlite.Connection, step: StepRow, now: float) -> None:
         """A level that paged nobody (roster gap) must not keep the next level waiting."""
-        await db.execute(
-            "UPDATE escalation_steps SET due_at = ? WHERE key = (SELECT key FROM"
-            " escalation_steps WHERE incident_id = ? AND state = 'pending'"
-            " ORDER BY due_at, round, level LIMIT 1) AND due_at > ?",
-            (now, step.incident_id, now),
-        )
+        await self._bring_next_forward(db, step.incident_id, now)
         await DispatchStore.timeline(
             db,
             step.incident_id,
