@@ -4,18 +4,22 @@ sampling, percentiles and the machine's description."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,3 +151,21 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.partition(":")[2].strip()
     return platform.processor() or "unknown CPU"
+
+
+def repeated_runs(
+    runs: int, prefix: str, one_run: Callable[[Path], Any]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Print the machine, run ``one_run`` in a fresh temp dir ``runs`` times (each run's
+    figures to stderr); return the per-key median and every run's figures."""
+    print(f"machine: {os.cpu_count()} cpu, {cpu_model()}, Python {platform.python_version()}, "
+          f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    results = []
+    for index in range(runs):
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            figures = one_run(Path(tmp))
+        results.append(asdict(figures))
+        print(f"run {index + 1}: {json.dumps(results[-1])} load {os.getloadavg()[0]:.2f}",
+              file=sys.stderr)
+    median = {key: statistics.median(float(r[key]) for r in results) for key in results[0]}
+    return median, results

@@ -32,18 +32,15 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -51,7 +48,7 @@ from typing import IO, Self
 import aiohttp
 from aiohttp import web
 
-from bench.common import Panicd, cpu_model, percentile, profiled
+from bench.common import Panicd, percentile, profiled, repeated_runs
 from firmware_sim.broker import Mosquitto, free_port
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import storm
@@ -495,10 +492,6 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
     return analyse(args, measured, workdir / "cfg" / "panicd.sqlite3")
 
 
-def median_figures(runs: Sequence[RunFigures]) -> dict[str, float]:
-    """The per-key median over runs."""
-    keys = asdict(runs[0]).keys()
-    return {key: statistics.median(float(asdict(r)[key]) for r in runs) for key in keys}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,22 +535,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # aiomqtt warns per publish once many are pending.
     logging.getLogger("mqtt").setLevel(logging.ERROR)
 
-    print(f"machine: {os.cpu_count()} cpu, {cpu_model()}, Python {platform.python_version()}, "
-          f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
-    runs: list[RunFigures] = []
-    for index in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="panicd-bench-dispatch-") as tmp:
-            figures = one_run(args, Path(tmp))
-        runs.append(figures)
-        print(f"run {index + 1}: {json.dumps(asdict(figures))} "
-              f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
-    summary = median_figures(runs)
+    summary, runs = repeated_runs(
+        args.runs, "panicd-bench-dispatch-", lambda tmp: one_run(args, tmp)
+    )
     print(json.dumps({
         "rate": summary["rate"],
         "p50_ms": summary["p50_ms"],
         "p99_ms": summary["p99_ms"],
         "sent": int(summary["sent"]),
-        "lost": int(max(r.lost for r in runs)),
+        "lost": int(max(r["lost"] for r in runs)),
         "max_ms": summary["max_ms"],
         "baseline_p50_ms": summary["baseline_p50_ms"],
         "baseline_p99_ms": summary["baseline_p99_ms"],
@@ -567,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rss_mb": summary["rss_mb"],
         "runs": len(runs),
     }))
-    return 0 if all(r.lost == 0 for r in runs) else 1
+    return 0 if all(r["lost"] == 0 for r in runs) else 1
 
 
 if __name__ == "__main__":

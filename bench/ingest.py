@@ -24,20 +24,16 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import platform
 import sqlite3
-import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
 
-from bench.common import Panicd, cpu_model, cpu_seconds, percentile, profiled
+from bench.common import Panicd, cpu_seconds, percentile, profiled, repeated_runs
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import SimDevice, write_fleet
 from firmware_sim.storm import storm
@@ -287,10 +283,6 @@ def latency_storm(
     return Latency(len(result.sent), total, inbound, after)
 
 
-def median_figures(runs: Sequence[RunFigures]) -> dict[str, float]:
-    """The per-key median over runs."""
-    keys = asdict(runs[0]).keys()
-    return {key: statistics.median(float(asdict(r)[key]) for r in runs) for key in keys}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -324,16 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.presses < 1 or args.devices < 1 or args.rate <= 0 or args.duration <= 0:
         parser.error("--presses, --devices, --rate and --duration must be positive")
 
-    print(f"machine: {os.cpu_count()} cpu, {cpu_model()}, Python {platform.python_version()}, "
-          f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
-    runs: list[RunFigures] = []
-    for index in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="panicd-bench-") as tmp:
-            figures = one_run(args, Path(tmp))
-        runs.append(figures)
-        print(f"run {index + 1}: {json.dumps(asdict(figures))} "
-              f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
-    summary = median_figures(runs)
+    summary, runs = repeated_runs(args.runs, "panicd-bench-", lambda tmp: one_run(args, tmp))
     print(json.dumps({
         "presses_per_s": summary["presses_per_s"],
         "baseline_per_s": summary["baseline_per_s"],
@@ -347,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "latency_sent": summary["latency_sent"],
         "runs": len(runs),
     }))
-    return 0 if all(r.latency_feedback == r.latency_sent for r in runs) else 1
+    return 0 if all(r["latency_feedback"] == r["latency_sent"] for r in runs) else 1
 
 
 if __name__ == "__main__":
