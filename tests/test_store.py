@@ -226,6 +226,25 @@ async def test_batch_state_finds_known_presses_by_device_and_counter(tmp_path: P
     }
 
 
+async def test_batch_state_searches_indexes_instead_of_scanning_tables(tmp_path: Path) -> None:
+    # Every batch runs these lookups; a full scan of presses grows with every press ever
+    # stored (it once did: a row-value IN over VALUES), so each must be an index search.
+    statements: list[str] = []
+    async with SqliteStore(tmp_path / "db") as store:
+        await _commit(store, BatchWrites(presses=[_press(n, counter=n) for n in range(1, 50)]))
+        await store.db.set_trace_callback(statements.append)
+        await store.batch_state(["btn-1", "btn-2"], [("btn-1", 5), ("btn-2", 6)])
+        await store.db.set_trace_callback(lambda _sql: None)
+    selects = [sql for sql in statements if "SELECT" in sql]
+    assert len(selects) == 3
+    with sqlite3.connect(tmp_path / "db") as db:
+        for sql in selects:
+            plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            scans = [step for step in plan if step.startswith("SCAN ")
+                     and step != "SCAN k" and not step.endswith("CONSTANT ROWS")]
+            assert not scans, (sql, plan)
+
+
 async def test_batch_state_known_press_is_the_newest_network_copy(tmp_path: Path) -> None:
     async with SqliteStore(tmp_path / "db") as store:
         await _commit(
