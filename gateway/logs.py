@@ -74,6 +74,8 @@ _METHOD_ALIASES: Final[Mapping[str, str]] = {
 # Keys never rendered into the one-line text: they are its frame (priority prefix,
 # timestamp) or context already carried elsewhere (the journal's LOGGER_NAME field).
 _LINE_SKIP: Final = frozenset({"event", "log_level", "timestamp", "logger_name", "exception"})
+# Keys that are not a journal field of their own (EVENT, PRIORITY and MESSAGE carry them).
+_JOURNAL_SKIP: Final = frozenset({"event", "log_level", "timestamp", "exception"})
 
 
 # --- redaction ---------------------------------------------------------------------------
@@ -196,6 +198,34 @@ def mask_phone_numbers(
     return event_dict
 
 
+@functools.lru_cache(maxsize=8192)
+def _clean_text_memo(text: str) -> str:
+    return _mask_phone(_redact_text(text))
+
+
+def _clean_text(text: str) -> str:
+    return _clean_text_memo(text) if len(text) <= _MEMO_MAX else _mask_phone(_redact_text(text))
+
+
+_PLAIN_TYPES: Final = frozenset({int, float, bool, type(None)})
+
+
+def scrub_event(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> EventDict:
+    """:func:`redact_secrets` then :func:`mask_phone_numbers`, in one pass over the event.
+
+    Every press logs a line, so this runs thousands of times a second in a storm: the
+    common values (numbers, short recurring strings) take the cheapest path.
+    """
+    for key, value in event_dict.items():
+        if key != "event" and is_secret_key(key):
+            event_dict[key] = REDACTED
+        elif type(value) is str:
+            event_dict[key] = _clean_text(value)
+        elif type(value) not in _PLAIN_TYPES:
+            event_dict[key] = _scrub(value, _clean_text, keys=True)
+    return event_dict
+
+
 def add_log_level(_logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """Record the severity under ``log_level``, leaving ``level`` to the escalation level."""
     event_dict["log_level"] = _METHOD_ALIASES.get(method_name, method_name)
@@ -206,6 +236,8 @@ def add_log_level(_logger: WrappedLogger, method_name: str, event_dict: EventDic
 
 
 def _value_text(value: object) -> str:
+    if type(value) is str:
+        return value
     match value:
         case str():
             return value
@@ -221,7 +253,16 @@ def _value_text(value: object) -> str:
             return str(value)
 
 
+@functools.lru_cache(maxsize=8192)
+def _quoted_memo(text: str) -> str:
+    return _quoted_text(text)
+
+
 def _quoted(text: str) -> str:
+    return _quoted_memo(text) if len(text) <= _MEMO_MAX else _quoted_text(text)
+
+
+def _quoted_text(text: str) -> str:
     # Quote (JSON-style, so "\n" stays on the line) only what a reader could misparse.
     if text and text.isprintable() and not any(c in text for c in ' "=\\'):
         return text
@@ -230,12 +271,14 @@ def _quoted(text: str) -> str:
 
 def render_line(event_dict: Mapping[str, Any]) -> str:
     """Render ``event key=value …`` on one line, keys in the order they were given."""
+    texts = [(key, _value_text(value)) for key, value in event_dict.items()
+             if key not in _LINE_SKIP]
+    return _line_of(event_dict, texts)
+
+
+def _line_of(event_dict: Mapping[str, Any], texts: Iterable[tuple[str, str]]) -> str:
     parts = [_quoted(str(event_dict.get("event", "")))]
-    parts.extend(
-        f"{key}={_quoted(_value_text(value))}"
-        for key, value in event_dict.items()
-        if key not in _LINE_SKIP
-    )
+    parts.extend(f"{key}={_quoted(text)}" for key, text in texts)
     if "exception" in event_dict:
         parts.append(f"exception={_quoted(str(event_dict['exception']))}")
     return " ".join(parts)
@@ -273,6 +316,7 @@ _RESERVED_FIELDS: Final = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def journal_field_name(key: str) -> str:
     """Turn an event key into a valid journal field name (uppercase ``[A-Z0-9_]``, ≤ 64 chars).
 
@@ -289,16 +333,22 @@ def journal_field_name(key: str) -> str:
 
 def encode_journal_fields(fields: Iterable[tuple[str, str]]) -> bytes:
     """Serialise fields in the journal native protocol (systemd.io/JOURNAL_NATIVE_PROTOCOL)."""
-    out = bytearray()
+    chunks: list[bytes] = []
+    lines: list[str] = []
     for name, value in fields:
-        data = value.encode("utf-8", "surrogateescape")
-        if b"\n" in data:
+        if "\n" in value:
             # A value with a newline cannot use NAME=value; it is sent as NAME, newline,
             # its length as a 64-bit little-endian integer, the bytes, and a newline.
-            out += name.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
+            if lines:
+                chunks.append("".join(lines).encode("utf-8", "surrogateescape"))
+                lines = []
+            data = value.encode("utf-8", "surrogateescape")
+            chunks.append(name.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n")
         else:
-            out += name.encode() + b"=" + data + b"\n"
-    return bytes(out)
+            lines.append(f"{name}={value}\n")
+    if lines:
+        chunks.append("".join(lines).encode("utf-8", "surrogateescape"))
+    return b"".join(chunks)
 
 
 class JournalRenderer:
@@ -311,7 +361,10 @@ class JournalRenderer:
         self, _logger: WrappedLogger, _method_name: str, event_dict: EventDict
     ) -> tuple[tuple[bytes, str], dict[str, Any]]:
         priority = priority_of(event_dict)
-        line = render_line(event_dict)
+        # Each value is rendered once, for both the line and its own journal field.
+        texts = [(key, _value_text(value)) for key, value in event_dict.items()
+                 if key not in _JOURNAL_SKIP]
+        line = _line_of(event_dict, [(k, t) for k, t in texts if k not in _LINE_SKIP])
         message = line
         if "exception" in event_dict:
             # journalctl shows multi-line messages as such; a traceback reads better that way.
@@ -323,11 +376,7 @@ class JournalRenderer:
             ("SYSLOG_IDENTIFIER", self._identifier),
             ("EVENT", str(event_dict.get("event", ""))),
         ]
-        fields.extend(
-            (journal_field_name(key), _value_text(value))
-            for key, value in event_dict.items()
-            if key not in {"event", "log_level", "timestamp", "exception"}
-        )
+        fields.extend((journal_field_name(key), text) for key, text in texts)
         # structlog passes a final (args, kwargs) pair to the writer's method as is.
         return (encode_journal_fields(fields), f"<{priority}>{line}"), {}
 
@@ -486,8 +535,7 @@ def configure_logging(
         # Tracebacks become a plain string before redaction, so secrets inside exception
         # messages are scrubbed like any other value.
         structlog.processors.format_exc_info,
-        redact_secrets,
-        mask_phone_numbers,
+        scrub_event,
     ]
     writer: StreamWriter | JournalWriter
     if mode == "journal":
@@ -565,4 +613,5 @@ __all__ = [
     "redact_text",
     "render_line",
     "render_syslog_line",
+    "scrub_event",
 ]

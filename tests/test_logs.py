@@ -26,6 +26,7 @@ from gateway.logs import (
     mask_phone,
     mask_phone_numbers,
     redact_secrets,
+    scrub_event,
 )
 
 PHONE = "+6281234567890"
@@ -340,6 +341,28 @@ def test_objects_are_rendered_and_scrubbed_before_they_can_leak() -> None:
 
     event = redact_secrets(None, "info", {"event": "config.loaded", "settings": Settings()})
     assert event["settings"] == "Settings(account_sid='AC1', auth_token='***')"
+
+
+def _sample_events() -> list[dict[str, object]]:
+    class Settings:
+        def __repr__(self) -> str:
+            return f"Settings(auth_token='0123abcd', ops={PHONE!r})"
+
+    return [
+        {"event": "press.accepted", "device": "btn-01", "counter": 7, "battery": None,
+         "urgent": True, "lat": -7.63},
+        {"event": f"call to {PHONE}", "to": PHONE, "targets": [{"phone": PHONE, "pin": 1234}],
+         "pair": (PHONE, 1), "auth_token": "abc", "url": "https://u:pw@h/x?sig=beef"},
+        {"event": "config.loaded", "settings": Settings(), "note": "Bearer eyJ.a.b " + PHONE,
+         "long": ("token=abc " + PHONE + " ") * 40},
+    ]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_one_pass_scrub_equals_redaction_then_masking(index: int) -> None:
+    redacted = redact_secrets(None, "info", _sample_events()[index])
+    expected = mask_phone_numbers(None, "info", redacted)
+    assert scrub_event(None, "info", _sample_events()[index]) == expected
 
 
 @pytest.mark.parametrize("mode", ["json", "auto", "console"])
