@@ -121,7 +121,7 @@ def profiled(pid: int, out: Path | None) -> Iterator[None]:
     out.parent.mkdir(parents=True, exist_ok=True)
     sampler = subprocess.Popen(
         [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
-         "--threads", "--output", str(out)],
+         "--threads", "--nonblocking", "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

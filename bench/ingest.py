@@ -9,6 +9,9 @@ Two measurements against a private Mosquitto started with the project's own conf
   subprocess. Each then drains the same backlog; the time is taken from its first
   message received to its last one (baseline) or to the moment every press is committed
   (panicd, polled read-only on its database), so process start-up is not counted.
+  A third session drains it too: the *durable floor* (``bench.floor``), a subscriber
+  that only commits each message as one row and then acks it and sends a "received"
+  message, which is the least any ack-after-commit subscriber can do.
 * **Latency.** A fixed-rate storm (``--rate`` per second for ``--duration`` seconds)
   against the running panicd, timing each press from publish to the arrival of panicd's
   "received" feedback, which is published right after COMMIT: an upper bound of
@@ -34,6 +37,8 @@ from pathlib import Path
 import aiomqtt
 
 from bench.common import Panicd, cpu_seconds, percentile, profiled, repeated_runs
+from bench.floor import FLOOR_CLIENT_ID, drain_floor
+from bench.history import fill_history
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import SimDevice, write_fleet
 from firmware_sim.storm import storm
@@ -55,6 +60,8 @@ class RunFigures:
     presses_per_s: float
     baseline_per_s: float
     ratio: float
+    floor_per_s: float
+    floor_ratio: float
     p50_ms: float
     p99_ms: float
     p999_ms: float
@@ -118,8 +125,10 @@ def broker_pid(broker: Mosquitto) -> int:
     raise RuntimeError("cannot find the broker process")
 
 
-def wait_committed(database: Path, expected: int, timeout_s: float) -> tuple[float, float]:
-    """Poll the database read-only until ``expected`` presses are stored.
+def wait_committed(
+    database: Path, expected: int, timeout_s: float, history: int = 0
+) -> tuple[float, float]:
+    """Poll the database read-only until ``expected`` presses past ``history`` are stored.
 
     Returns (first press received_at, time the last press was seen committed).
     """
@@ -132,12 +141,14 @@ def wait_committed(database: Path, expected: int, timeout_s: float) -> tuple[flo
     try:
         while time.monotonic() < deadline:
             try:
-                count = int(conn.execute("SELECT COUNT(*) FROM presses").fetchone()[0])
+                count = int(conn.execute("SELECT COUNT(*) FROM presses WHERE id > ?",
+                                         (history,)).fetchone()[0])
             except sqlite3.OperationalError:  # schema not created yet
                 count = 0
             if count >= expected:
                 done = time.time()
-                first = float(conn.execute("SELECT MIN(received_at) FROM presses").fetchone()[0])
+                first = float(conn.execute("SELECT MIN(received_at) FROM presses WHERE id > ?",
+                                           (history,)).fetchone()[0])
                 return first, done
             time.sleep(POLL_S)
     finally:
@@ -174,7 +185,10 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
             client_id=PANICD_CLIENT_ID, extra_toml=args.extra_toml,
         )
         database = workdir / "cfg" / "panicd.sqlite3"
-        for client_id in (BASELINE_CLIENT_ID, PANICD_CLIENT_ID):
+        if args.history:
+            took = fill_history(database, args.history)
+            print(f"history: {args.history} past presses stored in {took:.1f}s", file=sys.stderr)
+        for client_id in (BASELINE_CLIENT_ID, FLOOR_CLIENT_ID, PANICD_CLIENT_ID):
             asyncio.run(park_session(broker.host, broker.port, client_id))
 
         started = time.monotonic()
@@ -187,6 +201,10 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
         bare_s = asyncio.run(drain_bare(broker.host, broker.port, args.presses, args.timeout))
         baseline_per_s = args.presses / bare_s
         print(f"bare subscriber drained {args.presses} in {bare_s:.3f}s", file=sys.stderr)
+        floor_s = asyncio.run(drain_floor(broker.host, broker.port, args.presses,
+                                          workdir / "floor.sqlite3", args.timeout))
+        floor_per_s = args.presses / floor_s
+        print(f"durable floor stored {args.presses} in {floor_s:.3f}s", file=sys.stderr)
 
         panicd = Panicd(config, keys, workdir / "run", args.log_level)
         if args.switch_interval_ms is not None:
@@ -204,7 +222,8 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
             with profiled(pid, profile / "drain.txt" if profile else None):
                 panicd.wait_ready(args.timeout)
                 cpu_before = panicd.cpu_s()
-                first, done = wait_committed(database, args.presses, args.timeout)
+                first, done = wait_committed(database, args.presses, args.timeout,
+                                             args.history)
             panicd_s = done - first
             # READY comes a little after the first messages; close enough for a share.
             drain_cpu = (panicd.cpu_s() - cpu_before) / panicd_s
@@ -234,6 +253,8 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
         presses_per_s=round(presses_per_s, 1),
         baseline_per_s=round(baseline_per_s, 1),
         ratio=round(presses_per_s / baseline_per_s, 3),
+        floor_per_s=round(floor_per_s, 1),
+        floor_ratio=round(floor_per_s / baseline_per_s, 3),
         p50_ms=round(percentile(latencies, 0.50), 2),
         p99_ms=round(percentile(latencies, 0.99), 2),
         p999_ms=round(percentile(latencies, 0.999), 2),
@@ -296,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="latency storm presses/s (%(default)s)")
     parser.add_argument("--duration", type=float, default=10.0,
                         help="latency storm seconds (%(default)s)")
+    parser.add_argument("--history", type=int, default=0,
+                        help="past presses already in panicd's database (%(default)s)")
     parser.add_argument("--runs", type=int, default=1, help="repeat and report medians")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="bound on every wait, seconds (%(default)s)")
@@ -321,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "presses_per_s": summary["presses_per_s"],
         "baseline_per_s": summary["baseline_per_s"],
         "ratio": summary["ratio"],
+        "floor_per_s": summary["floor_per_s"],
+        "floor_ratio": summary["floor_ratio"],
         "p50_ms": summary["p50_ms"],
         "p99_ms": summary["p99_ms"],
         "rss_mb": summary["rss_mb"],
