@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sqlite3
@@ -64,6 +65,20 @@ def load(path: Path) -> Loaded:
                 config.devices_file, f"device {device.id}.kelurahan", "unknown kelurahan kode"
             )
     return Loaded(config, locator, load_dispatch(config, locator))
+
+
+def freeze_startup_heap() -> int:
+    """Exempt everything built at start-up from the cyclic GC; returns how many objects.
+
+    The libraries, config and kelurahan geometry are about 61,000 objects that live as
+    long as the process. Every full (generation 2) collection walked them all, stopping
+    the event loop for 15-19 ms each time (the demo config, measured with gc.collect):
+    most of a press's 20 ms latency budget. Frozen (gc.freeze), a full collection only
+    walks what came after start-up.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 class Daemon:
@@ -142,6 +157,8 @@ class Daemon:
                               write_lock=write_lock,
                               reported_offline=lambda: self.reported_offline)
             )
+            frozen = freeze_startup_heap()
+            log.debug("daemon.heap_frozen", objects=frozen)
             async with asyncio.TaskGroup() as group:
                 for source in self.sources:
                     group.create_task(source.run(self.stop), name=f"source.{source.name}")

@@ -7,6 +7,7 @@ STOPPING; SIGTERM drains what was received before exiting 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import sqlite3
@@ -23,6 +24,7 @@ import pytest
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import storm
+from gateway.daemon import freeze_startup_heap
 from tests.daemon_proc import DaemonProcess, count_rows, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,3 +244,14 @@ def test_network_availability_maps_to_the_registered_device_and_clears_on_return
     assert daemon.reported_offline == {"ZB-SOS-1": 100.0}
     daemon._availability("zigbee2mqtt", "sos_button_1", True, 300.0)
     assert daemon.reported_offline == {}
+
+
+def test_start_up_objects_are_frozen_out_of_every_later_full_collection() -> None:
+    start_up = [{"kelurahan": n} for n in range(10_000)]
+    try:
+        frozen = freeze_startup_heap()
+        tracked = {id(obj) for obj in gc.get_objects()}
+        assert frozen >= len(start_up)
+        assert not any(id(obj) in tracked for obj in start_up)
+    finally:
+        gc.unfreeze()
