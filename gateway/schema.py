@@ -177,6 +177,17 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE cleared_at IS NULL;
     CREATE INDEX device_health_raised ON device_health (raised_at);
     """,
+    # 4: partial indexes for recurring reads that scanned whole tables (SQLite 3.40 without
+    # ANALYZE, as deployed): the messages left 'sending', which the outbox requeues every
+    # 60 s under the write lock ingest shares, and the closed incidents and finished
+    # messages /metrics counts. Plain indexes on these columns made other plans worse.
+    """
+    CREATE INDEX outbox_sending ON outbox (updated_at) WHERE state = 'sending';
+    CREATE INDEX incidents_closed ON incidents (status)
+        WHERE status IN ('resolved', 'cancelled');
+    CREATE INDEX outbox_final ON outbox (channel, state)
+        WHERE state IN ('sent', 'delivered', 'failed', 'no_answer', 'cancelled');
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
