@@ -67,8 +67,16 @@ def load(path: Path) -> Loaded:
     return Loaded(config, locator, load_dispatch(config, locator))
 
 
-def freeze_startup_heap() -> int:
-    """Exempt everything built at start-up from the cyclic GC; returns how many objects.
+# Allocations between young-generation collections (CPython's default is 700). A press
+# allocates a few dozen tracked objects that live for one batch (a few ms); at 700, most
+# of them were walked and promoted before they died. At 10,000 the in-process pipeline
+# (decode, dedup, locate, commit, log) used 11% less CPU per press (75 -> 67 us, the
+# same as with the collector off); the garbage it lets wait is a few MB at most.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_gc() -> int:
+    """Tune the cyclic GC for serving, once start-up is done; returns objects frozen.
 
     The libraries, config and kelurahan geometry are about 61,000 objects that live as
     long as the process. Every full (generation 2) collection walked them all, stopping
@@ -78,6 +86,8 @@ def freeze_startup_heap() -> int:
     """
     gc.collect()
     gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
     return gc.get_freeze_count()
 
 
@@ -157,8 +167,8 @@ class Daemon:
                               write_lock=write_lock,
                               reported_offline=lambda: self.reported_offline)
             )
-            frozen = freeze_startup_heap()
-            log.debug("daemon.heap_frozen", objects=frozen)
+            frozen = settle_gc()
+            log.debug("daemon.gc_settled", frozen=frozen, thresholds=gc.get_threshold())
             async with asyncio.TaskGroup() as group:
                 for source in self.sources:
                     group.create_task(source.run(self.stop), name=f"source.{source.name}")

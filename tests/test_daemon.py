@@ -24,7 +24,7 @@ import pytest
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import storm
-from gateway.daemon import freeze_startup_heap
+from gateway.daemon import GC_YOUNG_THRESHOLD, settle_gc
 from tests.daemon_proc import DaemonProcess, count_rows, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,10 +248,13 @@ def test_network_availability_maps_to_the_registered_device_and_clears_on_return
 
 def test_start_up_objects_are_frozen_out_of_every_later_full_collection() -> None:
     start_up = [{"kelurahan": n} for n in range(10_000)]
+    thresholds = gc.get_threshold()
     try:
-        frozen = freeze_startup_heap()
+        frozen = settle_gc()
         tracked = {id(obj) for obj in gc.get_objects()}
         assert frozen >= len(start_up)
         assert not any(id(obj) in tracked for obj in start_up)
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *thresholds[1:])
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
