@@ -6,7 +6,10 @@ injected clock and a recording Ops behind the Protocol.
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 from collections.abc import AsyncIterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
@@ -41,6 +44,7 @@ from gateway.ingest import Ingestor
 from gateway.model import PressKind
 from gateway.store import SqliteStore
 from tests.pipeline import Collector, Fleet, frame_bytes, make_fleet, rows
+from tests.query_plans import traced, whole_reads
 
 WIB = ZoneInfo("Asia/Jakarta")
 # Wednesday 5 March 2025, 06:00 WIB.
@@ -358,3 +362,49 @@ async def test_the_monitor_task_checks_on_start(tmp_path: Path) -> None:
                 await ops.queued.wait()
     assert next(iter(ops.sent.values())).startswith("OPS panicd: broker MQTT local terputus")
     assert any(e["event"] == "health.raised" for e in logs)
+
+
+def _record_conditions(world: World, ids: list[int], outbox_keys: list[str]) -> None:
+    """Raised offline rows with these ids, and operations messages with these keys."""
+    with closing(sqlite3.connect(world.fleet.database)) as db:
+        db.executemany(
+            "INSERT INTO device_health (id, subject, condition, raised_at, detail)"
+            " VALUES (?, ?, 'offline', ?, ?)",
+            [(i, f"device:BTN-{i}", world.clock.now, json.dumps({"device": f"BTN-{i}"}))
+             for i in ids],
+        )
+        db.executemany(
+            "INSERT INTO outbox (key, person_id, phone, channel, purpose, body, state,"
+            " created_at, due_at, updated_at) VALUES (?, 'dewi', '+62', 'sms', 'ops', 'b',"
+            " 'delivered', 1, 1, 1)",
+            [(key,) for key in outbox_keys],
+        )
+        db.commit()
+
+
+async def test_healing_counts_only_the_outbox_keys_of_each_condition(world: World) -> None:
+    # The key of condition 12 must not pass for condition 1 (a prefix without its ':'),
+    # nor the recovery key of condition 2 for anything else.
+    _record_conditions(world, [1, 2, 12], ["ops:health:12:dewi", "ops:health:2:cleared:dewi"])
+    ops = RecordingOps()
+    async with HealthMonitor(world.fleet.database, world.fleet.config.devices, list,
+                             SETTINGS, ops=ops, clock=world.clock,
+                             autostart=False) as restarted:
+        assert await restarted.heal() == 1
+    assert list(ops.sent) == ["health:1"]
+
+
+async def test_healing_searches_the_outbox_keys_instead_of_walking_them(
+    world: World,
+) -> None:
+    # heal runs each time the monitor starts, before its first check; walking every
+    # outbox key per recent condition took 1.1 s on 100,000 messages (audit).
+    _record_conditions(world, [1], [])
+    restarted = HealthMonitor(world.fleet.database, world.fleet.config.devices, list,
+                              SETTINGS, ops=RecordingOps(), clock=world.clock,
+                              autostart=False)
+    async with restarted, traced(restarted._store.db) as statements:
+        await restarted.heal()
+    (select,) = [sql for sql in statements if "FROM device_health" in sql]
+    with closing(sqlite3.connect(world.fleet.database)) as db:
+        assert whole_reads(db, select) == []
