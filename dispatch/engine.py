@@ -73,7 +73,9 @@ class Dispatcher:
         self._feedback = feedback
         self._events: asyncio.Queue[IncidentEvent] = asyncio.Queue()
         self._step_wake = asyncio.Event()
-        self._planned_through = 0  # highest incident id planned so far
+        # Every incident up to this id is planned or closed (closing is final), so an
+        # 'opened' event at or below it needs no scan.
+        self._planned_through = 0
         self._outbox = Outbox(store, channel, base_url=self.base_url_of(settings),
                               concurrency=settings.send_concurrency, clock=clock,
                               on_undeliverable=self._level_undeliverable)
@@ -141,16 +143,26 @@ class Dispatcher:
             return self._routing.policies[self._routing.city]
         return policy
 
-    async def plan_missing(self, after_id: int = 0, *, fire_now: bool = False) -> int:
+    async def plan_missing(
+        self, *, fire_now: bool = False, committed_through: int | None = None
+    ) -> int:
         """Plan escalation for every open incident without a plan; returns how many.
 
-        A full scan (``after_id=0``) runs at start; incident events scan only above the
-        last incident planned. With ``fire_now`` the steps already due (level 1) fire in
-        the same commit as the plan — one transaction per new incident instead of two on
-        the dispatch connection, which is what a storm queues on (bench/dispatch.py).
+        Looks only above the incidents known to be planned or closed: at start, at all of
+        them. With ``fire_now`` the steps already due (level 1) fire in the same commit as
+        the plan — one transaction per new incident instead of two on the dispatch
+        connection, which is what a storm queues on (bench/dispatch.py).
+        ``committed_through`` is an incident id known to be committed (an 'opened'
+        event's); without it the newest committed id is read before the scan.
         """
+        if committed_through is None:
+            committed_through = await self._store.newest_incident_id()
+        # Ingest commits ids in order, so every incident up to committed_through is
+        # committed before the scan below starts and the scan sees it: those it does not
+        # return are planned or closed already. Advancing past them even when nothing is
+        # found keeps the first panic after a restart from scanning from id 0 again.
         plans = []
-        for incident in await self._store.unplanned_incidents(after_id):
+        for incident in await self._store.unplanned_incidents(self._planned_through):
             policy, route = self._routing.policy_for(
                 incident.kelurahan_kode, incident.kecamatan, test=incident.test
             )
@@ -159,6 +171,7 @@ class Dispatcher:
             )
             plans.append((incident, policy, route, steps))
         if not plans:
+            self._planned_through = max(self._planned_through, committed_through)
             return 0
         now = self._clock()
         fired: list[_Fired] = []
@@ -194,8 +207,10 @@ class Dispatcher:
             self._log_fired(outcome, now)
         if fired:
             self._outbox.wake()
+        self._planned_through = max(
+            self._planned_through, committed_through, *(incident.id for incident, *_ in plans)
+        )
         for incident, policy, route, _steps in plans:
-            self._planned_through = max(self._planned_through, incident.id)
             log.info(
                 "escalation.planned",
                 incident=incident.id,
@@ -218,7 +233,8 @@ class Dispatcher:
                     # Ids grow with commits, so one pass that planned a later incident
                     # covered this one: skip the scan for the events queued behind it.
                     if event.incident_id > self._planned_through:
-                        await self.plan_missing(after_id=self._planned_through, fire_now=True)
+                        await self.plan_missing(fire_now=True,
+                                                committed_through=event.incident_id)
                 case "cancelled":
                     await self.close(
                         event.incident_id,

@@ -10,7 +10,7 @@ from contextlib import closing
 from pathlib import Path
 
 from dispatch.store import DispatchStore
-from tests.query_plans import traced, whole_reads
+from tests.query_plans import plan, traced, whole_reads
 
 T0 = 1_780_000_000.0
 
@@ -63,3 +63,49 @@ async def test_requeuing_stale_sends_reads_only_the_rows_left_sending(tmp_path: 
     (update,) = [sql for sql in statements if sql.startswith("UPDATE outbox")]
     with closing(sqlite3.connect(path)) as db:
         assert whole_reads(db, update) == []
+
+
+def _store_incidents(path: Path, statuses: list[str], *, planned: set[int]) -> None:
+    """Incidents 1, 2, ... with these statuses; those in ``planned`` get a plan row."""
+    with closing(sqlite3.connect(path)) as db:
+        for incident_id, status in enumerate(statuses, 1):
+            db.execute(
+                "INSERT INTO incidents (id, device_id, status, test, opened_at, updated_at,"
+                " press_count, last_press_at, location_source, kelurahan_match, address,"
+                " landmark) VALUES (?, 'BTN-1', ?, 0, ?, ?, 1, ?, 'registered', 'inside',"
+                " '', '')",
+                (incident_id, status, T0, T0, T0),
+            )
+        db.executemany(
+            "INSERT INTO incident_dispatch (incident_id, policy_id, route, planned_at)"
+            " VALUES (?, 'city', 'city', ?)",
+            [(incident_id, T0) for incident_id in planned],
+        )
+        db.commit()
+
+
+async def test_unplanned_incidents_are_the_open_ones_without_a_plan_above_the_id_in_order(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "panicd.sqlite3"
+    async with DispatchStore(path) as store:
+        _store_incidents(path, ["open", "cancelled", "open", "acknowledged", "resolved", "open"],
+                         planned={3})
+        assert [i.id for i in await store.unplanned_incidents(0)] == [1, 4, 6]
+        assert [i.id for i in await store.unplanned_incidents(1)] == [4, 6]
+        assert [i.id for i in await store.unplanned_incidents(6)] == []
+        assert await store.newest_incident_id() == 6
+
+
+async def test_unplanned_incidents_are_read_through_the_index_of_open_incidents(
+    tmp_path: Path,
+) -> None:
+    # The start-up scan (above id 0) once walked the rowid range, i.e. every incident
+    # ever stored: 4.0 ms on 50,000 incidents (audit), through incidents_active 0.02 ms.
+    path = tmp_path / "panicd.sqlite3"
+    async with DispatchStore(path) as store, traced(store.db) as statements:
+        await store.unplanned_incidents(0)
+    (select,) = [sql for sql in statements if "FROM incidents i" in sql]
+    with closing(sqlite3.connect(path)) as db:
+        reads = [step for step in plan(db, select) if step.split()[1] == "i"]
+    assert reads == ["SCAN i USING INDEX incidents_active"]

@@ -16,7 +16,7 @@ import pytest
 
 from dispatch.channel import ConsoleChannel
 from dispatch.messages import SMS_LIMIT, is_single_segment
-from dispatch.store import DispatchStore
+from dispatch.store import DispatchStore, IncidentInfo
 from dispatch.webhook_auth import verify_ack_token
 from gateway.ingest import IncidentEvent
 from tests.dispatch_world import (
@@ -462,3 +462,41 @@ async def test_one_reachable_person_keeps_the_level_waiting_its_turn(database: P
         await engine.send_due()
         assert await engine.fire_due() == 0  # budi was reached: level 2 waits its 60 s
     assert "escalation.hastened" not in set(events(database, incident))
+
+
+class ScanWatchingStore(DispatchStore):
+    """The real DispatchStore, recording the id above which each unplanned scan looked."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.scanned_above: list[int] = []
+
+    async def unplanned_incidents(self, after_id: int = 0) -> list[IncidentInfo]:
+        """Scan, and remember where from."""
+        self.scanned_above.append(after_id)
+        return await super().unplanned_incidents(after_id)
+
+
+async def test_after_a_restart_with_nothing_to_plan_a_panic_scans_only_above_the_newest(
+    database: Path,
+) -> None:
+    # Everything stored at start is planned or closed; scanning from id 0 again at the
+    # first panic read every incident ever stored on the plan SQLite 3.40 made for it.
+    await open_incident(database, KODE_LADDER, at=T0)
+    clock = Clock(T0)
+    async with DispatchStore(database) as store:
+        engine = dispatcher(store, RecordingChannel(), clock)
+        assert await engine.plan_missing(fire_now=True) == 1
+        assert await engine.send_due() == 4  # nothing of it is due after the restart
+    # Cancelled before anything planned it: newer than every incident planned.
+    cancelled = await open_incident(database, KODE_LADDER, at=T0, device="BTN-2")
+    await cancel_incident(database, cancelled, at=T0)
+
+    channel = RecordingChannel()
+    async with ScanWatchingStore(database) as store, dispatcher(store, channel, clock) as engine:
+        new = await open_incident(database, KODE_LADDER, at=T0, device="BTN-3")
+        engine.on_incident(IncidentEvent(new, "BTN-3", "opened", clock(), test=False))
+        await channel.wait_for(4)
+    assert store.scanned_above == [0, cancelled]
+    assert all(f"#{new}" in s.body for s in channel.sent if s.kind == "sms")
+    assert "escalation.planned" not in set(events(database, cancelled))
