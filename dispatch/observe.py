@@ -24,10 +24,13 @@ from dispatch.store import DispatchStore
 INCIDENT_STATUSES = ("open", "acknowledged", "resolved", "cancelled")
 OUTBOX_STATES = ("pending", "sending", "sent", "delivered", "failed", "no_answer", "cancelled")
 
-# Shared with panicctl's database fallback (gateway/ctl_ops.py), so both agree.
+# Shared with panicctl's database fallback (gateway/ctl_ops.py), so both agree. By id,
+# SQLite 3.40 (no ANALYZE) walked every incident in rowid order; +id lets it read the few
+# open ones from incidents_active and sort them: 4.1 -> 0.07 ms on 50,000 incidents
+# (query-plan audit).
 OPEN_INCIDENTS_SQL = (
     "SELECT id, status, test, urgent, device_id, opened_at, kelurahan, kecamatan FROM incidents"
-    " WHERE status IN ('open', 'acknowledged') ORDER BY id"
+    " WHERE status IN ('open', 'acknowledged') ORDER BY +id"
 )
 PENDING_STEPS_SQL = "SELECT COUNT(*) FROM escalation_steps WHERE state = 'pending'"
 # The counts below read one partial index per branch (outbox_pending, outbox_sending,

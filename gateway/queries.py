@@ -60,8 +60,13 @@ def incidents(
         " kelurahan_kode, kelurahan, kecamatan, kelurahan_match, location_source, lat, lon,"
         " address, landmark"
     )
+    # Newest first by rowid stops after `limit` rows, unless few rows match: for the
+    # active ones it walked every incident ever stored (7.0 ms on 50,000). +id lets SQLite
+    # read the few from incidents_active and sort them instead (0.14 ms; SQLite 3.40, no
+    # ANALYZE, query-plan audit's database).
+    order = "+id DESC" if active_only else "id DESC"
     # Only the fixed clauses above are interpolated; values go through placeholders.
-    sql = f"SELECT {columns} FROM incidents WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"  # noqa: S608
+    sql = f"SELECT {columns} FROM incidents WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"  # noqa: S608
     return [_row(r) for r in conn.execute(sql, params)]
 
 

@@ -27,6 +27,7 @@ from dispatch.observe import (
     PENDING_OUTBOX_SQL,
     collect,
     install,
+    status_snapshot,
 )
 from dispatch.store import DispatchStore
 from gateway.dedup import DedupPolicy
@@ -305,3 +306,14 @@ async def test_the_indexed_counts_equal_a_plain_group_by_with_rows_in_every_stat
             "SELECT channel, state, COUNT(*) FROM outbox GROUP BY 1, 2")
         assert rows_of(PENDING_OUTBOX_SQL) == rows_of(
             "SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'sending')")
+
+
+async def test_the_status_snapshot_reads_no_whole_table(tmp_path: Path) -> None:
+    # panicctl status asks for it; open incidents in id order walked every incident.
+    path = tmp_path / "panicd.sqlite3"
+    async with DispatchStore(path) as store, traced(store.db) as statements:
+        await status_snapshot(IdleRuntime(), store.db)
+    selects = [sql for sql in statements if sql.startswith("SELECT")]
+    assert len(selects) == 4
+    with closing(sqlite3.connect(path)) as db:
+        assert {sql: whole_reads(db, sql) for sql in selects} == {sql: [] for sql in selects}
