@@ -40,6 +40,7 @@ from dispatch.health import (
 )
 from dispatch.store import DispatchStore
 from gateway.model import Device
+from gateway.store import Writers
 
 log = structlog.get_logger("panicd.health")
 
@@ -69,12 +70,12 @@ class HealthMonitor:
         ops: Ops | None,
         clock: Callable[[], float] = time.time,
         autostart: bool = True,
-        write_lock: asyncio.Lock | None = None,
+        writers: Writers | None = None,
         reported_offline: AvailabilityProbe | None = None,
     ) -> None:
         self._reported_offline = reported_offline
         self._autostart = autostart  # False: the caller drives check() itself (tests)
-        self._store = DispatchStore(database, write_lock=write_lock)
+        self._store = DispatchStore(database, writers=writers)
         self._devices = devices
         self._probe = sources
         self._settings = settings

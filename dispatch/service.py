@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import stat
@@ -25,6 +24,7 @@ from dispatch.web import WebSettings, control_app, public_app
 from gateway.config import Config, DispatchConfig
 from gateway.errors import ConfigError
 from gateway.locate import Locator
+from gateway.store import Writers
 
 log = structlog.get_logger("panicd.dispatch")
 
@@ -77,14 +77,14 @@ async def run_dispatch(
     environ: Mapping[str, str] | None = None,
     runtime: Runtime | None = None,
     mounts: Sequence[tuple[str, web.Application]] = (),
-    write_lock: asyncio.Lock | None = None,
+    writers: Writers | None = None,
 ) -> AsyncIterator[Dispatcher]:
     """Open the dispatch store, the channel, the dispatcher and the web servers."""
     env = os.environ if environ is None else environ
     cfg = plan.config
     credentials = twilio_credentials_from_env(env)
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(DispatchStore(database, write_lock=write_lock))
+        store = await stack.enter_async_context(DispatchStore(database, writers=writers))
         channel: Channel
         if credentials is None:
             channel = ConsoleChannel()

@@ -8,7 +8,6 @@ an outbox row is claimed once even when two wake-ups race or a restart repeats w
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sqlite3
@@ -20,7 +19,7 @@ from typing import Any
 
 import aiosqlite
 
-from gateway.store import SqliteDatabase
+from gateway.store import SqliteDatabase, Writers
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +140,11 @@ def _outbox(row: Sequence[Any]) -> OutboxRow:
 class DispatchStore(SqliteDatabase):
     """Dispatch's SQLite connection; an async context manager."""
 
-    def __init__(self, path: Path, *, write_lock: asyncio.Lock | None = None) -> None:
+    def __init__(self, path: Path, *, writers: Writers | None = None) -> None:
         # One connection, many tasks (scheduler, outbox senders, webhooks): transactions
         # on it must not interleave — the write lock (shared with the process's other
         # connections) also serialises them.
-        super().__init__(path, write_lock=write_lock)
+        super().__init__(path, writers=writers)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:

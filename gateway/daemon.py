@@ -27,6 +27,7 @@ from aiohttp import web
 from dispatch.health import HealthSettings, SourceState
 from dispatch.health_monitor import HealthMonitor
 from dispatch.service import DispatchPlan, load_dispatch, run_dispatch
+from gateway.checkpoint import WalCheckpointer
 from gateway.config import Config, load_config
 from gateway.dedup import DedupPolicy
 from gateway.errors import ConfigError
@@ -38,7 +39,7 @@ from gateway.sources import Source
 from gateway.sources.app import AppSettings, app_api
 from gateway.sources.mqtt import MqttSource
 from gateway.sources.serial import SerialSource
-from gateway.store import SqliteStore, StoreError
+from gateway.store import SqliteStore, StoreError, Writers
 
 log = structlog.get_logger("panicd")
 
@@ -118,12 +119,13 @@ class Daemon:
         """Run until :meth:`request_stop`; returns after a graceful drain."""
         config = self.config
         async with AsyncExitStack() as stack:
+            # Checkpoints run on a connection of their own, never inside a commit; entered
+            # first, so it closes last and leaves no WAL behind.
+            await stack.enter_async_context(WalCheckpointer(config.database))
             # One write lock for every connection of this process (ingest, dispatch,
             # health): writers queue in asyncio instead of SQLite's sleeping busy handler.
-            write_lock = asyncio.Lock()
-            store = await stack.enter_async_context(
-                SqliteStore(config.database, write_lock=write_lock)
-            )
+            writers = Writers(background_checkpoints=True)
+            store = await stack.enter_async_context(SqliteStore(config.database, writers=writers))
             log.info("store.opened", database=str(config.database))
             ingest = config.ingest
             ingestor = await stack.enter_async_context(
@@ -158,13 +160,13 @@ class Daemon:
                 dispatcher = await stack.enter_async_context(
                     run_dispatch(self.dispatch_plan, config.database, feedback=self._feedback,
                                  runtime=self, mounts=self._mounts(ingestor),
-                                 write_lock=write_lock)
+                                 writers=writers)
                 )
                 ingestor.add_listener(dispatcher.on_incident)
             self.health = await stack.enter_async_context(
                 HealthMonitor(config.database, config.devices, self._source_flags,
                               HealthSettings.from_config(config.health), ops=dispatcher,
-                              write_lock=write_lock,
+                              writers=writers,
                               reported_offline=lambda: self.reported_offline)
             )
             frozen = settle_gc()

@@ -197,18 +197,31 @@ def _chunks(items: Sequence[Any], size: int = 400) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
+@dataclass(frozen=True, slots=True)
+class Writers:
+    """What the database connections of one panicd process share.
+
+    ``lock`` is held around every write transaction: left to SQLite, a second writer gets
+    SQLITE_BUSY and its busy handler sleeps in steps of up to 100 ms, which showed as
+    latency spikes in bench/dispatch.py. With ``background_checkpoints``, the process runs
+    a :class:`gateway.checkpoint.WalCheckpointer` and no connection checkpoints the WAL
+    inside one of its own commits.
+    """
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    background_checkpoints: bool = False
+
+
 class SqliteDatabase:
     """One aiosqlite connection to panicd's database, migrated on open; an async context
     manager. Each component (ingest, dispatch) owns one, so they never share a transaction.
     """
 
-    def __init__(self, path: Path, *, write_lock: asyncio.Lock | None = None) -> None:
+    def __init__(self, path: Path, *, writers: Writers | None = None) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
-        # Connections of one process share this lock around their write transactions:
-        # left to SQLite, a second writer gets SQLITE_BUSY and its busy handler sleeps in
-        # steps of up to 100 ms, which showed as latency spikes in bench/dispatch.py.
-        self.write_lock = write_lock or asyncio.Lock()
+        self.writers = writers or Writers()
+        self.write_lock = self.writers.lock
 
     async def __aenter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +229,11 @@ class SqliteDatabase:
         # exactly one transaction and the write lock is taken before the first read.
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
+            if self.writers.background_checkpoints:
+                # SQLite's automatic checkpoint runs inside whichever commit crosses 1,000
+                # WAL pages; on a database with a million presses that commit took up to
+                # 262 ms. The process's WalCheckpointer does it off every commit path.
+                await self._db.execute("PRAGMA wal_autocheckpoint = 0")
             await migrate(self._db)
             await self._opened()
         except BaseException:
@@ -247,8 +265,8 @@ class SqliteDatabase:
 class SqliteStore(SqliteDatabase):
     """SQLite implementation of :class:`IngestStore`; an async context manager."""
 
-    def __init__(self, path: Path, *, write_lock: asyncio.Lock | None = None) -> None:
-        super().__init__(path, write_lock=write_lock)
+    def __init__(self, path: Path, *, writers: Writers | None = None) -> None:
+        super().__init__(path, writers=writers)
         self._holding = False
         self._next_press = 1
         self._next_incident = 1
