@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import sys
 import time
@@ -187,6 +188,9 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
         database = workdir / "cfg" / "panicd.sqlite3"
         if args.history:
             took = fill_history(database, args.history)
+            # A real history is long on disk; without this the kernel writes the fresh
+            # hundreds of MB back during the run and panicd's fsyncs queue behind them.
+            os.sync()
             print(f"history: {args.history} past presses stored in {took:.1f}s", file=sys.stderr)
         for client_id in (BASELINE_CLIENT_ID, FLOOR_CLIENT_ID, PANICD_CLIENT_ID):
             asyncio.run(park_session(broker.host, broker.port, client_id))
