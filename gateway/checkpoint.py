@@ -81,9 +81,10 @@ class WalCheckpointer:
         assert self._db is not None
         try:
             rows = list(await self._db.execute_fetchall(f"PRAGMA wal_checkpoint({mode})"))
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite's "closed"
             # A failed checkpoint loses nothing (the WAL still holds every commit); the next
-            # one tries again, and the growing WAL is warned about below.
+            # one tries again, and the growing WAL is warned about below. Letting the task
+            # die instead would stop checkpoints silently with autocheckpoint off.
             log.warning("store.checkpoint_failed", mode=mode, error=str(exc))
             return None
         busy, pages, copied = (int(value) for value in rows[0])

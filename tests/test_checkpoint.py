@@ -97,3 +97,15 @@ async def test_an_error_while_starting_up_escapes_the_checkpointer_as_itself(
     with pytest.raises(StoreError, match="newer"):
         async with WalCheckpointer(tmp_path / "db", every_s=0.02):
             raise StoreError("database schema version 99 is newer than this panicd")
+
+
+async def test_a_failing_checkpoint_is_logged_and_tried_again(tmp_path: Path) -> None:
+    (tmp_path / "db").write_bytes(b"not a database at all " * 300)
+    with structlog.testing.capture_logs() as logs:
+        async with WalCheckpointer(tmp_path / "db", every_s=0.02) as checkpointer:
+            assert await checkpointer.next_checkpoint() is None
+            assert await checkpointer.next_checkpoint() is None
+    failures = [e for e in logs if e["event"] == "store.checkpoint_failed"]
+    # Two in the loop, which kept going, and the final one at close.
+    assert len(failures) >= 3
+    assert "not a database" in failures[0]["error"]
