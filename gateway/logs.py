@@ -39,7 +39,7 @@ import structlog
 from structlog.dev import Column, ConsoleRenderer
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from gateway.redact import MEMO_MAX, scrub_event
+from gateway.redact import memoised_for_short, scrub_event
 
 Mode = Literal["auto", "console", "json", "journal"]
 
@@ -106,16 +106,8 @@ def _value_text(value: object) -> str:
             return str(value)
 
 
-@functools.lru_cache(maxsize=8192)
-def _quoted_memo(text: str) -> str:
-    return _quoted_text(text)
-
-
+@memoised_for_short
 def _quoted(text: str) -> str:
-    return _quoted_memo(text) if len(text) <= MEMO_MAX else _quoted_text(text)
-
-
-def _quoted_text(text: str) -> str:
     # Quote (JSON-style, so "\n" stays on the line) only what a reader could misparse.
     if text and text.isprintable() and not any(c in text for c in ' "=\\'):
         return text

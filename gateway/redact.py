@@ -57,32 +57,27 @@ def _mask_digits(digits: str, keep_head: int) -> str:
 MEMO_MAX = 256
 
 
-@functools.lru_cache(maxsize=8192)
-def _mask_phone_memo(text: str) -> str:
-    return _mask_phone(text)
+def memoised_for_short(func: Callable[[str], str]) -> Callable[[str], str]:
+    """``func`` with its results cached for strings of up to ``MEMO_MAX`` characters."""
+    cached = functools.lru_cache(maxsize=8192)(func)
+
+    @functools.wraps(func)
+    def call(text: str) -> str:
+        return cached(text) if len(text) <= MEMO_MAX else func(text)
+
+    return call
 
 
+@memoised_for_short
 def mask_phone(text: str) -> str:
     """Mask every full phone number in ``text`` (+6281234567890 becomes +62812****890)."""
-    return _mask_phone_memo(text) if len(text) <= MEMO_MAX else _mask_phone(text)
-
-
-def _mask_phone(text: str) -> str:
     text = _E164.sub(lambda m: "+" + _mask_digits(re.sub(r"\D", "", m[0]), 5), text)
     return _NATIONAL_ID.sub(lambda m: _mask_digits(re.sub(r"\D", "", m[0]), 4), text)
 
 
-@functools.lru_cache(maxsize=8192)
-def _redact_text_memo(text: str) -> str:
-    return _redact_text(text)
-
-
+@memoised_for_short
 def redact_text(text: str) -> str:
     """Replace secrets written inline in ``text``: ``token=…``, ``Bearer …``, URL passwords."""
-    return _redact_text_memo(text) if len(text) <= MEMO_MAX else _redact_text(text)
-
-
-def _redact_text(text: str) -> str:
     text = _INLINE_SECRET.sub(lambda m: f"{m['key']}{m['sep']}{m['quote']}{REDACTED}", text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m['scheme']} {REDACTED}", text)
     return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
@@ -136,13 +131,9 @@ def mask_phone_numbers(
     return event_dict
 
 
-@functools.lru_cache(maxsize=8192)
-def _clean_text_memo(text: str) -> str:
-    return _mask_phone(_redact_text(text))
-
-
+@memoised_for_short
 def _clean_text(text: str) -> str:
-    return _clean_text_memo(text) if len(text) <= MEMO_MAX else _mask_phone(_redact_text(text))
+    return mask_phone(redact_text(text))
 
 
 _PLAIN_TYPES: Final = frozenset({int, float, bool, type(None)})
