@@ -23,7 +23,7 @@ from pathlib import Path
 import aiomqtt
 import aiosqlite
 
-from gateway.formats import native
+from gateway.formats import native, payload_bytes
 
 FLOOR_CLIENT_ID = "bench-durable-floor"
 BATCH_MAX = 256
@@ -53,9 +53,7 @@ async def drain_floor(
 
 async def _pump(client: aiomqtt.Client, queue: asyncio.Queue[tuple[int, str, bytes]]) -> None:
     async for message in client.messages:
-        payload = message.payload
-        body = payload if isinstance(payload, bytes) else str(payload).encode()
-        await queue.put((message.mid, message.topic.value, body))
+        await queue.put((message.mid, message.topic.value, payload_bytes(message.payload)))
 
 
 async def _store_and_ack(

@@ -11,7 +11,7 @@ from typing import Any
 import aiomqtt
 
 from firmware_sim.fleet import SimDevice
-from gateway.formats import native
+from gateway.formats import native, payload_bytes
 from gateway.model import GeoFix, PressKind
 
 
@@ -90,14 +90,10 @@ async def press(
             try:
                 async with asyncio.timeout(feedback_timeout_s):
                     async for message in c.messages:
-                        body = json.loads(_as_bytes(message.payload))
+                        body = json.loads(payload_bytes(message.payload))
                         if isinstance(body, dict) and body.get("ctr") == counter:
                             feedback = body
                             break
             except TimeoutError:
                 feedback = None
     return SentPress(device.id, counter, kind, topic, payload, published_at), feedback
-
-
-def _as_bytes(payload: object) -> bytes:
-    return payload if isinstance(payload, bytes) else str(payload).encode()

@@ -19,7 +19,7 @@ import aiomqtt
 
 from firmware_sim.button import build_frame, topic_for
 from firmware_sim.fleet import SimDevice
-from gateway.formats import native
+from gateway.formats import native, payload_bytes
 from gateway.model import PressKind
 
 
@@ -143,14 +143,10 @@ async def _collect(client: aiomqtt.Client, result: StormResult) -> None:
         arrived = time.time()
         device_id = message.topic.value.split("/")[3]
         try:
-            body = json.loads(_as_bytes(message.payload))
+            body = json.loads(payload_bytes(message.payload))
         except ValueError:
             continue
         if isinstance(body, dict) and isinstance(body.get("ctr"), int):
             result.feedback.setdefault((device_id, body["ctr"]), arrived)
             if result.expected and len(result.feedback) >= result.expected:
                 result.all_feedback.set()
-
-
-def _as_bytes(payload: object) -> bytes:
-    return payload if isinstance(payload, bytes) else str(payload).encode()

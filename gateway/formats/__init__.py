@@ -24,6 +24,21 @@ class Decoder(Protocol):
 DecoderFactory = Callable[[Mapping[str, object]], Decoder]
 
 
+def payload_bytes(payload: object) -> bytes:
+    """The bytes a decoder takes, from whatever an MQTT client hands over as a payload."""
+    match payload:
+        case bytes():
+            return payload
+        case bytearray():
+            return bytes(payload)
+        case str():
+            return payload.encode()
+        case None:
+            return b""
+        case _:
+            return str(payload).encode()
+
+
 def _lora_frame(options: Mapping[str, object]) -> Decoder:
     if options:
         raise OptionError(f"lora-frame takes no options, got {', '.join(sorted(options))}")
@@ -39,4 +54,6 @@ DECODERS: dict[str, DecoderFactory] = {
     tasmota.FORMAT: tasmota.TasmotaDecoder.from_options,
 }
 
-__all__ = ["DECODERS", "Decoder", "DecoderFactory", "DeviceHealth", "OptionError"]
+__all__ = [
+    "DECODERS", "Decoder", "DecoderFactory", "DeviceHealth", "OptionError", "payload_bytes",
+]

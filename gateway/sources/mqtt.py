@@ -23,7 +23,7 @@ import structlog
 
 from gateway.config import MqttSourceConfig
 from gateway.errors import DecodeError
-from gateway.formats import native
+from gateway.formats import native, payload_bytes
 from gateway.ingest import Inbound, Ingestor, Outcome, Repeated, Stored
 from gateway.model import Frame, Ignored, Reception
 from gateway.sources.decoding import decoder_for
@@ -49,20 +49,6 @@ class Backoff:
         cap = min(self._high, self._low * 2.0**self._attempt)
         self._attempt = min(self._attempt + 1, 32)
         return self._low + (cap - self._low) * self._rand()
-
-
-def _payload_bytes(payload: object) -> bytes:
-    match payload:
-        case bytes():
-            return payload
-        case bytearray():
-            return bytes(payload)
-        case str():
-            return payload.encode()
-        case None:
-            return b""
-        case _:
-            return str(payload).encode()
 
 
 class MqttSource:
@@ -204,7 +190,7 @@ class MqttSource:
         async for message in client.messages:
             self.received += 1
             topic = message.topic.value
-            payload = _payload_bytes(message.payload)
+            payload = payload_bytes(message.payload)
             reception = Reception(
                 path=f"mqtt:{self.name}:{topic}", received_at=self._clock(), source=self.name
             )
