@@ -221,7 +221,6 @@ class SqliteDatabase:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self.writers = writers or Writers()
-        self.write_lock = self.writers.lock
 
     async def __aenter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +252,11 @@ class SqliteDatabase:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        """The process's write lock, held around each write transaction."""
+        return self.writers.lock
 
     @property
     def db(self) -> aiosqlite.Connection:
