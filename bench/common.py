@@ -3,6 +3,7 @@ sampling, percentiles and the machine's description."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -134,6 +135,22 @@ def profiled(pid: int, out: Path | None) -> Iterator[None]:
         except subprocess.TimeoutExpired:
             sampler.kill()
             sampler.wait()
+
+
+def add_run_options(
+    parser: argparse.ArgumentParser, *, timeout_s: float, timeout_help: str,
+    extra_toml_help: str, profile_help: str,
+) -> None:
+    """The options both benchmarks take: runs, waits, panicd's config, log and profile."""
+    parser.add_argument("--runs", type=int, default=1, help="repeat and report medians")
+    parser.add_argument("--timeout", type=float, default=timeout_s,
+                        help=f"{timeout_help}, seconds (%(default)s)")
+    parser.add_argument("--extra-toml", default="", help=extra_toml_help)
+    parser.add_argument("--log-level", default="info",
+                        help="panicd's PANICD_LOG_LEVEL (%(default)s, as deployed)")
+    parser.add_argument("--keep-log", type=Path, default=None,
+                        help="copy panicd's log of the (last) run here")
+    parser.add_argument("--profile", type=Path, default=None, help=profile_help)
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:

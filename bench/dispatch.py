@@ -48,7 +48,7 @@ from typing import IO, Self
 import aiohttp
 from aiohttp import web
 
-from bench.common import Panicd, percentile, profiled, repeated_runs
+from bench.common import Panicd, add_run_options, percentile, profiled, repeated_runs
 from firmware_sim.broker import Mosquitto, free_port
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import storm
@@ -505,21 +505,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="level 1 channels, comma-separated (%(default)s)")
     parser.add_argument("--peer", choices=("prism", "self"), default="prism",
                         help="forward to Prism, or let the proxy answer 201 itself")
-    parser.add_argument("--runs", type=int, default=1, help="repeat and report medians")
     parser.add_argument("--baseline-requests", type=int, default=1000,
                         help="direct Prism requests for the baseline (%(default)s)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="wait this long after the storm for the last alerts (%(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="bound on start-up waits, seconds (%(default)s)")
-    parser.add_argument("--extra-toml", default="",
-                        help="appended to [dispatch], e.g. 'send_concurrency = 32\\n'")
-    parser.add_argument("--log-level", default="info",
-                        help="panicd's PANICD_LOG_LEVEL (%(default)s, as deployed)")
-    parser.add_argument("--keep-log", type=Path, default=None,
-                        help="copy panicd's log of the (last) run here")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="write py-spy raw stacks of panicd during the storm here")
+    add_run_options(
+        parser, timeout_s=60.0, timeout_help="bound on start-up waits",
+        extra_toml_help="appended to [dispatch], e.g. 'send_concurrency = 32\\n'",
+        profile_help="write py-spy raw stacks of panicd during the storm here",
+    )
     parser.add_argument("--serve-proxy", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--records", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

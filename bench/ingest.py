@@ -37,7 +37,14 @@ from pathlib import Path
 
 import aiomqtt
 
-from bench.common import Panicd, cpu_seconds, percentile, profiled, repeated_runs
+from bench.common import (
+    Panicd,
+    add_run_options,
+    cpu_seconds,
+    percentile,
+    profiled,
+    repeated_runs,
+)
 from bench.floor import FLOOR_CLIENT_ID, drain_floor
 from bench.history import fill_history
 from firmware_sim.broker import Mosquitto
@@ -323,17 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="latency storm seconds (%(default)s)")
     parser.add_argument("--history", type=int, default=0,
                         help="past presses already in panicd's database (%(default)s)")
-    parser.add_argument("--runs", type=int, default=1, help="repeat and report medians")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="bound on every wait, seconds (%(default)s)")
-    parser.add_argument("--extra-toml", default="",
-                        help="appended to panicd.toml, e.g. '[ingest]\\nbatch_max = 512\\n'")
-    parser.add_argument("--log-level", default="info",
-                        help="panicd's PANICD_LOG_LEVEL (%(default)s, as deployed)")
-    parser.add_argument("--keep-log", type=Path, default=None,
-                        help="copy panicd's log of the (last) run here")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="write py-spy stacks of panicd (drain.txt, storm.txt) here")
+    add_run_options(
+        parser, timeout_s=120.0, timeout_help="bound on every wait",
+        extra_toml_help="appended to panicd.toml, e.g. '[ingest]\\nbatch_max = 512\\n'",
+        profile_help="write py-spy stacks of panicd (drain.txt, storm.txt) here",
+    )
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="run panicd with sys.setswitchinterval (informative comparison)")
     args = parser.parse_args(argv)
