@@ -31,6 +31,7 @@ from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import CounterState, SimDevice, load_keys
 from gateway.config import load_config
 from gateway.model import GeoFix, PressKind
+from gateway.verify import REPLAY_WINDOW
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "config" / "demo" / "panicd.toml"
@@ -102,8 +103,8 @@ async def _scenario(host: str, port: int, fleet: dict[str, SimDevice], state: Co
 
     _say("Bad input: each becomes a dead letter with its reason, and panicd keeps running")
     await press("MDN-KLG-0001", PressKind.PANIC, tamper=True, note="a forged tag")
-    await press("MDN-OOO-0001", PressKind.PANIC, counter=last - 5,
-                note="a replayed old counter")
+    await press("MDN-OOO-0001", PressKind.PANIC, counter=last - REPLAY_WINDOW - 5,
+                note="a replayed counter older than the anti-replay window")
     async with aiomqtt.Client(host, port, identifier="demo-garbage") as client:
         await client.publish("panicd/v1/dev/MDN-XXX-9999/up",
                              b'{"v":1,"dev":"MDN-XXX-9999","ctr":1,"kind":"panic","tag":"'

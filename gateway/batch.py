@@ -36,7 +36,15 @@ from gateway.store import (
     PressRow,
     TimelineRow,
 )
-from gateway.verify import Accept, DeviceState, Duplicate, KnownPress, Reject, verify
+from gateway.verify import (
+    Accept,
+    DeviceState,
+    Duplicate,
+    KnownPress,
+    Reject,
+    seen_state,
+    verify,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,15 +253,24 @@ class BatchProcessor:
                     )
                 )
                 return Repeated(press_id, device.id, frame.counter)
-            case Accept(device, counter_reset):
-                return self._accept(item, frame, device, work, counter_reset=counter_reset)
+            case Accept(device, counter_reset, trust):
+                return self._accept(
+                    item, frame, device, work, counter_reset=counter_reset, trust=trust
+                )
 
     def _path_row(self, press_id: int, item: Inbound) -> PathRow:
         r = item.reception
         return PathRow(press_id, r.path, r.received_at, r.rssi, r.snr)
 
     def _accept(
-        self, item: Inbound, frame: Frame, device: Device, work: BatchResult, *, counter_reset: bool
+        self,
+        item: Inbound,
+        frame: Frame,
+        device: Device,
+        work: BatchResult,
+        *,
+        counter_reset: bool,
+        trust: Trust,
     ) -> Outcome:
         at = item.reception.received_at
         press_id = self._ids.allocate_press_id()
@@ -328,7 +345,7 @@ class BatchProcessor:
                 counter=frame.counter,
                 kind=frame.kind.value,
                 format=frame.format,
-                trust=item.trust.value,
+                trust=trust.value,
                 received_at=at,
                 device_time=frame.device_time,
                 battery=frame.battery,
@@ -340,21 +357,13 @@ class BatchProcessor:
             )
         )
         writes.paths.append(self._path_row(press_id, item))
-        previous = work.devices.get(device.id)
-        battery = (
-            frame.battery if frame.battery is not None else (previous.battery if previous else None)
-        )
-        counter = (
-            frame.counter
-            if frame.counter is not None
-            else (previous.last_counter if previous else None)
-        )
-        work.devices[device.id] = DeviceState(device.id, counter, at, battery)
+        state = seen_state(work.devices.get(device.id), device.id, frame, trust, at)
+        work.devices[device.id] = state
         writes.devices[device.id] = DeviceSeen(
-            device.id, counter, at, frame.kind.value, item.reception.path, battery
+            state, frame.kind.value, item.reception.path
         )
         if frame.counter is not None:
-            work.known[device.id, frame.counter] = KnownPress(press_id, frame.kind, at)
+            work.known[device.id, frame.counter] = KnownPress(press_id, frame.kind, at, trust)
         fields: dict[str, object] = {
             "device": device.id,
             "counter": frame.counter,

@@ -188,6 +188,23 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_final ON outbox (channel, state)
         WHERE state IN ('sent', 'delivered', 'failed', 'no_answer', 'cancelled');
     """,
+    # 5: signed counters and network frame counters are separate sequences, and signed
+    # counters get an anti-replay window (gateway/verify.py, docs/SECURITY.md). Before,
+    # last_counter held whichever sequence the newest press carried, so a network frame
+    # (fCnt 4294967295) could lock a keyed button out. A device whose newest press was
+    # network-trusted has that counter moved over, and its signed counter recomputed from
+    # its signed presses. The window starts knowing only last_counter itself.
+    """
+    ALTER TABLE devices ADD COLUMN replay_window INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN last_network_counter INTEGER;
+    UPDATE devices SET last_network_counter = last_counter
+        WHERE (SELECT p.trust FROM presses AS p WHERE p.device_id = devices.id
+               ORDER BY p.id DESC LIMIT 1) = 'network';
+    UPDATE devices SET last_counter = (SELECT MAX(p.counter) FROM presses AS p
+                                       WHERE p.device_id = devices.id AND p.trust = 'signed')
+        WHERE last_network_counter IS NOT NULL;
+    UPDATE devices SET replay_window = 1 WHERE last_counter IS NOT NULL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

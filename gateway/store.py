@@ -19,9 +19,21 @@ from typing import Any, Protocol, Self
 import aiosqlite
 
 from gateway.dedup import ActiveIncident
-from gateway.model import PressKind
+from gateway.model import PressKind, Trust
 from gateway.schema import MIGRATIONS, SCHEMA_VERSION, StoreError, migrate
 from gateway.verify import DeviceState, KnownPress
+
+_SIGN_BIT = 1 << 63
+
+
+def window_to_sql(window: int) -> int:
+    """The 64-bit replay window as SQLite's signed 64-bit INTEGER."""
+    return window - (1 << 64) if window & _SIGN_BIT else window
+
+
+def window_from_sql(value: int | None) -> int:
+    """The replay window from its stored signed form."""
+    return 0 if value is None else value & ((1 << 64) - 1)
 
 # Re-exported: the store is where callers look for these.
 __all__ = [
@@ -112,12 +124,9 @@ class TimelineRow:
 class DeviceSeen:
     """The device's state after the batch (only the newest frame per device is kept)."""
 
-    device_id: str
-    counter: int | None
-    seen_at: float
+    state: DeviceState
     kind: str
     path: str
-    battery: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,11 +355,14 @@ class SqliteStore(SqliteDatabase):
             marks = ",".join("?" * len(chunk))
             # Only "?" placeholders are interpolated into these statements.
             sql = (
-                f"SELECT id, last_counter, last_seen_at, battery FROM devices WHERE id IN ({marks})"  # noqa: S608
+                "SELECT id, last_counter, last_seen_at, battery, replay_window,"  # noqa: S608
+                f" last_network_counter FROM devices WHERE id IN ({marks})"
             )
             rows = await self.db.execute_fetchall(sql, chunk)
             for row in rows:
-                devices[row[0]] = DeviceState(row[0], row[1], row[2], row[3])
+                devices[row[0]] = DeviceState(
+                    row[0], row[1], row[2], row[3], window_from_sql(row[4]), row[5]
+                )
             sql = f"SELECT id, device_id, test, opened_at, press_count, urgent FROM incidents WHERE device_id IN ({marks}) AND status IN ('open', 'acknowledged') ORDER BY id"  # noqa: S608, E501
             rows = await self.db.execute_fetchall(sql, chunk)
             for row in rows:
@@ -374,13 +386,15 @@ class SqliteStore(SqliteDatabase):
             # (VALUES …)` made SQLite 3.40 scan every press ever stored, once per batch.
             sql = (
                 f"WITH k (device_id, counter) AS (VALUES {values})"  # noqa: S608
-                " SELECT p.device_id, p.counter, p.id, p.kind, p.received_at"
+                " SELECT p.device_id, p.counter, p.id, p.kind, p.received_at, p.trust"
                 " FROM k JOIN presses AS p ON p.device_id = k.device_id AND p.counter = k.counter"
                 " ORDER BY p.id"
             )
             rows = await self.db.execute_fetchall(sql, params)
             for row in rows:
-                known[row[0], row[1]] = KnownPress(row[2], PressKind(row[3]), row[4])
+                known[row[0], row[1]] = KnownPress(
+                    row[2], PressKind(row[3]), row[4], Trust(row[5])
+                )
         return BatchState(devices, active, active_test, known)
 
     async def write(self, writes: BatchWrites) -> None:
@@ -497,14 +511,26 @@ class SqliteStore(SqliteDatabase):
         if writes.devices:
             await db.executemany(
                 "INSERT INTO devices (id, last_counter, last_seen_at, last_kind, last_path,"
-                " battery) VALUES (?, ?, ?, ?, ?, ?)"
+                " battery, replay_window, last_network_counter) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET"
                 " last_counter = COALESCE(excluded.last_counter, last_counter),"
                 " last_seen_at = MAX(COALESCE(last_seen_at, 0), excluded.last_seen_at),"
                 " last_kind = excluded.last_kind, last_path = excluded.last_path,"
-                " battery = COALESCE(excluded.battery, battery)",
+                " battery = COALESCE(excluded.battery, battery),"
+                " replay_window = excluded.replay_window,"
+                " last_network_counter = COALESCE(excluded.last_network_counter,"
+                " last_network_counter)",
                 [
-                    (d.device_id, d.counter, d.seen_at, d.kind, d.path, d.battery)
+                    (
+                        d.state.device_id,
+                        d.state.last_counter,
+                        d.state.last_seen_at,
+                        d.kind,
+                        d.path,
+                        d.state.battery,
+                        window_to_sql(d.state.window),
+                        d.state.last_network_counter,
+                    )
                     for d in writes.devices.values()
                 ],
             )

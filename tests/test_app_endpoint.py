@@ -103,7 +103,7 @@ async def test_a_replayed_older_counter_is_a_conflict(
     client: TestClient, fleet: Fleet  # type: ignore[type-arg]
 ) -> None:
     device = fleet.devices[0]
-    await client.post("/v1/panic", data=frame_bytes(device, 9), headers=JSON)
+    await client.post("/v1/panic", data=frame_bytes(device, 900), headers=JSON)
     response = await client.post("/v1/panic", data=frame_bytes(device, 3), headers=JSON)
     assert response.status == 409
     assert (await response.json())["error"] == "stale_counter"

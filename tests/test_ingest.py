@@ -11,13 +11,17 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import structlog
 
 from firmware_sim.fleet import SimDevice
+from firmware_sim.third_party import CHIRPSTACK_APPLICATION, CHIRPSTACK_GATEWAY, chirpstack_uplink
+from gateway.config import load_config
 from gateway.dedup import DedupPolicy
 from gateway.formats import native
+from gateway.formats.chirpstack import ChirpstackDecoder
 from gateway.ingest import (
     DeadLettered,
     Inbound,
@@ -29,6 +33,7 @@ from gateway.ingest import (
 )
 from gateway.model import Frame, GeoFix, PressKind, Reception, Trust
 from gateway.store import SqliteStore
+from gateway.verify import REPLAY_WINDOW
 from tests.pipeline import (
     T0,
     BlockingStore,
@@ -296,7 +301,7 @@ async def test_every_rejection_reason_is_kept_as_a_dead_letter_with_its_payload(
     one, two, three = fleet.devices
     ghost = SimDevice("GHOST-1", hashlib.sha256(b"ghost").digest(), None)
     keyless = SimDevice("KEYLESS-1", hashlib.sha256(b"keyless").digest(), None)
-    (accepted,) = await pipe.send(pipe.item(frame_bytes(three, 10), at=T0))
+    (accepted,) = await pipe.send(pipe.item(frame_bytes(three, 100), at=T0))
     _stored(accepted)
 
     wrong_key = native.encode(key=b"k" * 32, device_id=one.id, counter=1, kind=PressKind.PANIC)
@@ -314,8 +319,8 @@ async def test_every_rejection_reason_is_kept_as_a_dead_letter_with_its_payload(
          {"decoded": Frame(format=native.FORMAT, device_ref=two.id, kind=PressKind.PANIC,
                            counter=5)}),
         ("no_counter", b"no-counter-frame", {"decoded": _signed_without_counter(two)}),
-        ("stale_counter", frame_bytes(three, 9), {}),
-        ("counter_reused", frame_bytes(three, 10, PressKind.CANCEL), {}),
+        ("stale_counter", frame_bytes(three, 100 - REPLAY_WINDOW), {}),
+        ("counter_reused", frame_bytes(three, 100, PressKind.CANCEL), {}),
     ]
     items = []
     for index, (_, payload, extra) in enumerate(cases):
@@ -341,7 +346,7 @@ async def test_every_rejection_reason_is_kept_as_a_dead_letter_with_its_payload(
     # Nothing rejected touched the accepted press, its device state or any incident.
     assert scalar(fleet.database, "SELECT COUNT(*) FROM presses") == 1
     last = scalar(fleet.database, "SELECT last_counter FROM devices WHERE id = ?", (three.id,))
-    assert last == 10
+    assert last == 100
     assert scalar(fleet.database, "SELECT COUNT(*) FROM incidents") == 1
 
 
@@ -504,3 +509,81 @@ async def test_drain_returns_true_once_idle_and_false_while_a_commit_is_held(
             assert future.done()
             assert ingestor.depth == 0
     assert scalar(fleet.database, "SELECT COUNT(*) FROM presses") == 1
+
+
+LORA_EUI = "0004a30b001c0530"
+LORA_DEVICE = (
+    '[[device]]\nid = "L0001A2B3"\nhardware = "lora-button"\n'
+    "location = { lat = -7.62182, lon = 111.53096 }\n"
+    f'external_ids = {{ chirpstack = "{LORA_EUI}" }}\n'
+)
+
+
+async def test_an_unsigned_network_uplink_cannot_fake_or_silence_a_keyed_button(
+    tmp_path: Path,
+) -> None:
+    """Issue 11 case 1: an unsigned ChirpStack uplink (codec object, fCnt 2**32-1) naming a
+    keyed button is refused, and the button's signed presses are accepted afterwards."""
+    fleet = make_fleet(tmp_path, extra_registry=LORA_DEVICE)
+    lora = SimDevice("L0001A2B3", hashlib.sha256(b"l0001a2b3").digest(), None)
+    with fleet.keys_path.open("a", encoding="utf-8") as keys:
+        keys.write(f'\n"L0001A2B3" = "{lora.key.hex()}"\n')
+    config = load_config(fleet.config_path, environ=fleet.environ)
+    assert config.devices["L0001A2B3"].key == lora.key
+    decoder = ChirpstackDecoder()
+    forged = {
+        "deviceInfo": {"devEui": LORA_EUI, "deviceName": "L0001A2B3"},
+        "fCnt": 4294967295,
+        "object": {"event": "panic"},
+        "rxInfo": [{"gatewayId": CHIRPSTACK_GATEWAY, "rssi": -90, "snr": 7.0}],
+    }
+    topic = f"application/{CHIRPSTACK_APPLICATION}/device/{LORA_EUI}/event/up"
+    payload = json.dumps(forged).encode()
+    _, signed_uplink = chirpstack_uplink(lora, LORA_EUI, counter=3, f_cnt=12, kind=PressKind.PANIC)
+    async with (
+        SqliteStore(fleet.database) as store,
+        Ingestor(store, config, fleet.locator, policy=POLICY) as ingestor,
+    ):
+        pipe = Collector(ingestor)
+
+        def uplink(body: bytes, at: float) -> tuple[Inbound, asyncio.Future[Outcome]]:
+            decoded = decoder.decode(topic, body)
+            assert isinstance(decoded, Frame)
+            return pipe.item(body, at=at, decoded=decoded, trust=Trust.NETWORK,
+                             format_name="chirpstack", path="mqtt:lns")
+
+        (refused,) = await pipe.send(uplink(payload, T0))
+        native_press, wrapped = await pipe.send(
+            pipe.item(frame_bytes(lora, 2), at=T0 + 1), uplink(signed_uplink, T0 + 2)
+        )
+    assert refused == DeadLettered("unsigned")
+    assert _stored(native_press).counter == 2
+    assert _stored(wrapped).counter == 3
+    assert rows(fleet.database, "SELECT counter, trust FROM presses ORDER BY id") == [
+        (2, "signed"), (3, "signed")
+    ]
+    assert rows(
+        fleet.database,
+        "SELECT last_counter, last_network_counter FROM devices WHERE id = 'L0001A2B3'",
+    ) == [(3, None)]
+    assert rows(fleet.database, "SELECT reason, detail FROM dead_letters") == [
+        ("unsigned", "device has a key: only its signed frames are trusted")
+    ]
+
+
+async def test_a_press_lost_before_a_later_one_is_accepted_when_retransmitted(
+    fleet: Fleet, pipe: Collector
+) -> None:
+    """Issue 12: counter 101 got through while 100 was lost at the broker; 100's
+    retransmission is a new press, and a second copy of it is a duplicate."""
+    button = fleet.devices[0]
+    first, later = await pipe.send(
+        pipe.item(frame_bytes(button, 101), at=T0),
+        pipe.item(frame_bytes(button, 100, PressKind.PANIC), at=T0 + 5),
+    )
+    again = await pipe.send(pipe.item(frame_bytes(button, 100), at=T0 + 6))
+    assert _stored(first).counter == 101
+    assert _stored(later).counter == 100
+    assert again == [Repeated(_stored(later).press_id, button.id, 100)]
+    stale = await pipe.send(pipe.item(frame_bytes(button, 101 - REPLAY_WINDOW), at=T0 + 7))
+    assert stale == [DeadLettered("stale_counter")]

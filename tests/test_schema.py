@@ -37,3 +37,41 @@ async def test_a_version_3_database_gains_the_partial_indexes_and_keeps_its_rows
         assert {"outbox_sending", "incidents_closed", "outbox_final"} <= indexes
         stored = list(await db.execute_fetchall("SELECT key, state FROM outbox"))
     assert [tuple(row) for row in stored] == [("ops:health:1:ani", "sending")]
+
+
+async def test_version_5_separates_a_network_counter_from_the_signed_one(tmp_path: Path) -> None:
+    """A button locked out by a network frame's fCnt (issue 11 case 1) is healed on upgrade."""
+    path = tmp_path / "panicd.sqlite3"
+    with closing(sqlite3.connect(path)) as db:
+        for script in MIGRATIONS[:4]:
+            db.executescript(script)
+        db.execute("PRAGMA user_version = 4")
+        db.executemany(
+            "INSERT INTO presses (id, device_id, counter, kind, format, trust, received_at,"
+            " outcome) VALUES (?, ?, ?, 'panic', ?, ?, 1, 'opened')",
+            [
+                (1, "btn-locked", 7, "native", "signed"),
+                (2, "btn-locked", 4294967295, "chirpstack", "network"),
+                (3, "btn-fine", 12, "native", "signed"),
+                (4, "zigbee-1", 40, "zigbee2mqtt", "network"),
+            ],
+        )
+        db.executemany(
+            "INSERT INTO devices (id, last_counter, last_seen_at) VALUES (?, ?, 1)",
+            [("btn-locked", 4294967295), ("btn-fine", 12), ("zigbee-1", 40), ("idle", None)],
+        )
+        db.commit()
+    async with aiosqlite.connect(path) as db:
+        assert await migrate(db) == SCHEMA_VERSION
+        stored = list(
+            await db.execute_fetchall(
+                "SELECT id, last_counter, replay_window, last_network_counter FROM devices"
+                " ORDER BY id"
+            )
+        )
+    assert [tuple(row) for row in stored] == [
+        ("btn-fine", 12, 1, None),
+        ("btn-locked", 7, 1, 4294967295),
+        ("idle", None, 0, None),
+        ("zigbee-1", None, 0, 40),
+    ]

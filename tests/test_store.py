@@ -30,6 +30,14 @@ from gateway.verify import DeviceState, KnownPress
 T0 = 1_700_000_000.0
 
 
+def _seen(  # noqa: PLR0917 -- mirrors the row's columns
+    device: str, counter: int | None, at: float, kind: str, path: str, battery: int | None
+) -> DeviceSeen:
+    return DeviceSeen(
+        DeviceState(device, counter, at, battery, window=0 if counter is None else 1), kind, path
+    )
+
+
 def _press(
     id_: int,
     *,
@@ -157,13 +165,13 @@ async def test_batch_state_of_an_empty_database_is_empty(tmp_path: Path) -> None
 async def test_batch_state_returns_device_states(tmp_path: Path) -> None:
     async with SqliteStore(tmp_path / "db") as store:
         seen = {
-            "btn-1": DeviceSeen("btn-1", 41, T0, "heartbeat", "mqtt:local", 77),
-            "btn-2": DeviceSeen("btn-2", None, T0 + 1, "panic", "mqtt:local", None),
+            "btn-1": _seen("btn-1", 41, T0, "heartbeat", "mqtt:local", 77),
+            "btn-2": _seen("btn-2", None, T0 + 1, "panic", "mqtt:local", None),
         }
         await _commit(store, BatchWrites(devices=seen))
         state = await store.batch_state(["btn-1", "btn-2", "btn-3"], [])
     assert state.devices == {
-        "btn-1": DeviceState("btn-1", 41, T0, 77),
+        "btn-1": DeviceState("btn-1", 41, T0, 77, window=1),
         "btn-2": DeviceState("btn-2", None, T0 + 1, None),
     }
 
@@ -268,7 +276,7 @@ async def test_batch_state_chunks_more_than_400_devices_and_keys(tmp_path: Path)
             BatchWrites(
                 presses=[_press(n + 1, device=d, counter=n) for n, d in enumerate(devices)],
                 devices={
-                    d: DeviceSeen(d, n, T0, "panic", "p", n % 101) for n, d in enumerate(devices)
+                    d: _seen(d, n, T0, "panic", "p", n % 101) for n, d in enumerate(devices)
                 },
                 incidents=[
                     _incident(n + 1, device=d, test=n % 2 == 1) for n, d in enumerate(devices)
@@ -278,7 +286,7 @@ async def test_batch_state_chunks_more_than_400_devices_and_keys(tmp_path: Path)
         keys = [(d, n) for n, d in enumerate(devices)] + [(d, n + 1) for n, d in enumerate(devices)]
         state = await store.batch_state(devices, keys)
     assert len(state.devices) == 1000
-    assert state.devices["btn-0999"] == DeviceState("btn-0999", 999, T0, 999 % 101)
+    assert state.devices["btn-0999"] == DeviceState("btn-0999", 999, T0, 999 % 101, window=1)
     assert len(state.known) == 1000
     assert state.known["btn-0777", 777].press_id == 778
     assert ("btn-0777", 778) not in state.known
@@ -411,19 +419,21 @@ async def test_device_upsert_keeps_old_values_where_the_new_frame_has_none(tmp_p
     path = tmp_path / "db"
     async with SqliteStore(path) as store:
         await _commit(
-            store, BatchWrites(devices={"btn-1": DeviceSeen("btn-1", 5, T0, "panic", "a", 90)})
+            store, BatchWrites(devices={"btn-1": _seen("btn-1", 5, T0, "panic", "a", 90)})
         )
         await _commit(
             store,
             BatchWrites(
-                devices={"btn-1": DeviceSeen("btn-1", None, T0 + 30, "heartbeat", "b", None)}
+                devices={"btn-1": _seen("btn-1", None, T0 + 30, "heartbeat", "b", None)}
             ),
         )
         await _commit(
-            store, BatchWrites(devices={"btn-1": DeviceSeen("btn-1", 2, T0 + 10, "panic", "c", 40)})
+            store, BatchWrites(devices={"btn-1": _seen("btn-1", 2, T0 + 10, "panic", "c", 40)})
         )
-    # The network counter went back (a reset) and is stored; last_seen_at never goes back.
-    assert await _rows(path, "SELECT * FROM devices") == [("btn-1", 2, T0 + 30, "panic", "c", 40)]
+    # The counter the newest state carries is stored; last_seen_at never goes back.
+    assert await _rows(path, "SELECT * FROM devices") == [
+        ("btn-1", 2, T0 + 30, "panic", "c", 40, 1, None)
+    ]
 
 
 async def test_dead_letters_keep_reason_and_raw_payload(tmp_path: Path) -> None:

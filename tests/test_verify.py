@@ -7,18 +7,24 @@ import hashlib
 import hmac
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.model import Device, Frame, PressKind, Trust
 from gateway.verify import (
     MIN_TAG_BYTES,
     NETWORK_DUPLICATE_WINDOW_S,
+    REPLAY_WINDOW,
     Accept,
     DeviceState,
     Duplicate,
     KnownPress,
     Reject,
+    seen_state,
     tag_valid,
     verify,
+    window_add,
+    window_has,
 )
 
 KEY = bytes(range(32))
@@ -56,8 +62,13 @@ def _network(counter: int | None = 10, kind: PressKind = PressKind.PANIC) -> Fra
     return Frame(format="zigbee2mqtt", device_ref="0x00158d0001", kind=kind, counter=counter)
 
 
-def _state(last_counter: int | None) -> DeviceState:
-    return DeviceState("btn-1", last_counter, NOW - 60, 80)
+def _state(last_counter: int | None, window: int = 1) -> DeviceState:
+    """A device whose highest signed counter is ``last_counter`` (window: only that one)."""
+    return DeviceState("btn-1", last_counter, NOW - 60, 80, window=window)
+
+
+def _net_state(last_network_counter: int | None) -> DeviceState:
+    return DeviceState("btn-1", None, NOW - 60, 80, last_network_counter=last_network_counter)
 
 
 def _verify(
@@ -125,9 +136,10 @@ def test_network_source_frame_carrying_a_tag_is_verified_as_signed() -> None:
     """Our LoRa frame inside a ChirpStack uplink: the network source does not skip the tag."""
     forged = _signed(key=b"\x02" * 32)
     assert _verify(forged, trust=Trust.NETWORK) == Reject("bad_tag")
-    verdict = _verify(_signed(counter=5), trust=Trust.NETWORK, state=_state(9))
+    verdict = _verify(_signed(counter=5), trust=Trust.NETWORK, state=_state(9, window=0b11111))
     assert isinstance(verdict, Reject)
-    assert verdict.reason == "stale_counter"
+    assert verdict.reason == "replayed_counter"
+    assert _verify(_signed(counter=10), trust=Trust.NETWORK, state=_state(9)) == Accept(_device())
 
 
 # --- duplicates -----------------------------------------------------------------------
@@ -147,18 +159,22 @@ def test_signed_known_press_is_a_duplicate_at_any_age() -> None:
 
 def test_network_known_press_within_window_is_a_duplicate() -> None:
     known = KnownPress(
-        press_id=5, kind=PressKind.PANIC, received_at=NOW - NETWORK_DUPLICATE_WINDOW_S
+        press_id=5, kind=PressKind.PANIC, received_at=NOW - NETWORK_DUPLICATE_WINDOW_S,
+        trust=Trust.NETWORK,
     )
-    verdict = _verify(_network(), trust=Trust.NETWORK, state=_state(10), known=known)
-    assert verdict == Duplicate(_device(), 5)
+    verdict = _verify(_network(), device=_device(key=None), trust=Trust.NETWORK,
+                      state=_net_state(10), known=known)
+    assert verdict == Duplicate(_device(key=None), 5)
 
 
 def test_network_known_press_past_window_is_a_new_press_after_counter_reset() -> None:
     known = KnownPress(
-        press_id=5, kind=PressKind.PANIC, received_at=NOW - NETWORK_DUPLICATE_WINDOW_S - 1
+        press_id=5, kind=PressKind.PANIC, received_at=NOW - NETWORK_DUPLICATE_WINDOW_S - 1,
+        trust=Trust.NETWORK,
     )
-    verdict = _verify(_network(), trust=Trust.NETWORK, state=_state(10), known=known)
-    assert verdict == Accept(_device(), counter_reset=True)
+    verdict = _verify(_network(), device=_device(key=None), trust=Trust.NETWORK,
+                      state=_net_state(10), known=known)
+    assert verdict == Accept(_device(key=None), counter_reset=True, trust=Trust.NETWORK)
 
 
 def test_known_counter_with_another_kind_is_counter_reused() -> None:
@@ -170,8 +186,10 @@ def test_known_counter_with_another_kind_is_counter_reused() -> None:
 
 
 def test_network_known_counter_with_another_kind_within_window_is_counter_reused() -> None:
-    known = KnownPress(press_id=3, kind=PressKind.CANCEL, received_at=NOW - 1)
-    verdict = _verify(_network(kind=PressKind.PANIC), trust=Trust.NETWORK, known=known)
+    known = KnownPress(press_id=3, kind=PressKind.CANCEL, received_at=NOW - 1,
+                       trust=Trust.NETWORK)
+    verdict = _verify(_network(kind=PressKind.PANIC), device=_device(key=None),
+                      trust=Trust.NETWORK, known=known)
     assert isinstance(verdict, Reject)
     assert verdict.reason == "counter_reused"
 
@@ -194,38 +212,110 @@ def test_signed_counter_without_stored_state_is_accepted() -> None:
     assert _verify(_signed(counter=0), state=_state(None)) == Accept(_device())
 
 
-def test_signed_counter_below_last_is_stale() -> None:
-    verdict = _verify(_signed(counter=9), state=_state(10))
+def test_signed_counter_older_than_the_window_is_stale() -> None:
+    verdict = _verify(_signed(counter=9), state=_state(9 + REPLAY_WINDOW))
     assert isinstance(verdict, Reject)
     assert verdict.reason == "stale_counter"
     assert "9" in verdict.detail
-    assert "10" in verdict.detail
+    assert str(9 + REPLAY_WINDOW) in verdict.detail
 
 
-def test_signed_counter_equal_to_last_without_known_press_is_stale() -> None:
+def test_signed_counter_inside_the_window_never_accepted_is_a_late_press() -> None:
+    """A press lost at the broker, retransmitted after the next one got through (issue 12)."""
+    assert _verify(_signed(counter=9), state=_state(10)) == Accept(_device())
+    oldest = 10 - REPLAY_WINDOW + 1
+    assert _verify(_signed(counter=oldest), state=_state(10)) == Accept(_device())
+
+
+def test_signed_counter_inside_the_window_already_accepted_is_replayed() -> None:
+    verdict = _verify(_signed(counter=8), state=_state(10, window=0b101))
+    assert verdict == Reject("replayed_counter", "counter 8 was accepted before")
+
+
+def test_signed_counter_equal_to_last_without_known_press_is_replayed() -> None:
     verdict = _verify(_signed(counter=10), state=_state(10), known=None)
     assert isinstance(verdict, Reject)
-    assert verdict.reason == "stale_counter"
+    assert verdict.reason == "replayed_counter"
 
 
 def test_network_counter_going_back_is_accepted_as_a_reset() -> None:
-    verdict = _verify(_network(counter=0), trust=Trust.NETWORK, state=_state(4000))
-    assert verdict == Accept(_device(), counter_reset=True)
+    verdict = _verify(_network(counter=0), device=_device(key=None), trust=Trust.NETWORK,
+                      state=_net_state(4000))
+    assert verdict == Accept(_device(key=None), counter_reset=True, trust=Trust.NETWORK)
 
 
 def test_network_counter_equal_without_known_press_is_a_reset() -> None:
-    verdict = _verify(_network(counter=10), trust=Trust.NETWORK, state=_state(10))
-    assert verdict == Accept(_device(), counter_reset=True)
+    verdict = _verify(_network(counter=10), device=_device(key=None), trust=Trust.NETWORK,
+                      state=_net_state(10))
+    assert verdict == Accept(_device(key=None), counter_reset=True, trust=Trust.NETWORK)
 
 
 def test_network_counter_above_last_is_accepted_without_reset() -> None:
-    verdict = _verify(_network(counter=11), trust=Trust.NETWORK, state=_state(10))
-    assert verdict == Accept(_device(), counter_reset=False)
+    verdict = _verify(_network(counter=11), device=_device(key=None), trust=Trust.NETWORK,
+                      state=_net_state(10))
+    assert verdict == Accept(_device(key=None), counter_reset=False, trust=Trust.NETWORK)
+
+
+def test_network_counter_is_not_compared_with_the_signed_counter() -> None:
+    verdict = _verify(_network(counter=3), device=_device(key=None), trust=Trust.NETWORK,
+                      state=_state(4000))
+    assert verdict == Accept(_device(key=None), trust=Trust.NETWORK)
 
 
 def test_network_frame_without_counter_is_accepted() -> None:
-    verdict = _verify(_network(counter=None), trust=Trust.NETWORK, state=_state(10))
+    verdict = _verify(_network(counter=None), device=_device(key=None), trust=Trust.NETWORK,
+                      state=_net_state(10))
+    assert verdict == Accept(_device(key=None), trust=Trust.NETWORK)
+
+
+# --- a keyed device is trusted only through its signature (issue 11, case 1) ----------
+
+
+@pytest.mark.parametrize("kind", list(PressKind))
+def test_unsigned_network_frame_naming_a_keyed_device_is_refused(kind: PressKind) -> None:
+    """An unsigned ChirpStack codec object must not raise a panic in a keyed button's name."""
+    verdict = _verify(_network(counter=2**32 - 1, kind=kind), trust=Trust.NETWORK)
+    assert verdict == Reject("unsigned", "device has a key: only its signed frames are trusted")
+
+
+def test_network_frame_never_moves_the_signed_counter() -> None:
+    """fCnt 4294967295 on a network frame must not make the button's signed presses stale."""
+    keyless = _device(key=None)
+    network = _network(counter=2**32 - 1)
+    state = seen_state(_state(1), keyless.id, network, Trust.NETWORK, NOW)
+    assert (state.last_counter, state.window, state.last_network_counter) == (1, 1, 2**32 - 1)
+    assert _verify(_signed(counter=2), state=state) == Accept(_device())
+
+
+def test_known_press_of_the_other_sequence_is_not_this_press() -> None:
+    """A network press numbered 5 is no retransmission of signed press 5 (a key was added)."""
+    network_press = KnownPress(press_id=3, kind=PressKind.PANIC, received_at=NOW - 5,
+                               trust=Trust.NETWORK)
+    verdict = _verify(_signed(counter=5), state=_state(4), known=network_press)
     assert verdict == Accept(_device())
+
+
+# --- the anti-replay window -----------------------------------------------------------
+
+
+@given(st.lists(st.integers(min_value=0, max_value=400), max_size=60))
+def test_window_agrees_with_the_set_of_accepted_counters(counters: list[int]) -> None:
+    """window_has is exact inside the window and "accepted" below it, like RFC 4303."""
+    last: int | None = None
+    window = 0
+    accepted: set[int] = set()
+    for counter in counters:
+        if last is not None and window_has(last, window, counter):
+            assert counter in accepted or counter <= last - REPLAY_WINDOW
+            continue
+        assert counter not in accepted
+        last, window = window_add(last, window, counter)
+        accepted.add(counter)
+        assert last == max(accepted)
+        assert window < 1 << REPLAY_WINDOW
+    if last is not None:
+        for counter in range(max(0, last - REPLAY_WINDOW + 1), last + 2):
+            assert window_has(last, window, counter) == (counter in accepted)
 
 
 # --- tag_valid ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ SOURCE = "app"
 FORMAT = "app"
 # Rejection reasons and the HTTP status the app sees for each.
 UNAUTHORISED = frozenset({"unknown_device", "bad_tag", "unsigned", "no_key"})
-CONFLICT = frozenset({"stale_counter", "counter_reused"})
+CONFLICT = frozenset({"stale_counter", "replayed_counter", "counter_reused"})
 
 
 @dataclass(frozen=True, slots=True)
