@@ -473,3 +473,13 @@ def test_arbitrary_json_objects_raise_only_decode_error(
 )
 def test_nearly_valid_frames_raise_only_decode_error(body: dict[str, object]) -> None:
     assert_total(native.decode, "", json.dumps(body).encode())
+
+
+def test_signed_ack_matches_the_documented_vector() -> None:
+    """docs/FRAMES.md, "ACK downlink": the JSON ACK's tag for the test key."""
+    body = native.signed_ack(bytes(range(32)), {"dev": "L0000ABCD", "ctr": 5, "state": "received"})
+    assert body["tag"] == "195b63109b83f0c16d7f872e68c60c7f3a3e719921e333c572a65df6da5d3ca4"
+    assert native.ack_tag_valid(bytes(range(32)), body)
+    assert not native.ack_tag_valid(bytes(range(32)), {**body, "state": "help_coming"})
+    assert not native.ack_tag_valid(bytes(range(32)), {**body, "ctr": True})
+    assert not native.ack_tag_valid(b"\x01" * 32, body)

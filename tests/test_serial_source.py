@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -298,8 +299,31 @@ async def test_json_lines_receiver_gets_an_ack_line(tmp_path: Path) -> None:
         sim.write_line(frame)
         sim.write_line(b"not json")
         await _eventually(lambda: len(sim.stats.commands) == 1)
-    assert sim.stats.commands == [b'{"dev":"L0000ABCD","ctr":5,"state":"received"}']
+    (line,) = sim.stats.commands
+    ack = json.loads(line)
+    assert {k: ack[k] for k in ("dev", "ctr", "state")} == {
+        "dev": "L0000ABCD", "ctr": 5, "state": "received"}
+    assert native.ack_tag_valid(BUTTON.key, ack)
     assert _rows(config, "SELECT reason FROM dead_letters") == [("not_a_json_frame",)]
+
+
+async def test_a_native_json_frame_heard_over_lora_gets_a_signed_ack(tmp_path: Path) -> None:
+    """Issue 11: an unsigned JSON ACK on air could be forged by anyone in radio range."""
+    config = _site(tmp_path, mode="rylr")
+    link = Path(config.serial[0].port)
+    frame = native.encode(key=BUTTON.key, device_id=BUTTON_ID, counter=6, kind=PressKind.PANIC)
+    async with _module(link) as sim, _running(config) as (source,):
+        await asyncio.wait_for(source.wait_connected(), 5)
+        sim.write_line(b"+RCV=7," + str(len(frame)).encode() + b"," + frame + b",-80,9")
+        await _eventually(lambda: len(sim.stats.commands) == 1)
+    (command,) = sim.stats.commands
+    assert command.startswith(b"AT+SEND=7,")
+    body = json.loads(command.split(b",", 2)[2])
+    assert body["state"] == "received"
+    assert native.ack_tag_valid(BUTTON.key, body)
+    forged = {**body, "ctr": 7}
+    assert not native.ack_tag_valid(BUTTON.key, forged)
+    assert not native.ack_tag_valid(BUTTON.key, {k: v for k, v in body.items() if k != "tag"})
 
 
 # ------------------------------------------------------------------ pure line handling

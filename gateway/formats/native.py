@@ -69,6 +69,36 @@ def sign(key: bytes, signed_bytes: bytes) -> bytes:
     return hmac.new(key, signed_bytes, hashlib.sha256).digest()
 
 
+def ack_canonical_bytes(device_id: str, counter: int | None, state: str) -> bytes:
+    """The bytes a JSON acknowledgement's tag covers (docs/FRAMES.md, "Signed ACK")."""
+    ctr = "" if counter is None else str(counter)
+    return f"panicd-ack/{VERSION}|{device_id}|{ctr}|{state}".encode("ascii")
+
+
+def signed_ack(key: bytes, body: dict[str, object]) -> dict[str, object]:
+    """``body`` (with ``dev``, ``state`` and maybe ``ctr``) plus its ``tag``.
+
+    Whoever can reach a button (radio range, a broker account) could otherwise tell it
+    "received" and silence a real panic; the button accepts only a tag made with its key.
+    """
+    ctr = body.get("ctr")
+    signed = ack_canonical_bytes(
+        str(body["dev"]), ctr if isinstance(ctr, int) else None, str(body["state"])
+    )
+    return {**body, "tag": sign(key, signed).hex()}
+
+
+def ack_tag_valid(key: bytes, body: dict[str, object]) -> bool:
+    """Whether a JSON acknowledgement carries a valid tag for ``key`` (the button's check)."""
+    tag, dev, state, ctr = body.get("tag"), body.get("dev"), body.get("state"), body.get("ctr")
+    if not isinstance(tag, str) or not isinstance(dev, str) or not isinstance(state, str):
+        return False
+    if ctr is not None and (not isinstance(ctr, int) or isinstance(ctr, bool)):
+        return False
+    expected = sign(key, ack_canonical_bytes(dev, ctr, state)).hex()
+    return hmac.compare_digest(expected, tag)
+
+
 def encode(
     *,
     key: bytes,

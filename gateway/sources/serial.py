@@ -203,17 +203,19 @@ def downlink(
     """The bytes to write to the receiver to acknowledge a committed press (None: none)."""
     frame = uplink.decoded
     assert isinstance(frame, Frame)
+    if key is None:
+        # Never an unsigned ACK: anyone in radio range could send the same and silence
+        # a real panic (docs/SECURITY.md). A keyless device's press is never accepted.
+        return None
     if mode == "jsonl" or frame.format == native.FORMAT:
-        body: dict[str, object] = {
-            "dev": outcome.device_id,
-            "ctr": outcome.counter,
-            "state": state.name.lower(),
-        }
+        body = native.signed_ack(
+            key, {"dev": outcome.device_id, "ctr": outcome.counter, "state": state.name.lower()}
+        )
         text = json.dumps(body, separators=(",", ":")).encode()
         if mode == "jsonl":
             return text + b"\n"
         return _radio_send(mode, uplink, text, text)
-    if key is None or outcome.counter is None:
+    if outcome.counter is None:
         return None
     ack = lora_ack.encode(device=outcome.device_id, counter=outcome.counter, state=state, key=key)
     # REYAX carries text on air, so the button sends and receives hex; RAK carries bytes.
