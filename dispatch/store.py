@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
@@ -361,24 +361,74 @@ class DispatchStore(SqliteDatabase):
         self,
         outbox_id: int,
         *,
+        sid: str,
         state: str,
+        rank: int,
         now: float,
         error_code: int | None,
         event: str,
         detail: Mapping[str, Any],
-    ) -> bool:
-        """Apply a provider status callback; False if the row is unknown."""
+    ) -> Literal["applied", "replayed", "sid_mismatch", "unknown"]:
+        """Apply a provider status callback about the send whose SID is ``sid``, at most once.
+
+        Twilio's signature carries no nonce, so a captured callback can be replayed at will,
+        and genuine ones arrive out of order. ``rank`` orders the provider's statuses (queued
+        < sent < delivered, initiated < ringing < in-progress < completed): a callback whose
+        rank is not above the highest already on this row's timeline, or whose state would
+        move the row back, changes nothing — no second timeline line, and a final state
+        (delivered, failed, no_answer) is never undone. Returns "unknown" (no such row),
+        "sid_mismatch" (the row's message has another SID: refused), "replayed" (nothing
+        changed) or "applied".
+        """
         async with self.transaction() as db:
-            row = await self._one("SELECT incident_id FROM outbox WHERE id = ?", (outbox_id,))
-            if row is None:
-                return False
-            await db.execute(
-                "UPDATE outbox SET state = CASE WHEN ? = 'sent' AND state IN"
-                " ('delivered', 'failed', 'no_answer') THEN state ELSE ? END,"
-                " error_code = COALESCE(?, error_code),"
-                " updated_at = ? WHERE id = ? AND state NOT IN ('cancelled')",
-                (state, state, error_code, now, outbox_id),
+            row = await self._one(
+                "SELECT incident_id, provider_sid FROM outbox WHERE id = ?", (outbox_id,)
             )
-            if row[0] is not None:
-                await self.timeline(db, row[0], now, event, state, detail=detail)
-        return True
+            if row is None:
+                return "unknown"
+            incident_id, recorded = row
+            if recorded is None:
+                # No SID recorded yet: the callback beat the recording of the provider's
+                # answer (Twilio may post "queued" before create_async returns), or a crash
+                # lost that answer. The signature proves Twilio posted it to this row's own
+                # callback URL, so the SID is one of this row's sends: record it, which
+                # binds every later callback (and call webhook) to it. One exception: a SID
+                # another row already holds is that row's message, and its callback aimed
+                # here is not about this row (outbox ids reused after a database was
+                # recreated): refuse it rather than give one message to two rows (the SID
+                # is UNIQUE). The provider's own answer, recorded later, still wins.
+                if not sid or await self._one(
+                    "SELECT 1 FROM outbox WHERE provider_sid = ?", (sid,)
+                ):
+                    return "sid_mismatch"
+                await db.execute(
+                    "UPDATE outbox SET provider_sid = ? WHERE id = ?", (sid, outbox_id)
+                )
+            elif sid != recorded:
+                return "sid_mismatch"
+            # Forward only: 'sent' from a row not yet sent, a final state from any row not
+            # yet final; never out of a final state, never out of 'cancelled'.
+            moved = await db.execute(
+                "UPDATE outbox SET state = ?, error_code = COALESCE(?, error_code),"
+                " updated_at = ? WHERE id = ? AND (state IN ('pending', 'sending')"
+                " OR (state = 'sent' AND ? IN ('delivered', 'failed', 'no_answer')))",
+                (state, error_code, now, outbox_id, state),
+            )
+            applied = moved.rowcount > 0
+            if incident_id is not None:
+                # The highest status this row's timeline already shows (its lines carry the
+                # outbox id and rank): a replay, or a status overtaken by a later one, adds
+                # no line.
+                shown = await self._one(
+                    "SELECT MAX(json_extract(detail, '$.rank')) FROM incident_events"
+                    " WHERE incident_id = ? AND event = ?"
+                    " AND json_extract(detail, '$.outbox') = ?",
+                    (incident_id, event, outbox_id),
+                )
+                if shown is None or shown[0] is None or rank > int(shown[0]):
+                    await self.timeline(
+                        db, incident_id, now, event, state,
+                        detail={**detail, "outbox": outbox_id, "sid": sid, "rank": rank},
+                    )
+                    applied = True
+        return "applied" if applied else "replayed"

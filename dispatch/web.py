@@ -19,7 +19,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from aiohttp import web
@@ -42,25 +42,27 @@ log = structlog.get_logger("panicd.web")
 MACHINE_ANSWERS = frozenset(
     {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
 )
-# Twilio MessageStatus / CallStatus → outbox state.
+# Twilio MessageStatus / CallStatus → (outbox state, rank). The rank orders one message's
+# or one call's statuses, so that a replayed callback, or one overtaken by a later status,
+# is recognised and changes nothing (DispatchStore.record_status_callback).
 SMS_STATES = {
-    "queued": "sent",
-    "sending": "sent",
-    "sent": "sent",
-    "delivered": "delivered",
-    "undelivered": "failed",
-    "failed": "failed",
+    "queued": ("sent", 1),
+    "sending": ("sent", 2),
+    "sent": ("sent", 3),
+    "delivered": ("delivered", 4),
+    "undelivered": ("failed", 4),
+    "failed": ("failed", 4),
 }
 CALL_STATES = {
-    "queued": "sent",
-    "initiated": "sent",
-    "ringing": "sent",
-    "in-progress": "sent",
-    "completed": "delivered",
-    "busy": "no_answer",
-    "no-answer": "no_answer",
-    "canceled": "failed",
-    "failed": "failed",
+    "queued": ("sent", 1),
+    "initiated": ("sent", 2),
+    "ringing": ("sent", 3),
+    "in-progress": ("sent", 4),
+    "completed": ("delivered", 5),
+    "busy": ("no_answer", 5),
+    "no-answer": ("no_answer", 5),
+    "canceled": ("failed", 5),
+    "failed": ("failed", 5),
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -183,43 +185,70 @@ async def gather(request: web.Request) -> web.Response:
 
 async def sms_status(request: web.Request) -> web.Response:
     """Twilio's MessageStatus callback."""
-    return await _status(request, "MessageStatus", SMS_STATES, "sms")
+    return await _status(request, "MessageStatus", "MessageSid", SMS_STATES, "sms")
 
 
 async def call_status(request: web.Request) -> web.Response:
     """Twilio's CallStatus callback."""
-    return await _status(request, "CallStatus", CALL_STATES, "call")
+    return await _status(request, "CallStatus", "CallSid", CALL_STATES, "call")
 
 
 async def _status(
-    request: web.Request, field: str, states: dict[str, str], kind: str
+    request: web.Request,
+    field: str,
+    sid_field: str,
+    states: dict[str, tuple[str, int]],
+    kind: str,
 ) -> web.Response:
     row = await _outbox(request)
     form = await request.post()
     provider = str(form.get(field, ""))
-    state = states.get(provider)
-    if state is None:
+    known = states.get(provider)
+    if known is None:
         return web.Response(status=204)
+    state, rank = known
+    sid = str(form.get(sid_field, ""))
     code_text = str(form.get("ErrorCode", "")) or None
     error_code = int(code_text) if code_text and code_text.isdigit() else None
     settings = request.app[SETTINGS]
-    await request.app[STORE].record_status_callback(
+    event = "sms.status" if kind == "sms" else "call.status"
+    outcome = await request.app[STORE].record_status_callback(
         row.id,
+        sid=sid,
         state=state,
+        rank=rank,
         now=settings.clock(),
         error_code=error_code,
-        event="sms.status" if kind == "sms" else "call.status",
+        event=event,
         detail={"to": row.person_id, "provider_status": provider, "error_code": error_code},
     )
-    event = "sms.status" if kind == "sms" else "call.status"
+    if outcome == "unknown":
+        raise web.HTTPNotFound
+    if outcome == "sid_mismatch":
+        _sid_mismatch(request, row, sid)
     log.info(
         event,
         incident=row.incident_id,
         person=row.person_id,
         status=provider,
         error_code=error_code,
+        sid=sid,
+        replayed=outcome == "replayed",
     )
     return web.Response(status=204)
+
+
+def _sid_mismatch(request: web.Request, row: OutboxRow, sid: str) -> NoReturn:
+    """Refuse a signed webhook about another message than this outbox row's (409)."""
+    log.warning(
+        "webhook.sid_mismatch",
+        path=request.path,
+        outbox=row.id,
+        sid=sid or None,
+        recorded=row.provider_sid,
+        remote=request.remote,
+    )
+    raise web.HTTPConflict(text="not this message's SID")
 
 
 _PAGE = """<!doctype html>

@@ -109,3 +109,99 @@ async def test_unplanned_incidents_are_read_through_the_index_of_open_incidents(
     with closing(sqlite3.connect(path)) as db:
         reads = [step for step in plan(db, select) if step.split()[1] == "i"]
     assert reads == ["SCAN i USING INDEX incidents_active"]
+
+
+def _store_outbox(path: Path, rows: list[tuple[int, str | None, str]]) -> None:
+    """Outbox rows (id, provider_sid, state) of incident 1, SMS alerts to ani."""
+    with closing(sqlite3.connect(path)) as db:
+        db.executemany(
+            "INSERT INTO outbox (id, key, incident_id, person_id, phone, channel, purpose,"
+            " body, state, provider_sid, created_at, due_at, updated_at)"
+            " VALUES (?, ?, 1, 'ani', '+628120001001', 'sms', 'alert', 'x', ?, ?, ?, ?, ?)",
+            [(i, f"k{i}", state, sid, T0, T0, T0) for i, sid, state in rows],
+        )
+        db.commit()
+
+
+def _row(path: Path, outbox_id: int) -> tuple[str, str | None]:
+    with closing(sqlite3.connect(path)) as db:
+        state, sid = db.execute(
+            "SELECT state, provider_sid FROM outbox WHERE id = ?", (outbox_id,)
+        ).fetchone()
+    return state, sid
+
+
+def _status_lines(path: Path) -> list[str]:
+    with closing(sqlite3.connect(path)) as db:
+        return [r[0] for r in db.execute(
+            "SELECT reason FROM incident_events WHERE event = 'sms.status' ORDER BY id"
+        )]
+
+
+SID_A, SID_B = "SM" + "a" * 32, "SM" + "b" * 32
+
+
+async def test_a_replayed_or_older_status_callback_adds_no_line_and_never_moves_back(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "panicd.sqlite3"
+    async with DispatchStore(path) as store:
+        _store_incidents(path, ["open"], planned={1})
+        _store_outbox(path, [(1, SID_A, "sent")])
+
+        async def callback(state: str, rank: int) -> str:
+            return await store.record_status_callback(
+                1, sid=SID_A, state=state, rank=rank, now=T0 + 5, error_code=None,
+                event="sms.status", detail={"provider_status": state},
+            )
+
+        assert await callback("sent", 3) == "applied"
+        assert await callback("delivered", 4) == "applied"
+        # Twilio's scheme has no nonce: the same callback again, an older one, or another
+        # final status after the final one, change nothing.
+        assert [await callback("delivered", 4), await callback("sent", 3),
+                await callback("failed", 4)] == ["replayed"] * 3
+        assert _row(path, 1) == ("delivered", SID_A)
+        assert _status_lines(path) == ["sent", "delivered"]
+
+
+async def test_a_status_callback_naming_another_sid_than_the_rows_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "panicd.sqlite3"
+    async with DispatchStore(path) as store:
+        _store_incidents(path, ["open"], planned={1})
+        _store_outbox(path, [(1, SID_A, "sent")])
+        for sid in (SID_B, ""):
+            outcome = await store.record_status_callback(
+                1, sid=sid, state="failed", rank=4, now=T0 + 5, error_code=30003,
+                event="sms.status", detail={},
+            )
+            assert outcome == "sid_mismatch"
+        assert _row(path, 1) == ("sent", SID_A)
+        assert _status_lines(path) == []
+        assert await store.record_status_callback(
+            99, sid=SID_A, state="failed", rank=4, now=T0, error_code=None,
+            event="sms.status", detail={},
+        ) == "unknown"
+
+
+async def test_a_callback_racing_the_send_binds_its_sid_unless_another_row_holds_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "panicd.sqlite3"
+    async with DispatchStore(path) as store:
+        _store_incidents(path, ["open"], planned={1})
+        _store_outbox(path, [(1, None, "sending"), (2, SID_B, "sent")])
+
+        async def callback(sid: str) -> str:
+            return await store.record_status_callback(
+                1, sid=sid, state="sent", rank=1, now=T0 + 1, error_code=None,
+                event="sms.status", detail={},
+            )
+
+        assert await callback(SID_B) == "sid_mismatch"  # row 2's message
+        assert _row(path, 1) == ("sending", None)
+        assert await callback(SID_A) == "applied"
+        assert _row(path, 1) == ("sent", SID_A)
+        assert await callback("SM" + "c" * 32) == "sid_mismatch"  # now bound to SID_A

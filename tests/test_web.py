@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
+from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
 from dispatch.engine import Dispatcher
@@ -70,6 +71,22 @@ class Web:
         )
         return await self.client.post(path, data=dict(form),
                                       headers={"X-Twilio-Signature": signature})
+
+    def sid(self, outbox_id: int) -> str:
+        """The provider SID the send recorded on this outbox row."""
+        return str(query(self.database, "SELECT provider_sid FROM outbox WHERE id = ?",
+                         (outbox_id,))[0][0])
+
+    async def sms_status(self, outbox_id: int, status: str, **more: str) -> ClientResponse:
+        """Twilio's MessageStatus callback for this row's message."""
+        return await self.twilio(f"/twilio/status/sms/{outbox_id}",
+                                 {"MessageSid": self.sid(outbox_id), "MessageStatus": status,
+                                  **more})
+
+    async def call_status(self, outbox_id: int, status: str) -> ClientResponse:
+        """Twilio's CallStatus callback for this row's call."""
+        return await self.twilio(f"/twilio/status/call/{outbox_id}",
+                                 {"CallSid": self.sid(outbox_id), "CallStatus": status})
 
     def status(self, outbox_id: int) -> str:
         return str(query(self.database, "SELECT state FROM outbox WHERE id = ?",
@@ -187,14 +204,12 @@ async def test_a_call_reaching_a_cancelled_incident_does_not_claim_the_listener_
 
 async def test_status_callbacks_update_the_outbox(web: Web) -> None:
     sms, call = web.row("ani", "sms"), web.row("ani", "voice")
-    assert (await web.twilio(f"/twilio/status/sms/{sms}", {"MessageStatus": "delivered"})
-            ).status == 204
+    assert (await web.sms_status(sms, "delivered")).status == 204
     assert web.status(sms) == "delivered"
-    await web.twilio(f"/twilio/status/call/{call}", {"CallStatus": "no-answer"})
+    await web.call_status(call, "no-answer")
     assert web.status(call) == "no_answer"
     budi = web.row("budi", "sms")
-    await web.twilio(f"/twilio/status/sms/{budi}",
-                     {"MessageStatus": "undelivered", "ErrorCode": "30003"})
+    await web.sms_status(budi, "undelivered", ErrorCode="30003")
     assert web.status(budi) == "failed"
     assert query(web.database, "SELECT error_code FROM outbox WHERE id = ?", (budi,)) == [
         (30003,)
@@ -208,9 +223,40 @@ async def test_status_callbacks_update_the_outbox(web: Web) -> None:
 async def test_a_late_sent_callback_does_not_undo_delivered(web: Web) -> None:
     # Twilio does not promise status callbacks arrive in order.
     sms = web.row("ani", "sms")
-    await web.twilio(f"/twilio/status/sms/{sms}", {"MessageStatus": "delivered"})
-    await web.twilio(f"/twilio/status/sms/{sms}", {"MessageStatus": "sent"})
+    await web.sms_status(sms, "delivered")
+    await web.sms_status(sms, "sent")
     assert web.status(sms) == "delivered"
+
+
+def status_lines(web: Web, event: str) -> list[str]:
+    return [reason for name, reason, _actor in timeline(web.database, web.incident)
+            if name == event]
+
+
+async def test_a_replayed_status_callback_adds_no_line_and_a_final_state_stays(web: Web) -> None:
+    # Twilio's signature has no nonce: anyone who captured a callback can post it again.
+    call = web.row("ani", "voice")
+    for status in ("initiated", "ringing", "in-progress", "completed"):
+        assert (await web.call_status(call, status)).status == 204
+    lines = status_lines(web, "call.status")
+    for status in ("completed", "ringing", "busy", "failed"):
+        assert (await web.call_status(call, status)).status == 204  # idempotent, not an error
+    assert status_lines(web, "call.status") == lines == ["sent", "sent", "sent", "delivered"]
+    assert web.status(call) == "delivered"
+
+
+async def test_a_status_callback_for_another_message_than_the_rows_is_refused(web: Web) -> None:
+    ani, budi = web.row("ani", "sms"), web.row("budi", "sms")
+    path = f"/twilio/status/sms/{ani}"
+    with capture_logs() as logs:
+        other = await web.twilio(path, {"MessageSid": web.sid(budi), "MessageStatus": "failed"})
+        missing = await web.twilio(path, {"MessageStatus": "failed"})
+    assert [other.status, missing.status] == [409, 409]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "webhook.sid_mismatch"
+    ] * 2
+    assert web.status(ani) == "sent"
+    assert status_lines(web, "sms.status") == []
 
 
 async def test_the_ack_link_get_shows_the_page_without_acking(web: Web) -> None:
