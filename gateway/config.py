@@ -389,18 +389,26 @@ def _mqtt(row: _Table, environ: Mapping[str, str], base: Path) -> MqttSourceConf
     if "password" in row.data:
         raise row.error("password", f"secrets do not belong in the config file: use {env_key}")
     low = row.number("reconnect_min_s", 0.5, 0.05, 60)
+    username = row.get("username", str)
+    # The shipped broker binds client ids to accounts (mosquitto.conf,
+    # use_username_as_clientid): the session is the username's whatever id is sent, so the
+    # id defaults to the username. Other brokers (TTN, a ChirpStack broker) may key
+    # sessions by a client id of their own: an explicit client_id is kept as given.
+    client_id = row.get("client_id", str, username)
+    if client_id is None:
+        raise row.error("client_id", "is required (or set username: it is the default)")
     cfg = MqttSourceConfig(
         name=name,
         host=row.get("host", str, "127.0.0.1"),
         port=int(row.number("port", 1883, 1, 65535)),
-        client_id=row.require("client_id", str),
+        client_id=client_id,
         topics=tuple(topics),
         format=fmt,
         trust=trust,
         keepalive_s=int(row.number("keepalive_s", 30, 5, 3600)),
         tls=row.get("tls", bool, False),
         ca_file=ca_file,
-        username=row.get("username", str),
+        username=username,
         password=password,
         reconnect_min_s=low,
         reconnect_max_s=row.number("reconnect_max_s", 30, low, 3600),

@@ -218,6 +218,12 @@ def test_mqtt_source_without_client_id_is_refused(tmp_path: Path) -> None:
     _assert_names(_error(path, {}), path, "mqtt[0].client_id")
 
 
+def test_mqtt_client_id_defaults_to_the_username_the_broker_binds_it_to(tmp_path: Path) -> None:
+    main = BASE_MAIN.replace('client_id = "panicd-test"\n', 'username = "panicd"\n')
+    (source,) = load_config(_write(tmp_path, main=main), {}).mqtt
+    assert (source.username, source.client_id) == ("panicd", "panicd")
+
+
 def test_password_in_toml_is_refused_without_echoing_it(tmp_path: Path) -> None:
     path = _write(tmp_path, main=BASE_MAIN + 'password = "hunter2-secret"\n')
     error = _error(path, {})
