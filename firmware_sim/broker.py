@@ -1,9 +1,13 @@
 """Run a private Mosquitto with the project's own settings (config/mosquitto.conf).
 
-The production file's listener, credentials and persistence paths are replaced with a
-loopback listener on the given port and a scratch directory; every tuning line (queue
-and in-flight limits, persistence) is kept, so tests and the demo run the broker as
-deployed.
+The production file's listener and persistence paths are replaced with a loopback
+listener on the given port and a scratch directory; every tuning line (queue and
+in-flight limits, persistence) is kept, so tests and the demo run the broker as deployed.
+
+Two modes. The default is open (anonymous clients, any client id, no ACL), for tests of
+the data path. Given ``accounts``, the shipped security is in force: the shipped ACL file
+(config/mosquitto.acl), a password file with those accounts (``mosquitto_passwd``),
+``allow_anonymous false`` and the listener's client-id binding, as a site runs it.
 """
 
 from __future__ import annotations
@@ -13,13 +17,19 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 PROJECT_CONF = Path(__file__).resolve().parent.parent / "config" / "mosquitto.conf"
+PROJECT_ACL = PROJECT_CONF.with_name("mosquitto.acl")
 _REPLACED = ("listener", "allow_anonymous", "password_file", "acl_file", "persistence_location",
-             "log_dest", "pid_file")
+             "log_dest", "pid_file",
+             # TLS files of the production listener: the private one is plain loopback.
+             "certfile", "keyfile", "cafile", "capath", "require_certificate")
+# Security lines of the shipped listener, kept only when the shipped security is in force.
+_SECURITY = ("use_username_as_clientid",)
 
 
 class BrokerError(RuntimeError):
@@ -41,16 +51,65 @@ def find_mosquitto() -> str:
     return found
 
 
-def render_config(port: int, workdir: Path, *, persistence: bool = True) -> str:
-    """The project's broker config, rewritten for a private loopback instance."""
-    lines = [
-        line for line in PROJECT_CONF.read_text(encoding="utf-8").splitlines()
-        if not line.strip().startswith(_REPLACED)
-        and not (line.strip().startswith("persistence ") and not persistence)
-    ]
+def find_mosquitto_passwd() -> str:
+    """The mosquitto_passwd tool (Debian package mosquitto, /usr/bin)."""
+    found = shutil.which("mosquitto_passwd") or shutil.which("mosquitto_passwd", path="/usr/bin")
+    if not found:
+        raise BrokerError("mosquitto_passwd is not installed (Debian: apt-get install mosquitto)")
+    return found
+
+
+def write_password_file(path: Path, accounts: Mapping[str, str]) -> None:
+    """A Mosquitto password file holding ``accounts`` (username -> password)."""
+    tool = find_mosquitto_passwd()
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)  # no accounts at all: a valid, empty file
+    for index, (username, password) in enumerate(accounts.items()):
+        create = ["-c"] if index == 0 else []
+        result = subprocess.run(  # noqa: S603 -- fixed tool, arguments are not shell-parsed
+            [tool, *create, "-b", str(path), username, password],
+            capture_output=True, check=False,
+        )
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).decode(errors="replace").strip()
+            raise BrokerError(f"mosquitto_passwd failed for {username}: {detail}")
+
+
+def render_config(
+    port: int, workdir: Path, *, persistence: bool = True, password_file: Path | None = None
+) -> str:
+    """The project's broker config, rewritten for a private loopback instance.
+
+    With ``password_file``, the shipped security stays in force (the shipped ACL file,
+    no anonymous clients, the listener's security lines); without it the broker is open.
+    """
+    shipped = PROJECT_CONF.read_text(encoding="utf-8").splitlines()
+    # Listener options (use_username_as_clientid) must follow the listener they belong
+    # to: above any listener line Mosquitto would open a default listener on 1883.
+    first = next((i for i, line in enumerate(shipped) if line.strip().startswith("listener")),
+                 len(shipped))
+    secure = password_file is not None
+
+    def keep(line: str) -> bool:
+        stripped = line.strip()
+        if stripped.startswith(_REPLACED):
+            return False
+        if stripped.startswith(_SECURITY) and not secure:
+            return False
+        return not (stripped.startswith("persistence ") and not persistence)
+
+    lines = [line for line in shipped[:first] if keep(line)]
+    lines.append(f"listener {port} 127.0.0.1")
+    lines += [line for line in shipped[first:] if keep(line)]
+    if password_file is not None:
+        lines += [
+            "allow_anonymous false",
+            f"password_file {password_file}",
+            f"acl_file {PROJECT_ACL}",
+        ]
+    else:
+        lines.append("allow_anonymous true")
     lines += [
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
         f"persistence_location {workdir}/",
         f"log_dest file {workdir}/mosquitto.log",
     ]
@@ -65,19 +124,31 @@ def render_config(port: int, workdir: Path, *, persistence: bool = True) -> str:
 
 
 class Mosquitto:
-    """A Mosquitto process on 127.0.0.1:port; a context manager."""
+    """A Mosquitto process on 127.0.0.1:port; a context manager.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    ``accounts`` (username -> password) puts the shipped ACL and client-id binding in
+    force with exactly those accounts; without it the broker is open to anyone.
+    """
+
+    def __init__(
+        self, workdir: Path, port: int | None = None, *, accounts: Mapping[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.host = "127.0.0.1"
+        self.accounts = dict(accounts) if accounts is not None else None
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start and wait until the port accepts connections."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(render_config(self.port, self.workdir), encoding="utf-8")
+        password_file = None
+        if self.accounts is not None:
+            password_file = self.workdir / "passwd"
+            write_password_file(password_file, self.accounts)
+        conf.write_text(render_config(self.port, self.workdir, password_file=password_file),
+                        encoding="utf-8")
         self._process = subprocess.Popen(  # noqa: S603 -- fixed binary and our own config
             [find_mosquitto(), "-c", str(conf)],
             stdout=subprocess.DEVNULL,
