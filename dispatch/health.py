@@ -31,6 +31,13 @@ class Condition(enum.StrEnum):
     OFFLINE = "offline"
     LOW_BATTERY = "low_battery"
     SOURCE_DOWN = "source_down"
+    # An MQTT source's persistent session was wiped or is fought over (issue 11 case 5).
+    SESSION_ALARM = "session_alarm"
+
+
+# A session alarm is an event, not a state: it holds this long after the latest one, so
+# operations get one alert per episode (and a recovery once it has been quiet).
+SESSION_ALARM_HOLD_S = 900.0
 
 
 Key = tuple[str, Condition]
@@ -81,6 +88,9 @@ class SourceState:
     kind: str
     connected: bool
     since: float
+    # The latest session alarm ("session_lost", "taken_over") and when it was raised.
+    alarm: str | None = None
+    alarm_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +159,17 @@ def device_findings(
 
 
 def source_findings(source: SourceState, settings: HealthSettings, now: float) -> list[Finding]:
-    """A down finding once a source has been disconnected past the threshold."""
-    if source.connected or now - source.since < settings.source_down_alert_s:
-        return []
-    return [Finding(source_subject(source.name), Condition.SOURCE_DOWN, source.since,
-                    {"source": source.name, "kind": source.kind})]
+    """A down finding once a source has been disconnected past the threshold, and a
+    session alarm while its latest one is recent."""
+    out = []
+    if not source.connected and now - source.since >= settings.source_down_alert_s:
+        out.append(Finding(source_subject(source.name), Condition.SOURCE_DOWN, source.since,
+                           {"source": source.name, "kind": source.kind}))
+    at = source.alarm_at
+    if source.alarm is not None and at is not None and now - at < SESSION_ALARM_HOLD_S:
+        out.append(Finding(source_subject(source.name), Condition.SESSION_ALARM, at,
+                           {"source": source.name, "alarm": source.alarm, "at": at}))
+    return out
 
 
 def evaluate(
@@ -233,6 +249,12 @@ def alert_text(finding: Finding) -> str:
             return _fit(f"{_PREFIX}{what} {d['source']} terputus sejak "
                         f"{_local(since):%H:%M} WIB. Tombol lewat jalur ini tidak terdengar."
                         "{label}", "")
+        case Condition.SESSION_ALARM:
+            at = _local(float(str(d.get("at", 0))))
+            what = ("direbut klien lain" if d.get("alarm") == "taken_over"
+                    else "hilang, tekanan tombol bisa hilang")
+            return _fit(f"{_PREFIX}sesi MQTT {d['source']} {what} ({at:%H:%M} WIB). "
+                        "Periksa akun & client id broker.{label}", "")
 
 
 def recovery_text(key: Key, now: float, *, raised_at: float, battery: int | None = None) -> str:
@@ -249,6 +271,8 @@ def recovery_text(key: Key, now: float, *, raised_at: float, battery: int | None
             text = f"{_RECOVERED}baterai tombol {name} sudah normal{level}{{label}}."
         case Condition.SOURCE_DOWN:
             text = f"{_RECOVERED}{name} tersambung lagi {at} (alarm {minutes} mnt){{label}}."
+        case Condition.SESSION_ALARM:
+            text = f"{_RECOVERED}sesi MQTT {name} tenang lagi sejak {at}{{label}}."
     return _fit(text, "")
 
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +48,8 @@ log = structlog.get_logger("panicd.health")
 SourceProbe = Callable[[], Iterable[tuple[str, str, bool]]]
 # device id -> since when its network reports it offline (absent: online or unknown).
 AvailabilityProbe = Callable[[], Mapping[str, float]]
+# source name -> its latest session alarm (reason, when); absent: none.
+AlarmProbe = Callable[[], Mapping[str, tuple[str, float]]]
 
 
 class Ops(Protocol):
@@ -72,8 +75,10 @@ class HealthMonitor:
         autostart: bool = True,
         writers: Writers | None = None,
         reported_offline: AvailabilityProbe | None = None,
+        source_alarms: AlarmProbe | None = None,
     ) -> None:
         self._reported_offline = reported_offline
+        self._source_alarms = source_alarms
         self._autostart = autostart  # False: the caller drives check() itself (tests)
         self._store = DispatchStore(database, writers=writers)
         self._devices = devices
@@ -114,7 +119,10 @@ class HealthMonitor:
     def source_states(self) -> list[SourceState]:
         """Every source with since when it has been up or down."""
         now = self._clock()
-        return [self._watch.observe(name, kind, up, now) for name, kind, up in self._probe()]
+        states = [self._watch.observe(name, kind, up, now) for name, kind, up in self._probe()]
+        alarms = self._source_alarms() if self._source_alarms else {}
+        return [replace(s, alarm=alarms[s.name][0], alarm_at=alarms[s.name][1])
+                if s.name in alarms else s for s in states]
 
     async def _run(self) -> None:
         await self._guarded("heal", self.heal)

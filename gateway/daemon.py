@@ -167,7 +167,8 @@ class Daemon:
                 HealthMonitor(config.database, config.devices, self._source_flags,
                               HealthSettings.from_config(config.health), ops=dispatcher,
                               writers=writers,
-                              reported_offline=lambda: self.reported_offline)
+                              reported_offline=lambda: self.reported_offline,
+                              source_alarms=self._source_alarms)
             )
             frozen = settle_gc()
             log.debug("daemon.gc_settled", frozen=frozen, thresholds=gc.get_threshold())
@@ -243,6 +244,10 @@ class Daemon:
     def _source_flags(self) -> list[tuple[str, str, bool]]:
         return [(s.name, "mqtt" if isinstance(s, MqttSource) else "serial", s.connected)
                 for s in self.sources]
+
+    def _source_alarms(self) -> dict[str, tuple[str, float]]:
+        return {s.name: (s.alarm.reason, s.alarm.at) for s in self.sources
+                if isinstance(s, MqttSource) and s.alarm is not None}
 
     def source_states(self) -> list[SourceState]:
         """Every source with since when it has been up or down (dispatch.observe.Runtime)."""

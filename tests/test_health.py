@@ -20,6 +20,7 @@ import structlog
 
 from dispatch.health import (
     BATTERY_CLEAR_MARGIN,
+    SESSION_ALARM_HOLD_S,
     Condition,
     DeviceView,
     Finding,
@@ -119,6 +120,19 @@ def test_a_source_is_down_only_after_the_threshold() -> None:
     assert source_findings(up, SETTINGS, T0 + 3600) == []
 
 
+def test_a_session_alarm_is_alerted_and_clears_after_a_quiet_hold() -> None:
+    up = SourceState("city", "mqtt", connected=True, since=T0)
+    assert source_findings(up, SETTINGS, T0 + 10) == []
+    lost = SourceState("city", "mqtt", True, T0, alarm="session_lost", alarm_at=T0 + 5)
+    (finding,) = source_findings(lost, SETTINGS, T0 + 10)
+    assert finding.key == ("source:city", Condition.SESSION_ALARM)
+    assert "sesi MQTT city hilang" in alert_text(finding)
+    taken = SourceState("city", "mqtt", True, T0, alarm="taken_over", alarm_at=T0 + 5)
+    (finding,) = source_findings(taken, SETTINGS, T0 + 10)
+    assert "direbut klien lain (06:00 WIB)" in alert_text(finding)
+    assert source_findings(taken, SETTINGS, T0 + 5 + SESSION_ALARM_HOLD_S) == []
+
+
 def test_source_watch_keeps_the_time_of_the_last_change() -> None:
     watch = SourceWatch()
     assert watch.observe("broker", "mqtt", True, T0).since == T0
@@ -146,10 +160,13 @@ def test_every_text_is_one_gsm7_segment_even_with_a_long_label() -> None:
                                                     baseline=T0)]
     texts.append(alert_text(Finding("source:broker-utama", Condition.SOURCE_DOWN, T0,
                                     {"source": "broker-utama", "kind": "mqtt"})))
+    texts += [alert_text(Finding("source:broker-utama", Condition.SESSION_ALARM, T0,
+                                 {"source": "broker-utama", "alarm": alarm, "at": T0}))
+              for alarm in ("session_lost", "taken_over")]
     texts += [recovery_text(("device:BTN-1", c), T0 + 600, raised_at=T0, battery=88)
               for c in Condition]
     texts.append(summary_text(Summary(date(2025, 3, 5), 12_000, 1_500, 900, 3, 4, 120, 4000)))
-    assert len(texts) == 7
+    assert len(texts) == 6 + len(Condition)
     for text in texts:
         assert is_single_segment(text), text
     assert texts[0].startswith("OPS panicd: tombol BTN-")

@@ -25,7 +25,13 @@ from gateway.dedup import DedupPolicy
 from gateway.formats import native
 from gateway.ingest import Ingestor
 from gateway.model import PressKind
-from gateway.sources.mqtt import MqttSource
+from gateway.sources.mqtt import (
+    SESSION_LOST,
+    TAKEN_OVER,
+    MqttSource,
+    SessionAlarm,
+    SessionGuard,
+)
 from gateway.store import SqliteStore
 from tests.pipeline import BlockingStore, CountingStore, Fleet, make_fleet, rows, scalar
 
@@ -305,3 +311,86 @@ async def test_zigbee2mqtt_availability_reports_a_device_offline_and_back_online
     # Availability is health, never a press.
     assert scalar(fleet.database, "SELECT COUNT(*) FROM presses") == 0
     assert scalar(fleet.database, "SELECT COUNT(*) FROM dead_letters") == 0
+
+
+async def take_over(broker: Mosquitto, client_id: str) -> None:
+    """Connect with panicd's client id and a clean session, as the case 5 attacker did."""
+    async with aiomqtt.Client(broker.host, broker.port, identifier=client_id,
+                              clean_session=True):
+        pass
+
+
+async def test_a_clean_session_connect_with_our_client_id_is_reported_as_session_lost(
+    mosquitto: Mosquitto, fleet: Fleet, client_id: str
+) -> None:
+    # The open test broker binds no client ids, as a broker without the shipped config.
+    with structlog.testing.capture_logs() as logs:
+        async with pipeline(fleet) as running:
+            before = running.source.alarm
+            await take_over(mosquitto, client_id)
+            async with asyncio.timeout(DEADLINE_S):
+                await running.source.wait_connections(2)
+            alarm = running.source.alarm
+    assert before is None
+    assert alarm is not None
+    assert alarm.reason == SESSION_LOST
+    (lost,) = [e for e in logs if e["event"] == "mqtt.session_lost"]
+    assert (lost["log_level"], lost["client_id"], lost["source"]) == ("error", client_id, "local")
+    first, second = [e for e in logs if e["event"] == "mqtt.connected"][:2]
+    assert (first["session_present"], second["session_present"]) == (False, False)
+
+
+async def test_a_reconnect_that_finds_its_session_raises_no_alarm(
+    mosquitto: Mosquitto, fleet: Fleet
+) -> None:
+    async with pipeline(fleet):
+        pass
+    with structlog.testing.capture_logs() as logs:
+        async with pipeline(fleet) as running:
+            assert running.source.alarm is None
+    (connected,) = [e for e in logs if e["event"] == "mqtt.connected"]
+    assert connected["session_present"] is True
+    assert not [e for e in logs if e["log_level"] == "error"]
+
+
+async def test_being_kicked_off_again_and_again_is_reported_as_taken_over(
+    mosquitto: Mosquitto, fleet: Fleet, client_id: str
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with pipeline(fleet) as running:
+            for connections in range(2, 5):
+                await take_over(mosquitto, client_id)
+                async with asyncio.timeout(DEADLINE_S):
+                    await running.source.wait_connections(connections)
+            alarm = running.source.alarm
+    assert alarm is not None
+    assert alarm.reason == TAKEN_OVER
+    (taken,) = [e for e in logs if e["event"] == "mqtt.taken_over"]
+    assert taken["log_level"] == "error"
+
+
+def test_session_guard_expects_a_session_only_after_it_had_one() -> None:
+    guard = SessionGuard()
+    assert guard.connected(session_present=False, now=0.0) == []  # first start: none yet
+    guard.dropped()
+    assert guard.connected(session_present=True, now=1.0) == []
+    guard.dropped()
+    assert guard.connected(session_present=False, now=2.0) == [SessionAlarm(SESSION_LOST, 2.0)]
+
+
+def test_session_guard_counts_bounces_not_outages() -> None:
+    guard = SessionGuard(bounces=3, window_s=60.0)
+    guard.connected(session_present=False, now=0.0)
+    for at in (1.0, 2.0):
+        guard.dropped()
+        assert guard.connected(session_present=True, now=at) == []
+    # A broker restart: the drop is followed by a failed connect, so it is no bounce.
+    guard.dropped()
+    guard.connect_failed()
+    assert guard.connected(session_present=True, now=3.0) == []
+    guard.dropped()
+    assert guard.connected(session_present=True, now=4.0) == [SessionAlarm(TAKEN_OVER, 4.0)]
+    # Bounces spread wider than the window are an unsteady network, not a takeover.
+    for at in (100.0, 200.0, 300.0):
+        guard.dropped()
+        assert guard.connected(session_present=True, now=at) == []

@@ -5,6 +5,11 @@ aiomqtt does not expose manual acknowledgement, so we switch its paho client to
 callback (MQTT 3.1.1 §4.3.2: the receiver owns the message once it sends PUBACK). A
 message that was never acknowledged is redelivered by the broker when we reconnect with
 the same client id and ``clean_session=False``.
+
+That session is only as safe as the client id: whoever connects with it disconnects us
+(MQTT 3.1.1 §3.1.4), and with a clean session wipes what was queued for us. The shipped
+broker binds client ids to accounts (config/mosquitto.conf); :class:`SessionGuard` is
+the second line, alerting operations when the session is nevertheless lost or fought over.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import random
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import structlog
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttSourceConfig
 from gateway.errors import DecodeError
@@ -51,6 +61,61 @@ class Backoff:
         return self._low + (cap - self._low) * self._rand()
 
 
+SESSION_LOST = "session_lost"
+TAKEN_OVER = "taken_over"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAlarm:
+    """Evidence that the persistent session was wiped or another client uses our id."""
+
+    reason: str  # SESSION_LOST or TAKEN_OVER
+    at: float
+
+
+class SessionGuard:
+    """Reads a persistent session's connection history for signs of trouble (pure).
+
+    * A reconnect whose CONNACK says session present = 0 (MQTT 3.1.1 §3.2.2.2) although
+      this process already had a session: the broker forgot it (a clean-session connect
+      with our client id, a broker restart without persistence, expiry), and whatever
+      was queued in it is gone.
+    * In MQTT 3.1.1 being taken over (§3.1.4) is only a socket the broker closes. Two
+      clients with one id keep kicking each other off, so the signature is a connection
+      dropped while the very next connect succeeds (a bounce), ``bounces`` times within
+      ``window_s``. A broker restart or an outage fails the next connect: not a bounce.
+    """
+
+    def __init__(self, *, bounces: int = 3, window_s: float = 60.0) -> None:
+        self._had_session = False
+        self._dropped = False
+        self._bounces: deque[float] = deque(maxlen=bounces)
+        self._window_s = window_s
+
+    def dropped(self) -> None:
+        """The broker closed a connection that was up."""
+        self._dropped = True
+
+    def connect_failed(self) -> None:
+        """A connect attempt failed: the drop before it was an outage, not a bounce."""
+        self._dropped = False
+
+    def connected(self, session_present: bool, now: float) -> list[SessionAlarm]:
+        """A connect succeeded (and subscribed); the alarms it reveals, if any."""
+        alarms = []
+        if self._had_session and not session_present:
+            alarms.append(SessionAlarm(SESSION_LOST, now))
+        self._had_session = True
+        if self._dropped:
+            self._bounces.append(now)
+            if (len(self._bounces) == self._bounces.maxlen
+                    and now - self._bounces[0] <= self._window_s):
+                alarms.append(SessionAlarm(TAKEN_OVER, now))
+                self._bounces.clear()  # one alarm per run of bounces, not one per bounce
+        self._dropped = False
+        return alarms
+
+
 class MqttSource:
     """One broker connection feeding the ingest pipeline."""
 
@@ -76,6 +141,12 @@ class MqttSource:
         self._generation = 0
         self._connected = False
         self._first_connect = asyncio.Event()
+        self._connections = 0
+        self._connection_made = asyncio.Condition()
+        self._guard = SessionGuard()
+        self._session_present = False
+        # The latest session alarm, for the health monitor (an operations alert).
+        self.alarm: SessionAlarm | None = None
         self.received = 0
         self.acked = 0
 
@@ -87,6 +158,11 @@ class MqttSource:
     async def wait_connected(self) -> None:
         """Return once the source has connected the first time."""
         await self._first_connect.wait()
+
+    async def wait_connections(self, count: int) -> None:
+        """Return once the source has connected (and subscribed) ``count`` times."""
+        async with self._connection_made:
+            await self._connection_made.wait_for(lambda: self._connections >= count)
 
     @property
     def client(self) -> aiomqtt.Client | None:
@@ -115,6 +191,15 @@ class MqttSource:
         )
         # The one seam aiomqtt 2.5 lacks: acknowledge after our commit, not on receipt.
         client._client.manual_ack_set(True)
+        # aiomqtt drops the CONNACK flags; read "session present" on the way through.
+        on_connect = client._on_connect
+
+        def record_session(paho: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
+                           reason_code: ReasonCode, properties: Properties | None = None) -> None:
+            self._session_present = flags.session_present
+            on_connect(paho, userdata, flags, reason_code, properties)
+
+        client._client.on_connect = record_session
         return client
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -139,7 +224,13 @@ class MqttSource:
                         port=cfg.port,
                         client_id=cfg.client_id,
                         topics=list(cfg.topics),
+                        session_present=self._session_present,
                     )
+                    for alarm in self._guard.connected(self._session_present, self._clock()):
+                        self._raise_alarm(alarm)
+                    async with self._connection_made:
+                        self._connections += 1
+                        self._connection_made.notify_all()
                     await self._receive_until(client, stop)
                     # Keep the connection open while the pipeline commits what we handed
                     # it, so those PUBACKs still go out on this session.
@@ -148,6 +239,10 @@ class MqttSource:
             except aiomqtt.MqttError as exc:
                 was_connected = self._connected
                 self._connected = False
+                if was_connected:
+                    self._guard.dropped()
+                else:
+                    self._guard.connect_failed()
                 delay = backoff.next_delay()
                 log.warning(
                     "mqtt.disconnected" if was_connected else "mqtt.connect_failed",
@@ -166,6 +261,19 @@ class MqttSource:
                 self._connected = False
                 self._client = None
         log.info("mqtt.stopped", source=self.name)
+
+    def _raise_alarm(self, alarm: SessionAlarm) -> None:
+        """Log the alarm at error level and hold it for the health monitor."""
+        self.alarm = alarm
+        cfg = self._config
+        if alarm.reason == SESSION_LOST:
+            log.error("mqtt.session_lost", source=self.name, host=cfg.host, port=cfg.port,
+                      client_id=cfg.client_id,
+                      hint="presses queued for panicd may be lost; check who used its client id")
+        else:
+            log.error("mqtt.taken_over", source=self.name, host=cfg.host, port=cfg.port,
+                      client_id=cfg.client_id,
+                      hint="another client connects with panicd's client id; bind ids to accounts")
 
     async def _receive_until(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """Pump messages into the pipeline until ``stop`` (or a disconnect raises)."""
