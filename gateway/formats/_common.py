@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -17,6 +18,10 @@ from gateway.model import GeoFix, PressKind
 
 # No real uplink of any supported format comes near this; bigger is abuse or a bug.
 MAX_PAYLOAD_BYTES = 64 * 1024
+# LoRaWAN frame counters are 32 bits (LoRaWAN 1.0.4 §4.3.1.5 FCnt; ChirpStack's and The
+# Things Stack's f_cnt are uint32). A bigger one is forged, and one past 2**63 could not
+# even be stored: the batch holding it failed and was retried forever.
+MAX_FCNT = 2**32 - 1
 
 
 class OptionError(ValueError):
@@ -40,11 +45,46 @@ def load_json(payload: bytes) -> object:
     except UnicodeDecodeError as exc:
         raise DecodeError("not_utf8", str(exc)) from None
     try:
-        return json.loads(text)
+        return without_lone_surrogates(text, json.loads(text))
     # RecursionError: deeply nested arrays; ValueError: JSONDecodeError and the
     # int-digit limit (CVE-2020-10735 guard) both derive from it.
     except (ValueError, RecursionError) as exc:
         raise DecodeError("invalid_json", str(exc)[:200]) from None
+
+
+# Only a \uD800-\uDFFF escape can put a surrogate into a decoded str: strict UTF-8
+# decoding refuses encoded ones.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _replace_surrogates(value: object) -> object:
+    match value:
+        case str():
+            return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in value)
+        case dict():
+            return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+        case list():
+            return [_replace_surrogates(v) for v in value]
+        case _:
+            return value
+
+
+def without_lone_surrogates(text: str, doc: object) -> object:
+    """``doc`` (parsed from ``text``) with every unpaired surrogate replaced by U+FFFD.
+
+    json.loads turns an escape such as ``"\\ud800"`` into a lone surrogate, which
+    SQLite refuses to store ("surrogates not allowed"): one such device id or gateway id
+    in a frame failed its whole batch, and the ingest loop retried that batch forever
+    with every press behind it. RFC 8259 §8.2 leaves such strings' behaviour undefined;
+    U+FFFD is what Go's encoding/json (ChirpStack, The Things Stack) makes of them.
+    """
+    if not _SURROGATE_ESCAPE.search(text):
+        return doc  # the common case costs one scan of the text
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return _replace_surrogates(doc)
+    return doc  # only escaped backslashes, or pairs json.loads already joined
 
 
 def load_object(payload: bytes) -> dict[str, object]:

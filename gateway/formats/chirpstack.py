@@ -115,7 +115,7 @@ class ChirpstackDecoder:
             raise DecodeError("unknown_event", name[:64])
         f_cnt = doc.get("fCnt", 0)  # proto3 JSON omits fCnt when it is 0
         counter = c.as_int(f_cnt)
-        if counter is None or counter < 0:
+        if counter is None or not 0 <= counter <= c.MAX_FCNT:
             raise DecodeError("bad_counter", repr(f_cnt)[:64])
         return Frame(
             format=FORMAT,

@@ -22,6 +22,7 @@ import re
 from typing import Any
 
 from gateway.errors import DecodeError
+from gateway.formats._common import without_lone_surrogates
 from gateway.model import Frame, GeoFix, PressKind
 
 FORMAT = "native"
@@ -216,7 +217,8 @@ def decode(topic: str, payload: bytes) -> Frame:
         raise DecodeError("too_large", f"{len(payload)} bytes")
     identity = _topic_identity(topic)
     try:
-        body = _JSON.decode(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
+        body = without_lone_surrogates(text, _JSON.decode(text))
     except UnicodeDecodeError as exc:
         raise DecodeError("bad_encoding", str(exc)) from None
     except RecursionError:

@@ -130,7 +130,7 @@ class TtnDecoder:
             raise DecodeError("unknown_event", name[:64])
         f_cnt = up.get("f_cnt", 0)  # omitted when 0
         counter = c.as_int(f_cnt)
-        if counter is None or counter < 0:
+        if counter is None or not 0 <= counter <= c.MAX_FCNT:
             raise DecodeError("bad_counter", repr(f_cnt)[:64])
         battery = c.battery_percent(decoded.get("battery"))
         if battery is None:
