@@ -412,7 +412,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measured:
             f'listen_port = {listen}\ncontrol_socket = "{cfg}/control.sock"\n'
             f'from_number = "{FROM_NUMBER}"\ntwilio_base_url = "{proxy.url}"\n' + args.extra_toml
         )
-        config, keys, devices = write_fleet(cfg, devices=count, mqtt_port=broker.port,
+        registered = max(count, args.registered)
+        config, keys, devices = write_fleet(cfg, devices=registered, mqtt_port=broker.port,
                                             client_id=PANICD_CLIENT_ID, extra_toml=dispatch_toml)
         twilio_env = {"PANICD_ACK_SECRET": "bench-ack-secret",
                       "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN}
@@ -424,7 +425,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measured:
         cpu_before = panicd.cpu_s()
         with profiled(panicd.process.pid, args.profile):
             started = time.monotonic()
-            result = asyncio.run(storm(broker.host, broker.port, devices, count=count,
+            result = asyncio.run(storm(broker.host, broker.port, devices[:count], count=count,
                                        rate=args.rate, counter_base=COUNTER_BASE))
             done = wait_dispatched(cfg / "panicd.sqlite3", count * len(channels), args.grace)
             busy_s = time.monotonic() - started
@@ -507,6 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="forward to Prism, or let the proxy answer 201 itself")
     parser.add_argument("--baseline-requests", type=int, default=1000,
                         help="direct Prism requests for the baseline (%(default)s)")
+    parser.add_argument("--registered", type=int, default=0,
+                        help="register this many buttons in all; the first rate*duration press"
+                             " (a city's registry, most of it idle)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="wait this long after the storm for the last alerts (%(default)s)")
     add_run_options(
