@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
 from dispatch.webhook_auth import (
+    MAX_FORM_FIELDS,
     AckClaim,
     AckTokenError,
+    FormError,
+    cross_origin_refusal,
     make_ack_token,
+    parse_twilio_form,
     validate_twilio_signature,
     verify_ack_token,
 )
@@ -116,3 +122,80 @@ def test_any_single_character_change_is_rejected(data: st.DataObject) -> None:
     tampered = token[:index] + replacement + token[index + 1 :]
     with pytest.raises(AckTokenError):
         verify_ack_token(SECRET, tampered, NOW)
+
+
+# -- the webhook form: one value per name, or refused ------------------------------------
+
+names = st.text(min_size=1, max_size=20)
+values = st.text(max_size=40)
+
+
+@given(form=st.dictionaries(names, values, max_size=30))
+def test_a_form_parses_back_to_exactly_the_parameters_sent(form: dict[str, str]) -> None:
+    assert parse_twilio_form(urlencode(form).encode()) == form
+
+
+@given(form=st.dictionaries(names, values, min_size=1, max_size=10), data=st.data())
+def test_a_repeated_name_is_refused_whatever_its_values(
+    form: dict[str, str], data: st.DataObject
+) -> None:
+    name = data.draw(st.sampled_from(sorted(form)))
+    extra = urlencode({name: data.draw(values)})
+    for body in (f"{urlencode(form)}&{extra}", f"{extra}&{urlencode(form)}"):
+        with pytest.raises(FormError, match="repeated"):
+            parse_twilio_form(body.encode())
+
+
+def test_the_digits_splice_of_issue_11_is_refused() -> None:
+    with pytest.raises(FormError, match="repeated"):
+        parse_twilio_form(b"Digits=1&CallSid=CA" + b"0" * 32 + b"&Digits=2")
+    with pytest.raises(FormError, match="repeated"):
+        parse_twilio_form(b"Digit%73=1&Digits=2")  # the same name once decoded
+
+
+@pytest.mark.parametrize("body", [b"Digits=%FF", b"Digits=\xff", b"Digits=%ED%A0%80"])
+def test_a_body_that_is_not_utf8_is_refused(body: bytes) -> None:
+    with pytest.raises(FormError, match="not_utf8"):
+        parse_twilio_form(body)
+
+
+def test_too_many_fields_are_refused() -> None:
+    body = "&".join(f"P{i}=1" for i in range(MAX_FORM_FIELDS + 1)).encode()
+    with pytest.raises(FormError, match="too_many_fields"):
+        parse_twilio_form(body)
+
+
+# -- the confirm page's POST: panicd's own page, the user, or an old phone ---------------
+
+PUBLIC = "https://panicd.madiunkota.go.id"
+
+
+@pytest.mark.parametrize(("origin", "fetch_site"), [
+    (None, None),  # an old feature-phone browser
+    (PUBLIC, None),
+    ("https://PANICD.madiunkota.go.id:443", "same-origin"),
+    ("null", "same-origin"),  # our own form under Referrer-Policy: no-referrer
+    ("null", None),
+    (None, "none"),
+])
+def test_the_own_page_and_plain_browsers_may_post(
+    origin: str | None, fetch_site: str | None
+) -> None:
+    assert cross_origin_refusal(PUBLIC + "/", origin, fetch_site) is None
+
+
+@pytest.mark.parametrize(("origin", "fetch_site", "reason"), [
+    ("https://evil.example", None, "origin"),
+    ("http://panicd.madiunkota.go.id", None, "origin"),
+    ("https://panicd.madiunkota.go.id:8443", None, "origin"),
+    ("https://panicd.madiunkota.go.id.evil.example", None, "origin"),
+    ("not a url", None, "origin"),
+    (None, "cross-site", "sec_fetch_site"),
+    ("null", "same-site", "sec_fetch_site"),
+    (PUBLIC, "cross-site", "sec_fetch_site"),
+    ("https://evil.example", "same-origin", "origin"),
+])
+def test_another_sites_post_is_refused(
+    origin: str | None, fetch_site: str | None, reason: str
+) -> None:
+    assert cross_origin_refusal(PUBLIC, origin, fetch_site) == reason
