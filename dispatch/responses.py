@@ -54,12 +54,14 @@ class DispatchSettings:
 
 @dataclass(frozen=True, slots=True)
 class AckResult:
-    """What an ack did: ``first`` stopped escalation; ``status`` is the incident's now."""
+    """What an ack did: ``first`` stopped escalation; ``status`` is the incident's now;
+    ``repeated``: this responder was already recorded on it, and nothing changed."""
 
     incident_id: int
     status: str
     first: bool
     accepted: bool
+    repeated: bool = False
 
 
 def _place(incident: IncidentInfo) -> str:
@@ -217,6 +219,12 @@ class Responses:
                     detail={"via": via},
                 )
                 return AckResult(incident_id, status, first=False, accepted=False)
+            if await self._acked_before(db, incident_id, person_id, name):
+                # A replayed link POST, a second key press, the CLI run twice: the same
+                # person is already recorded (first or not), so no second ack row, no
+                # "responder added", and never "handled by another officer" to them.
+                log.info("ack.repeated", incident=incident_id, by=name, via=via)
+                return AckResult(incident_id, status, first=False, accepted=True, repeated=True)
             first = status == "open"
             await db.execute(
                 "INSERT INTO acks (incident_id, person_id, actor, via, at, first)"
@@ -280,6 +288,18 @@ class Responses:
         else:
             log.info("incident.responder_added", incident=incident_id, by=name, via=via)
         return AckResult(incident_id, "acknowledged", first=first, accepted=True)
+
+    @staticmethod
+    async def _acked_before(
+        db: aiosqlite.Connection, incident_id: int, person_id: str | None, name: str
+    ) -> bool:
+        """Whether this person (a known responder by id, anyone else by name) acked it."""
+        rows = await db.execute_fetchall(
+            "SELECT 1 FROM acks WHERE incident_id = ? AND (person_id = ?"
+            " OR (? IS NULL AND person_id IS NULL AND actor = ?)) LIMIT 1",
+            (incident_id, person_id, person_id, name),
+        )
+        return bool(list(rows))
 
     async def close(self, incident_id: int, *, reason: str, actor: str, note: str = "") -> bool:
         """Stop escalation for a cancelled or resolved incident and tell those paged.

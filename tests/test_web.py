@@ -6,9 +6,14 @@ is real SQLite, the Channel a recording fake, the clock injected.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import sqlite3
 from collections.abc import AsyncIterator, Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from aiohttp import ClientResponse
@@ -56,6 +61,17 @@ class Web:
         ]
         return row
 
+    async def twilio_raw(
+        self, path: str, body: bytes, signed_form: Mapping[str, str], *,
+        content_type: str = "application/x-www-form-urlencoded",
+    ) -> ClientResponse:
+        """POST these exact bytes with a genuine signature over ``signed_form``."""
+        signature = RequestValidator(AUTH_TOKEN).compute_signature(
+            PUBLIC_URL + path, dict(signed_form)
+        )
+        return await self.client.post(path, data=body, headers={
+            "X-Twilio-Signature": signature, "Content-Type": content_type})
+
     async def twilio(
         self,
         path: str,
@@ -76,6 +92,10 @@ class Web:
         """The provider SID the send recorded on this outbox row."""
         return str(query(self.database, "SELECT provider_sid FROM outbox WHERE id = ?",
                          (outbox_id,))[0][0])
+
+    def on_call(self, outbox_id: int, **form: str) -> dict[str, str]:
+        """A call webhook's form: Twilio names the call (CallSid) on every one."""
+        return {"CallSid": self.sid(outbox_id), **form}
 
     async def sms_status(self, outbox_id: int, status: str, **more: str) -> ClientResponse:
         """Twilio's MessageStatus callback for this row's message."""
@@ -138,8 +158,8 @@ async def test_a_tampered_webhook_is_refused(web: Web) -> None:
 
 async def test_the_signed_voice_webhook_serves_the_id_id_gather_script(web: Web) -> None:
     row = web.row("ani", "voice")
-    response = await web.twilio(f"/twilio/voice/{row}", {"CallStatus": "in-progress",
-                                                          "AnsweredBy": "human"})
+    response = await web.twilio(f"/twilio/voice/{row}",
+                                web.on_call(row, CallStatus="in-progress", AnsweredBy="human"))
     assert response.status == 200
     assert response.content_type == "text/xml"
     twiml = await response.text()
@@ -153,7 +173,8 @@ async def test_the_signed_voice_webhook_serves_the_id_id_gather_script(web: Web)
 
 async def test_the_repeated_script_is_signed_over_its_query_and_hangs_up_after(web: Web) -> None:
     row = web.row("ani", "voice")
-    response = await web.twilio(f"/twilio/voice/{row}?repeat=1", {"CallStatus": "in-progress"})
+    response = await web.twilio(f"/twilio/voice/{row}?repeat=1",
+                                web.on_call(row, CallStatus="in-progress"))
     assert response.status == 200
     twiml = await response.text()
     assert "<Redirect" not in twiml and "<Hangup" in twiml
@@ -161,7 +182,8 @@ async def test_the_repeated_script_is_signed_over_its_query_and_hangs_up_after(w
 
 async def test_a_machine_answer_hangs_up_and_is_never_an_ack(web: Web) -> None:
     row = web.row("ani", "voice")
-    response = await web.twilio(f"/twilio/voice/{row}", {"AnsweredBy": "machine_start"})
+    response = await web.twilio(f"/twilio/voice/{row}",
+                                web.on_call(row, AnsweredBy="machine_start"))
     assert response.status == 200
     twiml = await response.text()
     assert "<Hangup" in twiml and "<Gather" not in twiml and "<Say" not in twiml
@@ -171,7 +193,7 @@ async def test_a_machine_answer_hangs_up_and_is_never_an_ack(web: Web) -> None:
 
 async def test_digit_1_acknowledges_the_incident_for_the_called_person(web: Web) -> None:
     row = web.row("budi", "voice")
-    response = await web.twilio(f"/twilio/gather/{row}", {"Digits": "1"})
+    response = await web.twilio(f"/twilio/gather/{row}", web.on_call(row, Digits="1"))
     assert response.status == 200
     twiml = await response.text()
     assert "Anda tercatat menangani" in twiml and "<Hangup" in twiml
@@ -180,13 +202,14 @@ async def test_digit_1_acknowledges_the_incident_for_the_called_person(web: Web)
     assert ("incident.acknowledged", "voice", "Budi Santoso") in timeline(web.database,
                                                                             web.incident)
     # A second person pressing 1 is an additional responder, not a second "first".
-    again = await web.twilio(f"/twilio/gather/{web.row('ani', 'voice')}", {"Digits": "1"})
+    ani = web.row("ani", "voice")
+    again = await web.twilio(f"/twilio/gather/{ani}", web.on_call(ani, Digits="1"))
     assert "sudah ditangani petugas lain" in await again.text()
 
 
 async def test_digit_2_redirects_to_the_script_again(web: Web) -> None:
     row = web.row("ani", "voice")
-    response = await web.twilio(f"/twilio/gather/{row}", {"Digits": "2"})
+    response = await web.twilio(f"/twilio/gather/{row}", web.on_call(row, Digits="2"))
     twiml = await response.text()
     assert f"<Redirect method=\"POST\">{PUBLIC_URL}/twilio/voice/{row}?repeat=1</Redirect>" in twiml
     assert web.incident_status() == "open"
@@ -197,7 +220,8 @@ async def test_a_call_reaching_a_cancelled_incident_does_not_claim_the_listener_
 ) -> None:
     await cancel_incident(web.database, web.incident, at=web.clock())
     row = web.row("ani", "voice")
-    twiml = await (await web.twilio(f"/twilio/voice/{row}", {"AnsweredBy": "human"})).text()
+    twiml = await (await web.twilio(f"/twilio/voice/{row}",
+                                     web.on_call(row, AnsweredBy="human"))).text()
     assert "<Gather" not in twiml
     assert "Anda tercatat menangani" not in twiml
 
@@ -315,3 +339,158 @@ async def test_a_token_for_one_incident_cannot_ack_another(web: Web) -> None:
     assert (await web.client.post(f"/a/{payload_a}.{tag_a}")).status == 200
     assert web.incident_status() == "acknowledged"
     assert web.incident_status(other) == "open"
+
+
+def acks(web: Web) -> list[tuple[str | None, str, int]]:
+    rows = query(web.database, "SELECT person_id, via, first FROM acks ORDER BY id")
+    return [(None if p is None else str(p), str(v), int(str(f))) for p, v, f in rows]
+
+
+async def test_a_repeated_parameter_cannot_ride_on_a_genuine_signature(web: Web) -> None:
+    # Issue 11 case 2: "Digits=1&" before a body Twilio signed with Digits=2 passed a check
+    # that read the last Digits, and acked through a handler that read the first.
+    row = web.row("ani", "voice")
+    path = f"/twilio/gather/{row}"
+    signed = web.on_call(row, Digits="2")
+    genuine = urlencode(signed).encode()
+    for body in (b"Digits=1&" + genuine, genuine + b"&Digits=1", b"Digit%73=1&" + genuine,
+                 genuine + b"&Digits=2"):
+        response = await web.twilio_raw(path, body, signed)
+        assert response.status == 400, body
+    assert acks(web) == []
+    assert web.incident_status() == "open"
+    # The genuine body alone is still served.
+    assert (await web.twilio_raw(path, genuine, signed)).status == 200
+
+
+async def test_a_webhook_body_that_is_not_a_utf8_form_is_refused(web: Web) -> None:
+    row = web.row("ani", "voice")
+    path = f"/twilio/gather/{row}"
+    # Signed over no parameters at all: a body the form parser does not read must not be
+    # verified as "empty" and then served.
+    json_body = await web.twilio_raw(path, b'{"Digits": "1"}', {},
+                                     content_type="application/json")
+    latin = await web.twilio_raw(path, b"", {},
+                                 content_type="application/x-www-form-urlencoded; charset=latin-1")
+    multipart = await web.twilio_raw(path, b"--x--\r\n", {},
+                                     content_type="multipart/form-data; boundary=x")
+    bad_utf8 = await web.twilio_raw(path, b"Digits=%FF", {"Digits": "\ufffd"})
+    raw_bad_utf8 = await web.twilio_raw(path, b"Digits=\xff", {"Digits": "\ufffd"})
+    assert [json_body.status, latin.status, multipart.status, bad_utf8.status,
+            raw_bad_utf8.status] == [415, 415, 415, 400, 400]
+    assert acks(web) == []
+
+
+async def test_a_call_webhook_for_another_call_than_the_rows_is_refused(web: Web) -> None:
+    ani, budi = web.row("ani", "voice"), web.row("budi", "voice")
+    with capture_logs() as logs:
+        pressed = await web.twilio(f"/twilio/gather/{ani}", {"CallSid": web.sid(budi),
+                                                             "Digits": "1"})
+        script = await web.twilio(f"/twilio/voice/{ani}", {"CallSid": web.sid(budi)})
+        nameless = await web.twilio(f"/twilio/gather/{ani}", {"Digits": "1"})
+    assert [pressed.status, script.status, nameless.status] == [409, 409, 409]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "webhook.sid_mismatch"
+    ] * 3
+    assert acks(web) == []
+    # An SMS row is not a call, whatever the form says.
+    sms = web.row("ani", "sms")
+    assert (await web.twilio(f"/twilio/gather/{sms}", {"CallSid": web.sid(ani),
+                                                        "Digits": "1"})).status == 404
+    assert acks(web) == []
+
+
+async def test_a_call_webhook_before_the_calls_sid_is_recorded_is_served(web: Web) -> None:
+    # Twilio may fetch the script before the answer to create_async is recorded.
+    row = web.row("budi", "voice")
+    sid = web.sid(row)
+    with closing(sqlite3.connect(web.database)) as db:
+        db.execute("UPDATE outbox SET provider_sid = NULL WHERE id = ?", (row,))
+        db.commit()
+    response = await web.twilio(f"/twilio/gather/{row}", {"CallSid": sid, "Digits": "1"})
+    assert response.status == 200
+    assert acks(web) == [("budi", "voice", 1)]
+
+
+async def test_a_replayed_ack_by_the_same_responder_is_recorded_once(web: Web) -> None:
+    token = ack_link_token(web, "ani")
+    first = await web.client.post(f"/a/{token}")
+    again = await web.client.post(f"/a/{token}")
+    assert "Anda tercatat menangani" in await first.text()
+    assert "Anda tercatat menangani" in await again.text()
+    assert "petugas lain" not in await again.text()
+    # Budi is an additional responder once, however often he presses 1.
+    budi = web.row("budi", "voice")
+    for _ in range(2):
+        twiml = await (await web.twilio(f"/twilio/gather/{budi}",
+                                        web.on_call(budi, Digits="1"))).text()
+    assert "Anda tercatat menangani" in twiml
+    # The CLI's actor without a responder id is one person by name.
+    for _ in range(2):
+        cli = await web.engine.ack(web.incident, person_id=None, actor="Pak Joko", via="cli")
+    assert (cli.accepted, cli.first, cli.repeated) == (True, False, True)
+    assert acks(web) == [("ani", "link", 1), ("budi", "voice", 0), (None, "cli", 0)]
+    events = [e for e, _r, _a in timeline(web.database, web.incident)]
+    assert events.count("incident.acknowledged") == 1
+    assert events.count("responder.added") == 2
+    assert await web.engine.send_due() == 1  # budi is told once who handles it
+
+
+async def test_a_cross_origin_ack_post_is_refused(web: Web) -> None:
+    token = ack_link_token(web, "ani")
+    refused = [
+        {"Origin": "https://evil.example"},
+        {"Origin": "http://panicd.madiunkota.go.id"},  # another scheme is another origin
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site", "Origin": "null"},
+        {"Sec-Fetch-Site": "same-origin", "Origin": "https://evil.example"},
+    ]
+    with capture_logs() as logs:
+        for headers in refused:
+            assert (await web.client.post(f"/a/{token}", headers=headers)).status == 403
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "ack_link.cross_origin"
+    ] * len(refused)
+    assert acks(web) == []
+    assert web.incident_status() == "open"
+
+
+@pytest.mark.parametrize("headers", [
+    {},  # an old feature-phone browser sends neither header
+    {"Origin": PUBLIC_URL},
+    {"Origin": PUBLIC_URL + ":443", "Sec-Fetch-Site": "same-origin"},
+    # Our page says Referrer-Policy: no-referrer, so a browser posts our own form with
+    # Origin: null (Fetch standard, "append a request Origin header").
+    {"Origin": "null", "Sec-Fetch-Site": "same-origin"},
+    {"Sec-Fetch-Site": "none"},
+])
+async def test_an_ack_post_from_panicds_own_page_or_a_plain_browser_acks(
+    web: Web, headers: dict[str, str]
+) -> None:
+    response = await web.client.post(f"/a/{ack_link_token(web, 'ani')}", headers=headers)
+    assert response.status == 200
+    assert acks(web) == [("ani", "link", 1)]
+
+
+async def test_every_public_response_forbids_caching_framing_and_referrers(web: Web) -> None:
+    token = ack_link_token(web, "ani")
+    page = await web.client.get(f"/a/{token}")
+    responses = [
+        page,
+        await web.client.get("/a/not-a-token"),
+        await web.client.get("/nowhere"),
+        await web.client.post(f"/twilio/gather/{web.row('ani', 'voice')}", data={"Digits": "1"}),
+        await web.sms_status(web.row("ani", "sms"), "delivered"),
+    ]
+    assert [r.status for r in responses] == [200, 403, 404, 403, 204]
+    for response in responses:
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        csp = response.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    # The page's one inline style is the one the policy's hash allows.
+    style = (await page.text()).split("<style>", 1)[1].split("</style>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in page.headers["Content-Security-Policy"]
