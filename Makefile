@@ -38,8 +38,7 @@ pytest: $(STAMP) deps
 test: lint typecheck pytest
 
 bench: $(STAMP) deps
-	$(BIN)/python -m bench.ingest
-	$(BIN)/python -m bench.dispatch
+	bench/run
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
