@@ -21,8 +21,9 @@ class DeliveryStatus(StrEnum):
     SENT = "sent"
     # Re-sending cannot help (invalid number, landline, unsubscribed …): move on.
     FAILED_PERMANENT = "failed_permanent"
-    # Every attempt within the retry budget failed for a passing reason: move on now,
-    # the caller may come back to this target later.
+    # Every attempt within this send's short budget failed for a passing reason (429,
+    # 5xx, timeout, refused/reset connection, a local OSError such as EMFILE): the
+    # outbox sends it again later; it never ends the page (issue 12 item 2).
     FAILED_TRANSIENT = "failed_transient"
 
 
@@ -35,6 +36,8 @@ class DeliveryResult:
     error_code: int | None = None
     error_message: str | None = None
     attempts: int = 1
+    # The provider's Retry-After on the last throttled attempt, for the outbox's requeue.
+    retry_after_s: float | None = None
 
     @property
     def ok(self) -> bool:

@@ -31,8 +31,15 @@ class Condition(enum.StrEnum):
     OFFLINE = "offline"
     LOW_BATTERY = "low_battery"
     SOURCE_DOWN = "source_down"
+    # The SMS/voice provider answered nothing for a while (issue 12 item 2). Raised and
+    # cleared by the outbox, which sees every send; the monitor only tells operations.
+    PROVIDER_DOWN = "provider_down"
     # An MQTT source's persistent session was wiped or is fought over (issue 11 case 5).
     SESSION_ALARM = "session_alarm"
+
+
+# Conditions another component raises and clears; evaluate() never holds them.
+EXTERNAL_CONDITIONS = frozenset({Condition.PROVIDER_DOWN})
 
 
 # A session alarm is an event, not a state: it holds this long after the latest one, so
@@ -249,6 +256,12 @@ def alert_text(finding: Finding) -> str:
             return _fit(f"{_PREFIX}{what} {d['source']} terputus sejak "
                         f"{_local(since):%H:%M} WIB. Tombol lewat jalur ini tidak terdengar."
                         "{label}", "")
+        case Condition.PROVIDER_DOWN:
+            began = d.get("since")
+            start = float(began) if isinstance(began, int | float) else finding.since or 0.0
+            return _fit(f"{_PREFIX}SMS/telepon (Twilio) gagal terkirim sejak "
+                        f"{_local(start):%H:%M} WIB. Pesan antre dan dicoba terus; "
+                        "periksa jaringan/akun.{label}", "")
         case Condition.SESSION_ALARM:
             at = _local(float(str(d.get("at", 0))))
             what = ("direbut klien lain" if d.get("alarm") == "taken_over"
@@ -271,6 +284,9 @@ def recovery_text(key: Key, now: float, *, raised_at: float, battery: int | None
             text = f"{_RECOVERED}baterai tombol {name} sudah normal{level}{{label}}."
         case Condition.SOURCE_DOWN:
             text = f"{_RECOVERED}{name} tersambung lagi {at} (alarm {minutes} mnt){{label}}."
+        case Condition.PROVIDER_DOWN:
+            text = f"{_RECOVERED}SMS/telepon ({name}) terkirim lagi {at} (alarm {minutes} mnt)."
+            text += "{label}"
         case Condition.SESSION_ALARM:
             text = f"{_RECOVERED}sesi MQTT {name} tenang lagi sejak {at}{{label}}."
     return _fit(text, "")

@@ -5,6 +5,10 @@ asks :mod:`dispatch.health` what changed, records each raise and clear in
 A condition is alerted once: its row stays raised (``cleared_at IS NULL``) until it
 clears, and the SMS keys name the row, so a repeated send is a no-op. A crash between
 recording a transition and queueing its SMS is healed at start (:meth:`heal`).
+
+Conditions raised elsewhere (the provider's outage, raised and cleared by the outbox,
+which sees every send) are only announced here (:meth:`announce_external`): the same
+rows, the same keys, the same once-per-outage SMS and recovery SMS.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Protocol, Self
 import structlog
 
 from dispatch.health import (
+    EXTERNAL_CONDITIONS,
     Condition,
     DeviceView,
     Finding,
@@ -89,6 +94,7 @@ class HealthMonitor:
         self._watch = SourceWatch()
         self._baseline = clock()
         self._summary_sent: date | None = None
+        self._announced: set[str] = set()  # ops keys of external conditions queued
         self._group: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
         self.active: dict[Key, Finding] = {}
@@ -128,6 +134,7 @@ class HealthMonitor:
         await self._guarded("heal", self.heal)
         while True:
             await self._guarded("check", self.check)
+            await self._guarded("external", self.announce_external)
             await self._guarded("summary", self.maybe_summary)
             now = self._clock()
             due = min(now + self._settings.check_every_s,
@@ -161,7 +168,8 @@ class HealthMonitor:
     async def check(self) -> tuple[list[Finding], list[Key]]:
         """One evaluation: record what was raised or cleared and tell operations."""
         now = self._clock()
-        raised = await self._raised()
+        raised = {key: row for key, row in (await self._raised()).items()
+                  if key[1] not in EXTERNAL_CONDITIONS}
         views = await self._device_views()
         current = evaluate(views, self.source_states(), self._settings, now,
                            baseline=self._baseline, raised=set(raised))
@@ -206,6 +214,35 @@ class HealthMonitor:
             log.info("health.ops_not_configured", key=key)
             return
         await self._ops.send_ops(key, body)
+
+    async def announce_external(self) -> int:
+        """Queue the SMS of conditions other components raised or cleared (the provider's
+        outage); each row's alert and recovery once. Returns how many were queued."""
+        marks = ",".join("?" * len(EXTERNAL_CONDITIONS))
+        rows = await self._store.db.execute_fetchall(
+            "SELECT id, subject, condition, raised_at, cleared_at, detail"  # noqa: S608
+            f" FROM device_health WHERE condition IN ({marks}) AND raised_at > ?",  # marks only
+            (*sorted(EXTERNAL_CONDITIONS), self._clock() - 86400.0),
+        )
+        queued = 0
+        for row_id, subject, condition, raised_at, cleared_at, detail in rows:
+            key = f"health:{row_id}"
+            if key not in self._announced:
+                finding = Finding(subject, Condition(condition), raised_at,
+                                  json.loads(detail or "{}"))
+                log.warning("health.raised", subject=subject, condition=condition,
+                            health_id=row_id)
+                await self._send(key, alert_text(finding))
+                self._announced.add(key)
+                queued += 1
+            if cleared_at is not None and f"{key}:cleared" not in self._announced:
+                log.info("health.cleared", subject=subject, condition=condition,
+                         health_id=row_id)
+                await self._send(f"{key}:cleared", recovery_text(
+                    (subject, Condition(condition)), cleared_at, raised_at=raised_at))
+                self._announced.add(f"{key}:cleared")
+                queued += 1
+        return queued
 
     async def heal(self) -> int:
         """Queue the SMS of transitions recorded just before a crash; returns how many."""

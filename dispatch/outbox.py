@@ -8,11 +8,22 @@ queue behind each other on the dispatch connection and delay the next level's pa
 Delivery is at least once: a row is 'sending' from its claim until its outcome is
 recorded. Rows left 'sending' by a crash are re-queued at start; rows stuck 'sending'
 for longer than any send can take (a failed record) are re-queued while running.
+
+A transient error never ends a page (issue 12 item 2): a send that failed for a passing
+reason goes back to 'pending', due again after :class:`dispatch.retry.RequeuePolicy`'s
+backoff, as often as it takes, until the provider accepts it or its incident is closed
+(then it is cancelled). Only a permanent refusal marks it 'failed' and may move the
+escalation on early ("level_undeliverable"); a page still retrying keeps its level
+waiting its normal time, and the next level fires at its own due time regardless.
+When sends have failed transiently for ``provider_alert_after_s`` with no answer from
+the provider, the outage is raised once as a health condition (the health monitor
+tells operations) and logged as ``provider.outage``; the first answer clears it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,12 +33,16 @@ import structlog
 from dispatch.channel import Channel, DeliveryResult, DeliveryStatus
 from dispatch.loops import resilient, wait_until
 from dispatch.policy import Medium
+from dispatch.retry import Outcome, ProviderChange, ProviderWatch, RequeuePolicy
 from dispatch.store import Delivery, DispatchStore, OutboxRow
 
 log = structlog.get_logger("panicd.dispatch")
 
 # Longer than the retry policy's deadline plus a request timeout (dispatch/retry.py).
 STALE_SENDING_S = 300.0
+# The health condition an outage of the provider raises (dispatch/health.py).
+PROVIDER_SUBJECT = "provider:twilio"
+PROVIDER_DOWN = "provider_down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,21 +50,29 @@ class _Sent:
     row: OutboxRow
     result: DeliveryResult
     at: float
+    # A transient failure: when to send again (set when it is recorded).
+    retry_at: float | None = None
 
 
 def _delivery(sent: _Sent) -> Delivery:
     row, result = sent.row, sent.result
     kind = "sms" if row.channel == Medium.SMS.value else "call"
+    detail: dict[str, object] = {"to": row.person_id, "sid": result.provider_sid,
+                                 "error_code": result.error_code, "attempts": result.attempts}
     if result.ok:
         event, state = ("sms.sent" if kind == "sms" else "call.placed"), "sent"
-    else:
+    elif result.status is DeliveryStatus.FAILED_PERMANENT:
         event, state = f"{kind}.failed", "failed"
+    else:
+        event, state = f"{kind}.retrying", "pending"
+        detail.update(error=result.error_message, sends=row.attempts + 1,
+                      retry_in_s=None if sent.retry_at is None
+                      else round(sent.retry_at - sent.at, 3))
     return Delivery(
         outbox_id=row.id, incident_id=row.incident_id, state=state, at=sent.at,
         sid=result.provider_sid, error_code=result.error_code, error=result.error_message,
-        event=event, reason=row.purpose,
-        detail={"to": row.person_id, "sid": result.provider_sid,
-                "error_code": result.error_code, "attempts": result.attempts},
+        event=event, reason=row.purpose, detail=detail,
+        retry_at=sent.retry_at if state == "pending" else None,
     )
 
 
@@ -65,6 +88,9 @@ class Outbox:
         concurrency: int,
         clock: Callable[[], float] = time.time,
         on_undeliverable: Callable[[int], Awaitable[None]] | None = None,
+        requeue: RequeuePolicy | None = None,
+        provider_alert_after_s: float = 60.0,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._store = store
         self._channel = channel
@@ -79,7 +105,12 @@ class Outbox:
         self._idle.set()
         self._closing = False
         self._last_stale_check = 0.0
+        self._requeue = requeue or RequeuePolicy()
+        self._rand = rand
+        self.provider = ProviderWatch(provider_alert_after_s)
+        self._provider_resumed = False
         self.messages_sent = 0
+        self.retries_scheduled = 0
 
     def wake(self) -> None:
         """New rows may be due: look now."""
@@ -173,8 +204,16 @@ class Outbox:
         try:
             result = await self._deliver(row)
         except Exception as exc:  # noqa: BLE001 -- a channel bug must not stall the outbox
+            # Retried like any transient failure: a bug that passes (or a local OSError a
+            # channel let through) must not end the page.
             result = DeliveryResult(DeliveryStatus.FAILED_TRANSIENT, error_message=repr(exc))
-        return _Sent(row, result, self._clock())
+        now = self._clock()
+        retry_at = None
+        if result.status is DeliveryStatus.FAILED_TRANSIENT:
+            # row.attempts is the count before this claim added one.
+            retry_at = now + self._requeue.delay_s(row.attempts + 1, result.retry_after_s,
+                                                   self._rand())
+        return _Sent(row, result, now, retry_at)
 
     async def _record_once(self) -> None:
         batch = [await self._results.get()]
@@ -189,18 +228,53 @@ class Outbox:
             raise
 
     async def _record(self, batch: Sequence[_Sent]) -> None:
-        await self._store.record_deliveries([_delivery(sent) for sent in batch])
+        cancelled = set(await self._store.record_deliveries([_delivery(s) for s in batch]))
         self._finished(len(batch))
         for sent in batch:
-            self._log(sent)
-        failed = [sent.row.id for sent in batch if not sent.result.ok]
+            self._log(sent, cancelled=sent.row.id in cancelled)
+        await self._watch_provider(batch)
+        failed = [sent.row.id for sent in batch
+                  if sent.result.status is DeliveryStatus.FAILED_PERMANENT]
         if failed and self._on_undeliverable is not None:
             # DESIGN §2 Delivery: a level nobody can be reached at moves on now, rather
-            # than after its wait (e.g. every number invalid, 21211).
+            # than after its wait (e.g. every number invalid, 21211). Only a permanent
+            # refusal counts: a page still retrying is not "undeliverable" (in issue 11
+            # case 4, EMFILE on every send hastened the escalation through every level).
             for incident_id in await self._store.undeliverable_levels(failed):
                 await self._on_undeliverable(incident_id)
 
-    def _log(self, sent: _Sent) -> None:
+    async def _watch_provider(self, batch: Sequence[_Sent]) -> None:
+        if not self._provider_resumed:
+            # An outage raised before a restart goes on: its end is still reported once.
+            raised = await self._store.raised_condition(PROVIDER_SUBJECT, PROVIDER_DOWN)
+            if raised is not None:
+                self.provider.resume(raised[1])
+            self._provider_resumed = True
+        for sent in batch:
+            transient = sent.result.status is DeliveryStatus.FAILED_TRANSIENT
+            change = self.provider.observe(
+                Outcome.TRANSIENT if transient else Outcome.ANSWERED, sent.at
+            )
+            if change is not None:
+                await self._report_provider(change, sent)
+
+    async def _report_provider(self, change: ProviderChange, sent: _Sent) -> None:
+        if change.down:
+            health_id = await self._store.raise_condition(
+                PROVIDER_SUBJECT, PROVIDER_DOWN, sent.at,
+                {"since": change.since, "failures": change.failures,
+                 "error": sent.result.error_message},
+            )
+            log.error("provider.outage", since=change.since, failing_s=round(
+                sent.at - change.since, 1), failures=change.failures,
+                error=sent.result.error_message, health_id=health_id)
+        else:
+            health_id = await self._store.clear_condition(PROVIDER_SUBJECT, PROVIDER_DOWN,
+                                                          sent.at)
+            log.warning("provider.recovered", outage_s=round(sent.at - change.since, 1),
+                        failures=change.failures, health_id=health_id)
+
+    def _log(self, sent: _Sent, *, cancelled: bool) -> None:
         row, result = sent.row, sent.result
         delivery = _delivery(sent)
         fields = {"incident": row.incident_id, "to": row.phone, "person": row.person_id,
@@ -209,6 +283,14 @@ class Outbox:
         if result.ok:
             self.messages_sent += 1
             log.info(delivery.event, **fields)
+        elif cancelled:
+            log.info("outbox.cancelled", reason="incident_closed", error=result.error_message,
+                     **fields)
+        elif sent.retry_at is not None:
+            self.retries_scheduled += 1
+            log.warning(delivery.event, error_code=result.error_code,
+                        error=result.error_message, sends=row.attempts + 1,
+                        retry_in_s=round(sent.retry_at - sent.at, 3), **fields)
         else:
             log.error(delivery.event, error_code=result.error_code, error=result.error_message,
-                      permanent=result.status is DeliveryStatus.FAILED_PERMANENT, **fields)
+                      permanent=True, **fields)

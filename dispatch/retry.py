@@ -1,9 +1,18 @@
 """panicd's own delivery retry policy: pure, with randomness and time passed in.
 
-Capped exponential backoff with full jitter (the delay before retry ``n`` is uniform in
-``[0, min(cap, base * 2**(n-1))]``), a server's ``Retry-After`` honoured as a floor, and
-a bound on both attempts and total time: past either the caller gets a transient
-failure and escalates to the next channel or target instead of waiting.
+Two layers (issue 12 item 2: a transient error never ends a page):
+
+- :class:`RetryPolicy`, inside one send: capped exponential backoff with full jitter
+  (the delay before retry ``n`` is uniform in ``[0, min(cap, base * 2**(n-1))]``), a
+  server's ``Retry-After`` honoured as a floor, and a small bound on attempts and time,
+  so one send never holds an outbox slot for long.
+- :class:`RequeuePolicy`, across sends: a send that still failed for a passing reason
+  goes back to the outbox as 'pending' with a later due time, again and again, for as
+  long as the page can matter (until accepted, or its incident is closed). A count of
+  attempts is never a reason to stop.
+
+:class:`ProviderWatch` turns the stream of outcomes into "the provider has been failing
+since …" for the once-per-outage operations alert.
 """
 
 from __future__ import annotations
@@ -38,12 +47,12 @@ class AttemptFailure:
 class RetryPolicy:
     """Bounds and backoff shape for one delivery (one SMS or one call)."""
 
-    max_attempts: int = 4
+    max_attempts: int = 3
     base_delay_s: float = 0.5
     max_delay_s: float = 8.0
-    # Total time budget from the first attempt; a panic page must not wait longer here
-    # than it would take the next escalation level to reach someone else.
-    deadline_s: float = 30.0
+    # Total time budget from the first attempt. Short: past it the outbox re-queues the
+    # page (RequeuePolicy) instead of this send holding a slot the next pages need.
+    deadline_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -73,3 +82,88 @@ class RetryPolicy:
         if elapsed_s + delay >= self.deadline_s:
             return None
         return delay
+
+
+@dataclass(frozen=True, slots=True)
+class RequeuePolicy:
+    """When an outbox row whose send failed transiently is due again.
+
+    "Equal jitter": the delay after the ``n``-th failed send is uniform in
+    ``[c/2, c]`` with ``c = min(cap, base * 2**(n-1))``, so a long outage settles at one
+    try per row every 30-60 s without the rows it failed together returning together.
+    A ``Retry-After`` is the server's floor (RFC 9110 §10.2.3), bounded by
+    ``max_retry_after_s`` so a wrong header cannot park a panic page for hours.
+    """
+
+    base_delay_s: float = 2.0
+    max_delay_s: float = 60.0
+    max_retry_after_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.base_delay_s <= 0 or self.max_delay_s < self.base_delay_s:
+            raise ValueError("need 0 < base_delay_s <= max_delay_s")
+        if self.max_retry_after_s < 0:
+            raise ValueError("max_retry_after_s must not be negative")
+
+    def delay_s(self, failures: int, retry_after_s: float | None, rand: float) -> float:
+        """Seconds until the next send after ``failures`` (from 1) transient failures."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2.0 ** min(max(failures, 1) - 1, 30))
+        delay = ceiling / 2 + ceiling / 2 * rand
+        if retry_after_s is not None:
+            floor = min(max(0.0, retry_after_s), self.max_retry_after_s)
+            delay = max(delay, floor + self.base_delay_s * rand)
+        return delay
+
+
+class Outcome(StrEnum):
+    """What one send told us about the provider."""
+
+    # The provider accepted it, or refused it for a reason of its own (a 4xx): it is up.
+    ANSWERED = "answered"
+    # Throttled, 5xx, timeout, refused or reset connection, a local OSError: no answer.
+    TRANSIENT = "transient"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderChange:
+    """A transition of the provider's state worth telling operations about."""
+
+    down: bool  # True: the outage is declared; False: it has ended
+    since: float  # when the failing began (down) or the outage's start (recovered)
+    failures: int  # transient failures seen in the outage so far
+
+
+class ProviderWatch:
+    """Counts a run of transient failures; declares an outage once it lasts ``alert_after_s``.
+
+    Any answer from the provider ends the run. The outage is declared once per run and
+    its end is reported once, so operations hear of it once per outage, not per page.
+    """
+
+    def __init__(self, alert_after_s: float = 60.0) -> None:
+        self.alert_after_s = alert_after_s
+        self.failing_since: float | None = None
+        self.failures = 0
+        self.declared = False
+
+    def resume(self, since: float) -> None:
+        """Continue an outage declared before a restart (its row is still raised)."""
+        self.failing_since = since
+        self.declared = True
+
+    def observe(self, outcome: Outcome, now: float) -> ProviderChange | None:
+        """Record one send's outcome at ``now``; returns a change to report, if any."""
+        if outcome is Outcome.ANSWERED:
+            change = None
+            if self.declared and self.failing_since is not None:
+                change = ProviderChange(down=False, since=self.failing_since,
+                                        failures=self.failures)
+            self.failing_since, self.failures, self.declared = None, 0, False
+            return change
+        if self.failing_since is None:
+            self.failing_since = now
+        self.failures += 1
+        if not self.declared and now - self.failing_since >= self.alert_after_s:
+            self.declared = True
+            return ProviderChange(down=True, since=self.failing_since, failures=self.failures)
+        return None

@@ -104,6 +104,17 @@ class Delivery:
     event: str
     reason: str
     detail: Mapping[str, Any]
+    # state 'pending' only: a transient failure, due again at this time (issue 12 item 2).
+    retry_at: float | None = None
+
+
+# An alert that no longer matters: its incident is resolved or cancelled, or acknowledged
+# and the alert is an escalation page (a reassign page, round NULL, still matters then).
+_ALERT_CLOSED = (
+    "o.purpose = 'alert' AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = o.incident_id"
+    " AND (i.status IN ('resolved', 'cancelled')"
+    " OR (i.status = 'acknowledged' AND o.round IS NOT NULL)))"
+)
 
 
 _INCIDENT_COLUMNS = (
@@ -338,8 +349,15 @@ class DispatchStore(SqliteDatabase):
         )
         return [int(r[0]) for r in rows]
 
-    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
-        """Write the outcomes of many send attempts, and their timeline lines, in one commit."""
+    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> list[int]:
+        """Write the outcomes of many send attempts, and their timeline lines, in one commit.
+
+        A transient failure (state 'pending' with ``retry_at``) goes back to 'pending',
+        due at ``retry_at``, unless it is an alert whose incident was closed meanwhile:
+        that one is cancelled. Returns the ids cancelled so.
+        """
+        final = [d for d in deliveries if d.state != "pending"]
+        retries = [d for d in deliveries if d.state == "pending"]
         async with self.transaction() as db:
             await db.executemany(
                 # A late 'sent' must not undo a final state a status callback already set.
@@ -348,14 +366,73 @@ class DispatchStore(SqliteDatabase):
                 " provider_sid = COALESCE(?, provider_sid),"
                 " error_code = ?, error = ?, updated_at = ? WHERE id = ?",
                 [(d.state, d.state, d.sid, d.error_code, d.error, d.at, d.outbox_id)
-                 for d in deliveries],
+                 for d in final],
+            )
+            cancelled = await self._closed_alerts(db, [d.outbox_id for d in retries])
+            await db.executemany(
+                # Only from 'sending': nothing was accepted, so no callback can have moved it.
+                "UPDATE outbox SET state = ?, due_at = ?, error_code = ?, error = ?,"
+                " updated_at = ? WHERE id = ? AND state = 'sending'",
+                [("cancelled" if d.outbox_id in cancelled else "pending",
+                  d.at if d.retry_at is None else d.retry_at, d.error_code, d.error, d.at,
+                  d.outbox_id) for d in retries],
             )
             await db.executemany(
                 "INSERT INTO incident_events (incident_id, at, event, reason, actor, detail)"
                 " VALUES (?, ?, ?, ?, NULL, ?)",
-                [(d.incident_id, d.at, d.event, d.reason, json.dumps(d.detail, sort_keys=True))
+                [(d.incident_id, d.at,
+                  "outbox.cancelled" if d.outbox_id in cancelled else d.event,
+                  "incident_closed" if d.outbox_id in cancelled else d.reason,
+                  json.dumps(d.detail, sort_keys=True))
                  for d in deliveries if d.incident_id is not None],
             )
+        return sorted(cancelled)
+
+    @staticmethod
+    async def _closed_alerts(db: aiosqlite.Connection, outbox_ids: Sequence[int]) -> set[int]:
+        if not outbox_ids:
+            return set()
+        marks = ",".join("?" * len(outbox_ids))
+        rows = await db.execute_fetchall(
+            "SELECT o.id FROM outbox o"  # noqa: S608 -- placeholders and a constant only
+            f" WHERE o.id IN ({marks}) AND {_ALERT_CLOSED}",
+            list(outbox_ids),
+        )
+        return {int(r[0]) for r in rows}
+
+    # -- the provider's outage, a device_health condition (dispatch/health_monitor.py) --
+
+    async def raised_condition(self, subject: str, condition: str) -> tuple[int, float] | None:
+        """The raised (not cleared) health row of ``subject``/``condition``: (id, raised_at)."""
+        row = await self._one(
+            "SELECT id, raised_at FROM device_health"
+            " WHERE subject = ? AND condition = ? AND cleared_at IS NULL",
+            (subject, condition),
+        )
+        return None if row is None else (int(row[0]), float(row[1]))
+
+    async def raise_condition(
+        self, subject: str, condition: str, now: float, detail: Mapping[str, Any]
+    ) -> int | None:
+        """Raise a health condition once; None if it is raised already."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                # device_health_active is UNIQUE (subject, condition) WHERE not cleared.
+                "INSERT OR IGNORE INTO device_health (subject, condition, raised_at, detail)"
+                " VALUES (?, ?, ?, ?)",
+                (subject, condition, now, json.dumps(dict(detail), sort_keys=True)),
+            )
+            return cursor.lastrowid if cursor.rowcount == 1 else None
+
+    async def clear_condition(self, subject: str, condition: str, now: float) -> int | None:
+        """Clear a raised health condition; returns its row id, None if none was raised."""
+        async with self.transaction() as db:
+            rows = list(await db.execute_fetchall(
+                "UPDATE device_health SET cleared_at = ? WHERE subject = ? AND condition = ?"
+                " AND cleared_at IS NULL RETURNING id",
+                (now, subject, condition),
+            ))
+        return int(rows[0][0]) if rows else None
 
     async def record_status_callback(
         self,

@@ -387,7 +387,10 @@ class TwilioChannel:
                 failure = _library_failure(exc)
             except TwilioRetryableHttpError as exc:
                 failure = exc.failure
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                # OSError too: out of descriptors (EMFILE), no buffer space, a reset, are
+                # this machine's passing trouble, not the page's (issue 11 case 4). It
+                # escaped as a bare OSError before, which the outbox counted as failed.
                 failure = AttemptFailure(
                     FailureKind.TRANSIENT, f"{type(exc).__name__}: {exc}".rstrip(": ")
                 )
@@ -434,6 +437,7 @@ class TwilioChannel:
             error_code=failure.error_code,
             error_message=failure.message,
             attempts=attempts,
+            retry_after_s=failure.retry_after_s,
         )
 
 

@@ -229,11 +229,12 @@ class WatchedStore(DispatchStore):
         self.recorded = 0
         self._changed = asyncio.Event()
 
-    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> list[int]:
         """Commit the outcomes, then count them."""
-        await super().record_deliveries(deliveries)
+        cancelled = await super().record_deliveries(deliveries)
         self.recorded += len(deliveries)
         self._changed.set()
+        return cancelled
 
     async def wait_recorded(self, count: int, timeout_s: float = 10.0) -> None:
         """Wait until ``count`` outcomes are committed (the deadline only guards a hang)."""

@@ -9,7 +9,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from dispatch.store import DispatchStore
+from dispatch.store import Delivery, DispatchStore
 from tests.query_plans import plan, traced, whole_reads
 
 T0 = 1_780_000_000.0
@@ -205,3 +205,73 @@ async def test_a_callback_racing_the_send_binds_its_sid_unless_another_row_holds
         assert await callback(SID_A) == "applied"
         assert _row(path, 1) == ("sent", SID_A)
         assert await callback("SM" + "c" * 32) == "sid_mismatch"  # now bound to SID_A
+
+
+def _sending_alert(path: Path, incident_id: int, *, round_: int | None) -> int:
+    """An alert row of the incident, claimed ('sending'); returns its id."""
+    with closing(sqlite3.connect(path)) as db:
+        cursor = db.execute(
+            "INSERT INTO outbox (key, incident_id, person_id, phone, channel, purpose, round,"
+            " level, body, state, attempts, created_at, due_at, updated_at) VALUES"
+            " (?, ?, 'ani', '+628120001001', 'sms', 'alert', ?, 0, 'x', 'sending', 1, ?, ?, ?)",
+            (f"{incident_id}:{round_}:ani", incident_id, round_, T0, T0, T0),
+        )
+        db.commit()
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+
+def _transient(outbox_id: int, incident_id: int) -> Delivery:
+    return Delivery(outbox_id=outbox_id, incident_id=incident_id, state="pending", at=T0 + 1,
+                    sid=None, error_code=None, error="OSError(24, 'Too many open files')",
+                    event="sms.retrying", reason="alert", detail={}, retry_at=T0 + 31)
+
+
+async def test_a_transient_outcome_goes_back_to_pending_due_later_with_its_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "panicd.sqlite3"
+    async with DispatchStore(path) as store:
+        _store_incidents(path, ["open"], planned={1})
+        row = _sending_alert(path, 1, round_=0)
+        assert await store.record_deliveries([_transient(row, 1)]) == []
+        assert await store.next_outbox_due() == T0 + 31
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT state, due_at, error FROM outbox").fetchall() == [
+            ("pending", T0 + 31, "OSError(24, 'Too many open files')")
+        ]
+
+
+async def test_a_transient_outcome_of_a_closed_incidents_alert_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "panicd.sqlite3"
+    async with DispatchStore(path) as store:
+        _store_incidents(path, ["resolved", "acknowledged", "acknowledged"], planned={1, 2, 3})
+        resolved = _sending_alert(path, 1, round_=0)
+        escalation = _sending_alert(path, 2, round_=0)
+        reassigned = _sending_alert(path, 3, round_=None)  # an operator's reassign page
+        cancelled = await store.record_deliveries(
+            [_transient(resolved, 1), _transient(escalation, 2), _transient(reassigned, 3)]
+        )
+        assert cancelled == [resolved, escalation]
+    with closing(sqlite3.connect(path)) as db:
+        states = dict(db.execute("SELECT id, state FROM outbox").fetchall())
+        events = db.execute("SELECT incident_id, event, reason FROM incident_events"
+                            " ORDER BY id").fetchall()
+    assert states == {resolved: "cancelled", escalation: "cancelled", reassigned: "pending"}
+    assert events == [(1, "outbox.cancelled", "incident_closed"),
+                      (2, "outbox.cancelled", "incident_closed"), (3, "sms.retrying", "alert")]
+
+
+async def test_a_health_condition_is_raised_once_until_cleared(tmp_path: Path) -> None:
+    async with DispatchStore(tmp_path / "panicd.sqlite3") as store:
+        first = await store.raise_condition("provider:twilio", "provider_down", T0, {"n": 1})
+        assert first is not None
+        assert await store.raise_condition("provider:twilio", "provider_down", T0 + 5, {}) is None
+        assert await store.raised_condition("provider:twilio", "provider_down") == (first, T0)
+        assert await store.clear_condition("provider:twilio", "provider_down", T0 + 9) == first
+        assert await store.clear_condition("provider:twilio", "provider_down", T0 + 9) is None
+        assert await store.raised_condition("provider:twilio", "provider_down") is None
+        again = await store.raise_condition("provider:twilio", "provider_down", T0 + 20, {})
+        assert again not in (None, first)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -14,7 +15,15 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from dispatch.channel import Channel, DeliveryStatus
-from dispatch.retry import AttemptFailure, FailureKind, RetryPolicy
+from dispatch.retry import (
+    AttemptFailure,
+    FailureKind,
+    Outcome,
+    ProviderChange,
+    ProviderWatch,
+    RequeuePolicy,
+    RetryPolicy,
+)
 from dispatch.twilio_channel import (
     TwilioApiHttpClient,
     TwilioChannel,
@@ -344,3 +353,66 @@ def test_half_or_malformed_credentials_are_a_config_error(env: dict[str, str], k
         twilio_credentials_from_env(env)
     assert excinfo.value.key == key
     assert TOKEN not in str(excinfo.value)
+
+
+# --- transient local errors and the outbox's requeue (issue 11 case 4, issue 12 item 2) ---
+
+
+class OutOfDescriptorsHttpClient(TwilioApiHttpClient):
+    """Fails every request the way the idle-connection attack made it fail."""
+
+    async def request(self, method: str, uri: str, *_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, f"Too many open files ({method} {self.rebase(uri)})")
+
+
+async def test_running_out_of_descriptors_is_a_transient_failure_not_an_escaping_error() -> None:
+    sleep = RecordingSleep()
+    channel = TwilioChannel(CREDENTIALS, from_number=FROM, sleep=sleep,
+                            http_client=OutOfDescriptorsHttpClient("http://127.0.0.1:1"),
+                            policy=RetryPolicy(max_attempts=2), rand=lambda: 0.0)
+    async with channel:
+        result = await channel.send_sms(TO, "DARURAT", status_callback=None)
+    assert result.status is DeliveryStatus.FAILED_TRANSIENT
+    assert result.attempts == 2
+    assert result.error_message is not None
+    assert "Too many open files" in result.error_message
+
+
+async def test_a_throttled_give_up_carries_retry_after_to_the_outbox(prism: str) -> None:
+    policy = RetryPolicy(deadline_s=RETRY_AFTER_S - 1)
+    async with twilio_channel(prism, prefer=["code=429"], policy=policy) as (channel, _, _):
+        result = await channel.send_sms(TO, "DARURAT", status_callback=None)
+    assert result.status is DeliveryStatus.FAILED_TRANSIENT
+    assert result.retry_after_s == RETRY_AFTER_S
+
+
+@given(failures=st.integers(1, 200), rand=st.floats(0.0, 1.0))
+def test_requeue_backoff_is_equal_jitter_under_the_cap(failures: int, rand: float) -> None:
+    policy = RequeuePolicy(base_delay_s=2.0, max_delay_s=60.0)
+    ceiling = min(60.0, 2.0 * 2 ** (failures - 1))
+    assert ceiling / 2 <= policy.delay_s(failures, None, rand) <= ceiling
+
+
+@given(retry_after=st.floats(0.0, 10_000.0), rand=st.floats(0.0, 1.0))
+def test_requeue_honours_retry_after_as_a_bounded_floor(retry_after: float, rand: float) -> None:
+    policy = RequeuePolicy(base_delay_s=2.0, max_delay_s=60.0, max_retry_after_s=300.0)
+    delay = policy.delay_s(1, retry_after, rand)
+    assert delay >= min(retry_after, 300.0)
+    assert delay <= max(2.0, min(retry_after, 300.0) + 2.0)
+
+
+def test_an_outage_is_declared_once_after_a_minute_of_only_transient_failures() -> None:
+    watch = ProviderWatch(alert_after_s=60.0)
+    changes = [watch.observe(Outcome.TRANSIENT, t) for t in (0.0, 20.0, 59.9, 60.0, 90.0)]
+    assert changes[:3] == [None, None, None]
+    assert changes[3] == ProviderChange(down=True, since=0.0, failures=4)
+    assert changes[4] is None  # once per outage, not per page
+    assert watch.observe(Outcome.ANSWERED, 95.0) == ProviderChange(False, 0.0, 5)
+    assert watch.observe(Outcome.ANSWERED, 96.0) is None
+
+
+def test_any_answer_from_the_provider_ends_a_run_before_it_is_an_outage() -> None:
+    watch = ProviderWatch(alert_after_s=60.0)
+    for t in range(0, 300, 10):
+        # 429s and 503s between answers (a flaky provider) are not an outage.
+        assert watch.observe(Outcome.TRANSIENT if t % 50 else Outcome.ANSWERED, t) is None
