@@ -14,6 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,8 @@ class AppConfig:
     rate_per_minute: float
     burst: int
     commit_timeout_s: float
+    # Reverse proxies whose X-Forwarded-For entry names the client (none: the peer is).
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +505,21 @@ def _health(table: _Table) -> HealthConfig:
     return cfg
 
 
+def _networks(table: _Table, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """An array of CIDR strings ("127.0.0.1/32", "10.0.0.0/8", "::1/128")."""
+    raw = table.get(name, list, [])
+    networks = []
+    for index, value in enumerate(raw):
+        where = f"{table.key(name)}[{index}]"
+        if not isinstance(value, str):
+            raise ConfigError(table.file, where, "expected a CIDR string like \"127.0.0.1/32\"")
+        try:
+            networks.append(ip_network(value, strict=True))
+        except ValueError as exc:
+            raise ConfigError(table.file, where, f"not a CIDR network: {exc}") from None
+    return tuple(networks)
+
+
 def _app(table: _Table, has_web: bool) -> AppConfig | None:
     if not table.data:
         return None
@@ -512,6 +530,7 @@ def _app(table: _Table, has_web: bool) -> AppConfig | None:
         rate_per_minute=table.number("rate_per_minute", 30, 1, 6000),
         burst=int(table.number("burst", 10, 1, 1000)),
         commit_timeout_s=table.number("commit_timeout_s", 10, 1, 120),
+        trusted_proxies=_networks(table, "trusted_proxies"),
     )
     table.check_unknown()
     return cfg if enabled else None

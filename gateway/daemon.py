@@ -205,8 +205,9 @@ class Daemon:
         app = self.config.app
         if app is None:
             return []
-        settings = AppSettings(app.rate_per_minute, app.burst, app.commit_timeout_s)
-        return [("/app", app_api(ingestor, settings))]
+        settings = AppSettings(app.rate_per_minute, app.burst, app.commit_timeout_s,
+                               trusted_proxies=app.trusted_proxies)
+        return [("/app", app_api(ingestor, settings, self.config))]
 
     def _feedback(self, device_id: str, incident_id: int, state: str) -> None:
         """Presser feedback after an ack or closure: MQTT command topics and LoRa downlinks."""

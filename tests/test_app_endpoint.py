@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.dedup import DedupPolicy
 from gateway.ingest import Ingestor
 from gateway.model import GeoFix, PressKind
-from gateway.sources.app import AppSettings, RateLimiter, app_api
+from gateway.sources.app import (
+    AppSettings,
+    FreshCounters,
+    RateLimiter,
+    address_bucket,
+    app_api,
+    client_address,
+)
 from gateway.store import SqliteStore
 from tests.pipeline import BlockingStore, Fleet, frame_bytes, make_fleet, scalar
 
@@ -39,7 +48,8 @@ async def client(fleet: Fleet) -> AsyncIterator[TestClient]:  # type: ignore[typ
     async with SqliteStore(fleet.database) as store, Ingestor(
         store, fleet.config, fleet.locator, policy=DedupPolicy()
     ) as ingestor:
-        server = TestServer(app_api(ingestor, AppSettings(per_minute=600, burst=50)))
+        server = TestServer(app_api(ingestor, AppSettings(per_minute=600, burst=50),
+                                    fleet.config))
         async with TestClient(server) as test_client:
             yield test_client
 
@@ -148,7 +158,7 @@ async def test_over_the_rate_limit_the_app_gets_429_with_retry_after(fleet: Flee
     async with SqliteStore(fleet.database) as store, Ingestor(
         store, fleet.config, fleet.locator, policy=DedupPolicy()
     ) as ingestor:
-        app = app_api(ingestor, AppSettings(per_minute=1, burst=1), clock=clock)
+        app = app_api(ingestor, AppSettings(per_minute=1, burst=1), fleet.config, clock=clock)
         async with TestClient(TestServer(app)) as client:
             ok = await client.post("/v1/panic", data=frame_bytes(fleet.devices[0], 1),
                                    headers=JSON)
@@ -166,7 +176,7 @@ async def test_without_a_commit_in_time_the_app_is_told_to_retry_and_nothing_is_
     async with SqliteStore(fleet.database) as inner:
         store = BlockingStore(inner)
         async with Ingestor(store, fleet.config, fleet.locator, policy=DedupPolicy()) as ingestor:
-            app = app_api(ingestor, AppSettings(commit_timeout_s=0.2))
+            app = app_api(ingestor, AppSettings(commit_timeout_s=0.2), fleet.config)
             async with TestClient(TestServer(app)) as client:
                 body = frame_bytes(fleet.devices[0], 5)
                 response = await client.post("/v1/panic", data=body, headers=JSON)
@@ -177,3 +187,124 @@ async def test_without_a_commit_in_time_the_app_is_told_to_retry_and_nothing_is_
                 # The first request's press committed meanwhile: the retry is the same press.
                 assert (await retry.json())["status"] == "duplicate"
     assert scalar(fleet.database, "SELECT COUNT(*) FROM presses") == 1
+
+
+# -- rate limiting never refuses a signed panic for someone else's traffic (issue 11 case 3)
+
+PROXY = (ip_network("127.0.0.0/8"),)  # the test client connects from 127.0.0.1
+
+
+@asynccontextmanager
+async def limited_app(
+    fleet: Fleet, settings: AppSettings
+) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
+    """The endpoint with a clock that never moves, so no bucket refills during a test."""
+    clock = Clock()
+    async with SqliteStore(fleet.database) as store, Ingestor(
+        store, fleet.config, fleet.locator, policy=DedupPolicy()
+    ) as ingestor:
+        app = app_api(ingestor, settings, fleet.config, clock=clock)
+        async with TestClient(TestServer(app)) as client:
+            yield client
+
+
+async def _junk(client: TestClient, times: int,  # type: ignore[type-arg]
+                forwarded_for: str | None = None) -> list[int]:
+    headers = dict(JSON)
+    if forwarded_for is not None:
+        headers["X-Forwarded-For"] = forwarded_for
+    return [(await client.post("/v1/panic", data=b"{}", headers=headers)).status
+            for _ in range(times)]
+
+
+async def test_ten_junk_requests_then_a_valid_signed_panic_is_stored(fleet: Fleet) -> None:
+    async with limited_app(fleet, AppSettings(per_minute=30, burst=10)) as client:
+        statuses = await _junk(client, 12)
+        assert statuses[:10] == [400] * 10
+        assert statuses[10:] == [429, 429]  # the junk itself is still limited
+        response = await client.post("/v1/panic", data=frame_bytes(fleet.devices[0], 1),
+                                     headers=JSON)
+        assert response.status == 200
+        assert (await response.json())["status"] == "stored"
+    assert scalar(fleet.database, "SELECT COUNT(*) FROM presses") == 1
+
+
+async def test_through_a_trusted_proxy_one_clients_junk_does_not_limit_another(
+    fleet: Fleet,
+) -> None:
+    settings = AppSettings(per_minute=30, burst=10, trusted_proxies=PROXY)
+    async with limited_app(fleet, settings) as client:
+        assert (await _junk(client, 11, "203.0.113.7"))[-1] == 429
+        # What the client wrote left of the proxy's entry is its own choice: no escape.
+        assert await _junk(client, 2, "198.51.100.1, 203.0.113.7") == [429, 429]
+        assert await _junk(client, 1, "198.51.100.9") == [400]
+
+
+async def test_an_untrusted_peers_forwarded_for_is_ignored(fleet: Fleet) -> None:
+    settings = AppSettings(per_minute=30, burst=10,
+                           trusted_proxies=(ip_network("10.0.0.0/8"),))
+    async with limited_app(fleet, settings) as client:
+        statuses = [status for index in range(11)
+                    for status in await _junk(client, 1, f"198.51.100.{index}")]
+    assert statuses == [400] * 10 + [429]
+
+
+async def test_replaying_a_captured_frame_does_not_use_up_the_next_real_panic(
+    fleet: Fleet,
+) -> None:
+    device = fleet.devices[0]
+    captured = frame_bytes(device, 1)
+    async with limited_app(fleet, AppSettings(per_minute=30, burst=10)) as client:
+        statuses = [(await client.post("/v1/panic", data=captured, headers=JSON)).status
+                    for _ in range(12)]
+        assert statuses[0] == 200
+        assert statuses[-1] == 429
+        fresh = await client.post("/v1/panic", data=frame_bytes(device, 2), headers=JSON)
+        assert fresh.status == 200
+    assert scalar(fleet.database, "SELECT COUNT(*) FROM presses") == 2
+
+
+def test_a_flood_from_many_addresses_keeps_a_bounded_number_of_buckets() -> None:
+    limiter = RateLimiter(per_minute=30, burst=10, clock=Clock(), max_keys=100)
+    for index in range(10_000):
+        limiter.allow(f"addr:10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}")
+    assert len(limiter) == 100
+    # The most recently charged are the ones kept.
+    for _ in range(9):
+        assert limiter.allow("addr:10.0.39.15") is None
+    assert limiter.allow("addr:10.0.39.15") is not None
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        ("127.0.0.1", [], "127.0.0.1"),
+        ("203.0.113.5", ["198.51.100.1"], "203.0.113.5"),  # untrusted peer: header ignored
+        ("127.0.0.1", ["198.51.100.1"], "198.51.100.1"),
+        ("127.0.0.1", ["6.6.6.6, 198.51.100.1"], "198.51.100.1"),  # rightmost hop counts
+        ("127.0.0.1", ["198.51.100.1, 127.0.0.2"], "198.51.100.1"),  # proxies chained
+        ("127.0.0.1", ["6.6.6.6", "198.51.100.1"], "198.51.100.1"),  # repeated header
+        ("127.0.0.1", ["198.51.100.1:4711"], "198.51.100.1"),
+        ("127.0.0.1", ["[2001:db8::1]:443"], "2001:db8::1"),
+        ("127.0.0.1", ["not-an-address"], "127.0.0.1"),  # garbage: the proxy is charged
+        ("::ffff:127.0.0.1", ["198.51.100.1"], "198.51.100.1"),
+    ],
+)
+def test_the_client_address_is_the_peer_or_what_a_trusted_proxy_saw(
+    peer: str, forwarded: list[str], expected: str
+) -> None:
+    assert str(client_address(peer, forwarded, PROXY)) == expected
+
+
+def test_an_ipv6_client_is_charged_for_its_whole_slash_64() -> None:
+    one = client_address("2001:db8:0:1::5", [], ())
+    other = client_address("2001:db8:0:1:ffff::9", [], ())
+    assert address_bucket(one) == address_bucket(other) == "addr:2001:db8:0:1::/64"
+
+
+def test_fresh_counters_are_new_once_and_retries_are_not() -> None:
+    counters = FreshCounters()
+    assert counters.fresh("APP-1", 5) is True
+    assert counters.fresh("APP-1", 5) is False
+    assert counters.fresh("APP-1", 4) is True  # out of order but never sent: still new
+    assert counters.fresh("APP-2", 5) is True

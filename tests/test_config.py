@@ -422,3 +422,47 @@ def test_third_party_frame_carrying_our_tag_maps_by_registry_id(tmp_path: Path) 
     device = config.device_for(_frame("chirpstack", "btn-1", tag=b"\x00" * 8))
     assert device is not None
     assert device.id == "btn-1"
+
+
+# --- [app] ------------------------------------------------------------------------------
+
+APP_MAIN = BASE_MAIN + f"""
+[dispatch]
+responders = "{DEMO / "responders.toml"}"
+policies = "{DEMO / "policies.toml"}"
+public_base_url = "https://panicd.example"
+
+[app]
+"""
+
+
+def test_app_trusted_proxies_are_cidr_networks(tmp_path: Path) -> None:
+    main = APP_MAIN + 'trusted_proxies = ["127.0.0.1/32", "10.20.0.0/16", "::1/128"]\n'
+    app = load_config(_write(tmp_path, main=main), {}).app
+    assert app is not None
+    assert [str(net) for net in app.trusted_proxies] == ["127.0.0.1/32", "10.20.0.0/16",
+                                                          "::1/128"]
+
+
+def test_app_trusts_no_proxy_unless_configured(tmp_path: Path) -> None:
+    app = load_config(_write(tmp_path, main=APP_MAIN + "burst = 10\n"), {}).app
+    assert app is not None
+    assert app.trusted_proxies == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "problem"),
+    [
+        ('["10.0.0.1/8"]', "app.trusted_proxies[0]", "host bits set"),
+        ('["127.0.0.1/32", "proxy.local"]', "app.trusted_proxies[1]", "not a CIDR network"),
+        ("[32]", "app.trusted_proxies[0]", "expected a CIDR string"),
+        ('"127.0.0.1/32"', "app.trusted_proxies", "expected an array"),
+    ],
+)
+def test_a_bad_trusted_proxy_names_the_file_and_key(
+    tmp_path: Path, value: str, key: str, problem: str
+) -> None:
+    path = _write(tmp_path, main=APP_MAIN + f"trusted_proxies = {value}\n")
+    error = _error(path, {})
+    _assert_names(error, path, key)
+    assert problem in error.problem
