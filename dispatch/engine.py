@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -24,7 +23,7 @@ import structlog
 
 from dispatch.channel import Channel
 from dispatch.escalation import EscalationStep, IncidentRef, plan_steps, resolve_targets_via
-from dispatch.loops import resilient, wait_until
+from dispatch.loops import SteadyClock, resilient, wait_until
 from dispatch.metrics import Histogram
 from dispatch.outbox import Outbox
 from dispatch.policy import Level, Medium, Policy, Routing
@@ -38,6 +37,11 @@ __all__ = ["AckResult", "DispatchSettings", "Dispatcher", "Feedback"]
 log = structlog.get_logger("panicd.dispatch")
 
 DRAIN_DEADLINE_S = 10.0
+# How often the wall clock is compared with the monotonic one. Python 3.11 exposes no
+# event for "the clock was set" (timerfd's TFD_TIMER_CANCEL_ON_SET arrives in 3.13), and
+# the comparison is two clock reads; nothing waits on it (SteadyClock keeps every
+# comparison in one frame until the step is applied).
+CLOCK_CHECK_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class _Fired:
@@ -61,15 +65,19 @@ class Dispatcher:
         channel: Channel,
         settings: DispatchSettings,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         feedback: Feedback | None = None,
     ) -> None:
+        """``clock`` defaults to a :class:`SteadyClock` on the system clocks, whose steps
+        are followed; a plain callable (a test's) is taken as it is."""
         self._store = store
         self._routing = routing
         self._responders = responders
         self._channel = channel
         self._settings = settings
-        self._clock = clock
+        self._clock: Callable[[], float] = SteadyClock() if clock is None else clock
+        self._steady = self._clock if isinstance(self._clock, SteadyClock) else None
+        clock = self._clock
         self._feedback = feedback
         self._events: asyncio.Queue[IncidentEvent] = asyncio.Queue()
         self._step_wake = asyncio.Event()
@@ -109,6 +117,10 @@ class Dispatcher:
             self._group.create_task(self._scheduler_loop(), name="dispatch.scheduler"),
             self._group.create_task(self._outbox.run(), name="dispatch.outbox"),
         ]
+        if self._steady is not None:
+            self._tasks.append(
+                self._group.create_task(self._clock_loop(), name="dispatch.clock")
+            )
         return self
 
     async def __aexit__(
@@ -155,6 +167,8 @@ class Dispatcher:
         ``committed_through`` is an incident id known to be committed (an 'opened'
         event's); without it the newest committed id is read before the scan.
         """
+        # An incident stamped after a step is planned in the stepped frame: apply it first.
+        await self.follow_clock_step()
         if committed_through is None:
             committed_through = await self._store.newest_incident_id()
         # Ingest commits ids in order, so every incident up to committed_through is
@@ -278,6 +292,57 @@ class Dispatcher:
         incident = await self._store.incident(incident_id)
         if incident is not None and incident.status == "open":
             await self._hasten(incident_id, reason="level_undeliverable")
+
+    # -- the clock ----------------------------------------------------------------------
+
+    async def _clock_loop(self) -> None:
+        await resilient("clock", self._clock_once)
+
+    async def _clock_once(self) -> None:
+        await asyncio.sleep(CLOCK_CHECK_S)
+        await self.follow_clock_step()
+
+    async def follow_clock_step(self) -> float:
+        """Apply a step of the wall clock to every pending due time; returns the step.
+
+        A step planned as "wait 60 s" then still fires 60 s of real time after it was
+        planned, and the stored due times stay wall-clock times, so a restart resumes
+        them in the new frame. Shifting the rows and following the step happen together:
+        until then every comparison uses the old frame (:class:`SteadyClock`).
+        """
+        steady = self._steady
+        if steady is None or not steady.step():
+            return 0.0
+        followed = 0.0
+        try:
+            async with self._store.transaction() as db:
+                delta = steady.step()  # again, under the write lock: each step applied once
+                if not delta:
+                    return 0.0
+                steps = await db.execute(
+                    "UPDATE escalation_steps SET due_at = due_at + ? WHERE state = 'pending'",
+                    (delta,),
+                )
+                # Pending messages wait for their due time (retry backoff, Retry-After); one
+                # in flight is judged stale by how long ago it was claimed (updated_at).
+                messages = await db.execute(
+                    "UPDATE outbox SET due_at = due_at + ? WHERE state = 'pending'", (delta,)
+                )
+                await db.execute(
+                    "UPDATE outbox SET updated_at = updated_at + ? WHERE state = 'sending'",
+                    (delta,),
+                )
+                # Before COMMIT: what this connection reads from now on is shifted.
+                steady.follow(delta)
+                followed = delta
+        except BaseException:
+            steady.follow(-followed)  # rolled back: the rows are in the old frame again
+            raise
+        log.warning("clock.stepped", step_s=round(delta, 3), steps_shifted=steps.rowcount,
+                    messages_shifted=messages.rowcount)
+        self._step_wake.set()
+        self._outbox.wake()
+        return delta
 
     # -- the scheduler ------------------------------------------------------------------
 

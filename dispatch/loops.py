@@ -1,8 +1,10 @@
-"""Two small pieces every dispatch loop shares: survive a failure, and sleep until due."""
+"""What every dispatch loop shares: survive a failure, sleep until due, and a clock that
+an NTP step cannot make fire a step early or hold it back."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -39,3 +41,45 @@ async def wait_until(event: asyncio.Event, until: float | None, clock: Callable[
             await event.wait()
     except TimeoutError:
         pass
+
+
+#: A wall-clock step smaller than this is not followed: NTP slews such corrections
+#: (at most 0.5 ms/s), and following every few milliseconds would rewrite rows for nothing.
+STEP_TOLERANCE_S = 0.5
+
+
+class SteadyClock:
+    """Unix seconds that advance with the monotonic clock, and follow a step of the wall
+    clock (NTP, ``date -s``) only when its owner applies the step to its stored due times.
+
+    Due times are stored as wall-clock seconds so a restart can resume them; a wait that
+    was planned as "60 s" must still last 60 s of real time when the wall clock jumps in
+    between. So the dispatcher compares due times with this clock, notices a step
+    (:meth:`step`), shifts every pending due time by it in one commit and then
+    :meth:`follow` s it: the stored times and the clock change frame together.
+    """
+
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        *,
+        tolerance_s: float = STEP_TOLERANCE_S,
+    ) -> None:
+        self._wall = wall
+        self._monotonic = monotonic
+        self._tolerance_s = tolerance_s
+        self._offset = wall() - monotonic()
+
+    def __call__(self) -> float:
+        """Now, in the frame of the due times stored so far."""
+        return self._monotonic() + self._offset
+
+    def step(self) -> float:
+        """How far the wall clock was stepped against this clock; 0.0 within tolerance."""
+        delta = self._wall() - self()
+        return delta if abs(delta) > self._tolerance_s else 0.0
+
+    def follow(self, delta: float) -> None:
+        """Take ``delta`` (from :meth:`step`) into the frame: due times were shifted by it."""
+        self._offset += delta
