@@ -381,6 +381,28 @@ async def test_the_monitor_task_checks_on_start(tmp_path: Path) -> None:
     assert any(e["event"] == "health.raised" for e in logs)
 
 
+async def test_a_sources_session_alarm_reaches_operations_once(tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path / "cfg", devices=1)
+    ops = RecordingOps()
+    clock = Clock(T0)
+    alarms = {"local": ("taken_over", T0)}
+    async with HealthMonitor(fleet.database, fleet.config.devices,
+                             lambda: [("local", "mqtt", True)], SETTINGS, ops=ops,
+                             clock=clock, autostart=False,
+                             source_alarms=lambda: alarms) as monitor:
+        raised, _ = await monitor.check()
+        assert [f.key for f in raised] == [("source:local", Condition.SESSION_ALARM)]
+        alarms["local"] = ("taken_over", T0 + 60)  # the fight goes on: no second alert
+        clock.now = T0 + 90
+        assert await monitor.check() == ([], [])
+        clock.now = T0 + 60 + SESSION_ALARM_HOLD_S
+        _, cleared = await monitor.check()
+    assert cleared == [("source:local", Condition.SESSION_ALARM)]
+    first, recovery = ops.sent.values()
+    assert first.startswith("OPS panicd: sesi MQTT local direbut klien lain")
+    assert recovery.startswith("OPS panicd PULIH: sesi MQTT local")
+
+
 def _record_conditions(world: World, ids: list[int], outbox_keys: list[str]) -> None:
     """Raised offline rows with these ids, and operations messages with these keys."""
     with closing(sqlite3.connect(world.fleet.database)) as db:
