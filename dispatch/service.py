@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import stat
@@ -21,6 +22,14 @@ from dispatch.responders import Responders, load_responders
 from dispatch.store import DispatchStore
 from dispatch.twilio_channel import TwilioChannel, twilio_credentials_from_env
 from dispatch.web import WebSettings, control_app, public_app
+from dispatch.web_limits import (
+    AcceptErrorFilter,
+    WebLimits,
+    body_timeout_middleware,
+    close_public,
+    plan_descriptors,
+    serve_public,
+)
 from gateway.config import Config, DispatchConfig
 from gateway.errors import ConfigError
 from gateway.locate import Locator
@@ -114,11 +123,23 @@ async def run_dispatch(
         if runtime is not None:
             # /metrics, /ops/status and reassign need the daemon's in-process state.
             install(public_web, control_web, runtime, dispatcher, store)
-        public = web.AppRunner(public_web, access_log=None)
+        limits = WebLimits(cfg.max_connections, cfg.header_timeout_s, cfg.body_timeout_s,
+                           cfg.fd_reserve)
+        # Outermost, so no other middleware reads a body without the deadline.
+        public_web.middlewares.insert(0, body_timeout_middleware(limits.body_timeout_s))
+        # keepalive_timeout: after the first request, aiohttp closes a connection still
+        # without a complete next request this long after its last response.
+        public = web.AppRunner(public_web, access_log=None,
+                               keepalive_timeout=limits.header_timeout_s)
         await public.setup()
         stack.push_async_callback(public.cleanup)
-        site = web.TCPSite(public, cfg.listen_host, cfg.listen_port)
-        await site.start()
+        accept_errors = AcceptErrorFilter(asyncio.get_running_loop())
+        accept_errors.install()
+        stack.callback(accept_errors.uninstall)
+        budget = plan_descriptors(limits)
+        listener, gate = await serve_public(public, cfg.listen_host, cfg.listen_port,
+                                            limits, budget)
+        stack.push_async_callback(close_public, listener, gate)
         control = web.AppRunner(control_web, access_log=None)
         await control.setup()
         stack.push_async_callback(control.cleanup)

@@ -104,6 +104,11 @@ class DispatchConfig:
     twilio_base_url: str
     ack_ttl_s: float
     send_concurrency: int
+    # The public web server's limits (issue 11 case 4, dispatch/web_limits.py).
+    max_connections: int = 256
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    fd_reserve: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +487,10 @@ def _dispatch(table: _Table, base: Path) -> DispatchConfig | None:
         twilio_base_url=table.get("twilio_base_url", str, "https://api.twilio.com").rstrip("/"),
         ack_ttl_s=table.number("ack_link_ttl_s", 6 * 3600, 60, 7 * 86400),
         send_concurrency=int(table.number("send_concurrency", 16, 1, 256)),
+        max_connections=int(table.number("max_connections", 256, 8, 65536)),
+        header_timeout_s=table.number("header_timeout_s", 10, 0.5, 300),
+        body_timeout_s=table.number("body_timeout_s", 10, 0.5, 300),
+        fd_reserve=int(table.number("fd_reserve", 128, 32, 65536)),
     )
     table.check_unknown()
     return cfg
