@@ -13,6 +13,7 @@ import aiohttp
 
 from dispatch.oncall import oncall_report
 from dispatch.responders import WIB
+from gateway.ctl_format import out, print_json
 from gateway.daemon import load
 
 
@@ -41,20 +42,20 @@ async def _post(socket_path: str, path: str, body: dict[str, Any]) -> tuple[int,
 def _control(args: argparse.Namespace, path: str, body: dict[str, Any]) -> int:
     loaded = load(args.config)
     if loaded.config.dispatch is None:
-        print("panicctl: dispatch is not configured ([dispatch] section)")
+        out("panicctl: dispatch is not configured ([dispatch] section)")
         return 2
     socket_path = str(loaded.config.dispatch.control_socket)
     try:
         status, reply = asyncio.run(_post(socket_path, path, body))
     except ControlError as exc:
-        print(f"panicctl: {exc}")
+        out(f"panicctl: {exc}")
         return 1
     if args.json:
-        print(json.dumps(reply, ensure_ascii=False, indent=2, sort_keys=True))
+        print_json(reply)
     elif status == 200:
-        print(" ".join(f"{k}={v}" for k, v in sorted(reply.items())))
+        out(" ".join(f"{k}={v}" for k, v in sorted(reply.items())))
     else:
-        print(f"panicctl: {reply.get('error', reply)}")
+        out(f"panicctl: {reply.get('error', reply)}")
     return 0 if status == 200 else 1
 
 
@@ -72,7 +73,7 @@ def cmd_oncall(args: argparse.Namespace) -> int:
     """Who would be paged, level by level, for one kelurahan or all of them."""
     loaded = load(args.config)
     if loaded.dispatch is None:
-        print("panicctl: dispatch is not configured ([dispatch] section)")
+        out("panicctl: dispatch is not configured ([dispatch] section)")
         return 2
     at = datetime.now(tz=WIB)
     if args.at:
@@ -83,27 +84,27 @@ def cmd_oncall(args: argparse.Namespace) -> int:
         rows = oncall_report(loaded.dispatch.routing, loaded.dispatch.responders, at,
                              args.kelurahan, kelurahan)
     except LookupError as exc:
-        print(f"panicctl: {exc}")
+        out(f"panicctl: {exc}")
         return 1
     if args.json:
-        print(json.dumps([
+        print_json([
             {"kelurahan_kode": r.kelurahan_kode, "kelurahan": r.kelurahan,
              "kecamatan": r.kecamatan, "policy": r.policy_id, "route": r.route.value,
              "level": r.level + 1, "after_s": r.after_s,
              "channels": [c.value for c in r.channels], "via": r.via,
              "person": r.person_id, "name": r.name, "phone": r.phone, "role": r.role}
             for r in rows
-        ], ensure_ascii=False, indent=2))
+        ])
         return 0
-    print(f"On call at {at.astimezone(WIB):%Y-%m-%d %H:%M} WIB")
+    out(f"On call at {at.astimezone(WIB):%Y-%m-%d %H:%M} WIB")
     current = None
     for r in rows:
         if r.kelurahan_kode != current:
             current = r.kelurahan_kode
-            print(f"\n{r.kelurahan} ({r.kecamatan}) — policy {r.policy_id} [{r.route.value}]")
+            out("", f"{r.kelurahan} ({r.kecamatan}) — policy {r.policy_id} [{r.route.value}]")
         who = f"{r.name} {r.phone} ({r.role})" if r.person_id else "NOBODY ON CALL"
         channels = "+".join(c.value for c in r.channels)
-        print(f"  level {r.level + 1} after {r.after_s:>4}s  {channels:<9} {who}  via {r.via}")
+        out(f"  level {r.level + 1} after {r.after_s:>4}s  {channels:<9} {who}  via {r.via}")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from dispatch import ctl as dispatch_ctl
 from gateway import ctl_ops, queries
 from gateway.config import Config, load_config
-from gateway.ctl_format import WIB, print_json, table, when
+from gateway.ctl_format import WIB, err, out, print_json, table, when
 from gateway.daemon import DEFAULT_CONFIG, load
 from gateway.errors import ConfigError
 from gateway.explain import FORMATS, UnsupportedFormatError, explain
@@ -48,9 +48,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     else:
-        print(f"{config.path}: OK")
+        out(f"{config.path}: OK")
         for key, value in summary.items():
-            print(f"  {key}: {value}")
+            out(f"  {key}: {value}")
     return 0
 
 
@@ -76,8 +76,8 @@ def cmd_incidents(args: argparse.Namespace) -> int:
         row["flags"] = ",".join(
             flag for flag, on in (("TES", row["test"]), ("URGENT", row["urgent"])) if on
         )
-    print(
-        table(
+    out(
+        *table(
             rows,
             [("id", "ID"), ("status", "STATUS"), ("flags", "FLAGS"), ("opened", "OPENED"),
              ("device_id", "DEVICE"), ("press_count", "PRESSES"), ("kelurahan", "KELURAHAN"),
@@ -94,30 +94,30 @@ def cmd_show(args: argparse.Namespace) -> int:
         try:
             row = queries.incident(conn, args.id)
         except queries.NotFoundError as exc:
-            print(f"panicctl: {exc}", file=sys.stderr)
+            err(exc)
             return 1
     if args.json:
         print_json(row)
         return 0
     flags = " TES" if row["test"] else ""
-    print(f"Incident {row['id']}{flags}  status={row['status']}  presses={row['press_count']}")
-    print(f"  device     {row['device_id']}")
-    print(f"  opened     {when(row['opened_at'])}")
+    out(f"Incident {row['id']}{flags}  status={row['status']}  presses={row['press_count']}")
+    out(f"  device     {row['device_id']}")
+    out(f"  opened     {when(row['opened_at'])}")
     where = row["kelurahan"] or "(outside Kota Madiun / unknown)"
-    print(f"  kelurahan  {where} ({row['kecamatan'] or '-'}; {row['kelurahan_match']})")
-    print(f"  address    {row['address']} — {row['landmark']}")
+    out(f"  kelurahan  {where} ({row['kecamatan'] or '-'}; {row['kelurahan_match']})")
+    out(f"  address    {row['address']} — {row['landmark']}")
     if row["lat"] is not None:
         link = map_link(GeoFix(row["lat"], row["lon"]))
-        print(f"  location   {row['lat']:.5f}, {row['lon']:.5f} ({row['location_source']}) {link}")
-    print("  presses:")
+        out(f"  location   {row['lat']:.5f}, {row['lon']:.5f} ({row['location_source']}) {link}")
+    out("  presses:")
     for press in row["presses"]:
         paths = ", ".join(f"{p['path']} x{p['heard']}" for p in press["paths"])
-        print(f"    #{press['id']} ctr={press['counter']} {press['kind']} "
-              f"{when(press['received_at'])} {press['outcome']} via {paths}")
-    print("  timeline:")
+        out(f"    #{press['id']} ctr={press['counter']} {press['kind']} "
+            f"{when(press['received_at'])} {press['outcome']} via {paths}")
+    out("  timeline:")
     for entry in row["timeline"]:
         actor = f" by {entry['actor']}" if entry["actor"] else ""
-        print(f"    {when(entry['at'])}  {entry['event']} ({entry['reason']}){actor}")
+        out(f"    {when(entry['at'])}  {entry['event']} ({entry['reason']}){actor}")
     return 0
 
 
@@ -131,8 +131,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         row["received"] = when(row["received_at"])
-    print(
-        table(
+    out(
+        *table(
             rows,
             [("id", "ID"), ("received", "RECEIVED"), ("reason", "REASON"),
              ("device_ref", "DEVICE"), ("path", "PATH"), ("detail", "DETAIL")],
@@ -175,8 +175,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     try:
         result = explain(config, args.format, payload, topic=args.topic or "", now=time.time())
     except UnsupportedFormatError as exc:
-        print(f"panicctl: decode --format {args.format}: not yet supported ({exc})",
-              file=sys.stderr)
+        err(f"decode --format {args.format}: not yet supported ({exc})")
         return 2
     print_json(result)
     return 0 if result.get("verdict") == "accepted" else 1
@@ -230,13 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except ConfigError as exc:
-        print(f"panicctl: {exc}", file=sys.stderr)
+        err(exc)
         return 2
     except FileNotFoundError as exc:
-        print(f"panicctl: {exc}", file=sys.stderr)
+        err(exc)
         return 1
     except sqlite3.DatabaseError as exc:
-        print(f"panicctl: database error: {exc}", file=sys.stderr)
+        err(f"database error: {exc}")
         return 1
     return result
 

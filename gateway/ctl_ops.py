@@ -14,7 +14,6 @@ import asyncio
 import json
 import sqlite3
 import ssl
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,13 +32,9 @@ from firmware_sim.button import build_frame, topic_for
 from firmware_sim.fleet import SimDevice
 from gateway import queries
 from gateway.config import Config, MqttSourceConfig, load_config
-from gateway.ctl_format import print_json, table, when
+from gateway.ctl_format import err, out, print_json, table, when
 from gateway.formats import native
 from gateway.model import PressKind
-
-
-def _err(message: str) -> None:
-    print(f"panicctl: {message}", file=sys.stderr)
 
 
 class ControlError(Exception):
@@ -99,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         except ControlError as exc:
             reason = str(exc)
     if snapshot is None:
-        _err(f"daemon not reachable ({reason}); showing the database only")
+        err(f"daemon not reachable ({reason}); showing the database only")
         snapshot = _db_status(config)
     if args.json:
         print_json(snapshot)
@@ -110,28 +105,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _print_status(snap: dict[str, Any]) -> None:
     daemon = snap["daemon"]
-    print(f"panicd: running (pid {daemon['pid']})" if daemon["reachable"]
+    out(f"panicd: running (pid {daemon['pid']})" if daemon["reachable"]
           else "panicd: NOT REACHABLE (database view)")
     sources = [{**s, "state": "?" if s["connected"] is None else
                 ("up" if s["connected"] else "DOWN"), "since_at": when(s["since"])}
                for s in snap["sources"]]
-    print("\nSources")
-    print(table(sources, [("name", "NAME"), ("kind", "KIND"), ("state", "STATE"),
+    out("", "Sources")
+    out(*table(sources, [("name", "NAME"), ("kind", "KIND"), ("state", "STATE"),
                            ("since_at", "SINCE")]))
     q = snap["queues"]
     ingest = "?" if q["ingest"] is None else q["ingest"]
-    print(f"\nQueues: ingest {ingest}, outbox {q['outbox']}, pending steps {q['escalation']}")
+    out("", f"Queues: ingest {ingest}, outbox {q['outbox']}, pending steps {q['escalation']}")
     incidents = [{**r, "opened": when(r["opened_at"]), "flags": "TES" if r["test"] else ""}
                  for r in snap["open_incidents"]]
-    print(f"\nOpen incidents: {len(incidents)}")
+    out("", f"Open incidents: {len(incidents)}")
     if incidents:
-        print(table(incidents, [("id", "ID"), ("status", "STATUS"), ("flags", "FLAGS"),
+        out(*table(incidents, [("id", "ID"), ("status", "STATUS"), ("flags", "FLAGS"),
                                  ("opened", "OPENED"), ("device_id", "DEVICE"),
                                  ("kelurahan", "KELURAHAN")]))
     unhealthy = [{**r, "raised": when(r["raised_at"])} for r in snap["unhealthy"]]
-    print(f"\nUnhealthy: {len(unhealthy)}")
+    out("", f"Unhealthy: {len(unhealthy)}")
     if unhealthy:
-        print(table(unhealthy, [("subject", "SUBJECT"), ("condition", "CONDITION"),
+        out(*table(unhealthy, [("subject", "SUBJECT"), ("condition", "CONDITION"),
                                  ("raised", "RAISED")]))
 
 
@@ -177,7 +172,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for row in rows:
         row["seen"] = when(row["last_seen_at"])
         row["batt"] = "-" if row["battery"] is None else f"{row['battery']}%"
-    print(table(rows, [("id", "DEVICE"), ("state", "STATE"), ("seen", "LAST SEEN"),
+    out(*table(rows, [("id", "DEVICE"), ("state", "STATE"), ("seen", "LAST SEEN"),
                         ("batt", "BATTERY"), ("last_kind", "LAST"), ("hardware", "HARDWARE"),
                         ("landmark", "LANDMARK")]))
     return 0
@@ -190,21 +185,21 @@ def cmd_reassign(args: argparse.Namespace) -> int:
     """Page a named person for an open or acknowledged incident."""
     config = load_config(args.config)
     if config.dispatch is None:
-        _err("dispatch is not configured ([dispatch] section)")
+        err("dispatch is not configured ([dispatch] section)")
         return 2
     try:
         code, reply = asyncio.run(_control(
             config.dispatch.control_socket, "POST", f"/ops/incidents/{args.id}/reassign",
             {"to": args.to, "by": args.by}))
     except ControlError as exc:
-        _err(f"cannot reach panicd: {exc} (is it running?)")
+        err(f"cannot reach panicd: {exc} (is it running?)")
         return 1
     if args.json:
         print_json(reply)
     elif code == 200:
-        print(f"incident {reply['incident']}: paging {reply['to']} ({reply['messages']} messages)")
+        out(f"incident {reply['incident']}: paging {reply['to']} ({reply['messages']} messages)")
     else:
-        _err(str(reply.get("error", reply)))
+        err(str(reply.get("error", reply)))
     return {200: 0, 400: 2}.get(code, 1)
 
 
@@ -248,14 +243,14 @@ def cmd_test_press(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     device = config.devices.get(args.device)
     if device is None:
-        _err(f"unknown device {args.device}")
+        err(f"unknown device {args.device}")
         return 1
     if device.key is None:
-        _err(f"no key for {device.id} (device-keys credential or PANICD_DEVICE_KEYS_FILE)")
+        err(f"no key for {device.id} (device-keys credential or PANICD_DEVICE_KEYS_FILE)")
         return 2
     source = _native_source(config, args.source)
     if source is None:
-        _err("no native [[mqtt]] source to publish to" + (f" named {args.source}"
+        err("no native [[mqtt]] source to publish to" + (f" named {args.source}"
                                                            if args.source else ""))
         return 2
     counter = int(time.time())
@@ -269,18 +264,18 @@ def cmd_test_press(args: argparse.Namespace) -> int:
     try:
         feedback = asyncio.run(send_test_press(source, sim, counter, args.timeout))
     except aiomqtt.MqttError as exc:
-        _err(f"broker {source.host}:{source.port}: {exc}")
+        err(f"broker {source.host}:{source.port}: {exc}")
         return 1
     result = {"device": device.id, "counter": counter, "source": source.name,
               "received": feedback is not None, "feedback": feedback}
     if args.json:
         print_json(result)
     elif feedback is not None:
-        print(f"test press {device.id} ctr={counter}: received by panicd "
-              f"(press {feedback.get('press')}, incident {feedback.get('incident', '-')} TES)")
+        out(f"test press {device.id} ctr={counter}: received by panicd "
+            f"(press {feedback.get('press')}, incident {feedback.get('incident', '-')} TES)")
     else:
-        _err(f"test press {device.id} ctr={counter}: no 'received' feedback within "
-             f"{args.timeout:g} s (is panicd running and connected to {source.host}?)")
+        err(f"test press {device.id} ctr={counter}: no 'received' feedback within "
+            f"{args.timeout:g} s (is panicd running and connected to {source.host}?)")
     return 0 if feedback is not None else 1
 
 
@@ -292,7 +287,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     target: Path = args.file
     if target.exists() and not args.force:
-        _err(f"{target} exists (use --force to overwrite)")
+        err(f"{target} exists (use --force to overwrite)")
         return 2
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
@@ -311,7 +306,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"backup written to {target} ({result['bytes']} bytes): "
+        out(f"backup written to {target} ({result['bytes']} bytes): "
               + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
@@ -360,7 +355,7 @@ def purge(database: Path, cutoff: float, *, dry_run: bool) -> dict[str, int]:
 def cmd_purge(args: argparse.Namespace) -> int:
     """Retention: delete closed incidents and old rows older than N days."""
     if args.older_than < 1:
-        _err("--older-than must be at least 1 day")
+        err("--older-than must be at least 1 day")
         return 2
     config = load_config(args.config)
     cutoff = time.time() - args.older_than * 86400.0
@@ -369,9 +364,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print_json({"dry_run": args.dry_run, "cutoff": cutoff, "deleted": counts})
     else:
         verb = "would delete" if args.dry_run else "deleted"
-        print(f"purge older than {args.older_than} days ({when(cutoff)}): {verb}")
+        out(f"purge older than {args.older_than} days ({when(cutoff)}): {verb}")
         for table, count in counts.items():
-            print(f"  {table:<18} {count}")
+            out(f"  {table:<18} {count}")
     return 0
 
 

@@ -6,7 +6,10 @@ file+key errors; exit codes 0 / 1 (not found) / 2 (bad configuration).
 
 from __future__ import annotations
 
+import ast
 import json
+import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,9 @@ import structlog
 from gateway import queries
 from gateway.cli import main
 from gateway.dedup import DedupPolicy
-from gateway.formats import native
+from gateway.formats import native, ttn
 from gateway.ingest import Ingestor
-from gateway.model import PressKind
+from gateway.model import Frame, PressKind, Trust
 from gateway.store import SqliteStore
 from tests.pipeline import T0, Collector, Fleet, frame_bytes, make_fleet
 from tests.query_plans import whole_reads
@@ -225,3 +228,129 @@ def test_a_missing_database_exits_1_with_a_clear_message(
     assert (code, out) == (1, "")
     assert err == f"panicctl: no database at {empty.database} (has panicd run yet?)\n"
     assert not empty.database.exists(), "a read-only view must not create the database"
+
+
+# -- terminal escapes from the wire never reach the operator's terminal raw ------------------
+
+# Clear the screen, home the cursor, reverse the text, forge a line: what an attacker puts
+# in a JSON key, a device id or anything else panicctl later prints from the database.
+HOSTILE = "\x1b[2J\x1b[H\u202eFAKE: all OK\r\n\tpanicd: running\x7f\x9b31m\u2066\u2028"
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069"
+                         "\u2028\u2029\ufeff]")
+
+
+@pytest.fixture
+async def hostile(tmp_path: Path) -> Fleet:
+    """Dead letters and stored rows whose every wire-borne string is HOSTILE."""
+    fleet = make_fleet(tmp_path / "cfg")
+    ttn_uplink = json.dumps({"end_device_ids": {"device_id": HOSTILE}, "uplink_message": {
+        "decoded_payload": {"event": "panic"}}}).encode()
+    ttn_frame = ttn.decode("", ttn_uplink)
+    assert isinstance(ttn_frame, Frame)
+    async with (
+        SqliteStore(fleet.database) as store,
+        Ingestor(store, fleet.config, fleet.locator, policy=DedupPolicy()) as ingestor,
+    ):
+        pipe = Collector(ingestor)
+        with structlog.testing.capture_logs():
+            await pipe.send(pipe.item(json.dumps({HOSTILE: 1}, ensure_ascii=False).encode(),
+                                      at=T0))
+            await pipe.send(pipe.item(ttn_uplink, at=T0 + 1, decoded=ttn_frame,
+                                      trust=Trust.NETWORK, format_name="ttn"))
+            await pipe.send(pipe.item(HOSTILE.encode(), at=T0 + 2))
+            await pipe.send(pipe.item(frame_bytes(fleet.devices[0], 1), at=T0 + 3))
+    conn = sqlite3.connect(fleet.database)
+    with conn:
+        # Stored strings of any origin: what the output boundary must escape whatever the path.
+        conn.execute("UPDATE incidents SET landmark = ?, address = ?, kelurahan = ?",
+                     (HOSTILE, HOSTILE, HOSTILE))
+        conn.execute("UPDATE incident_events SET reason = ?, actor = ?", (HOSTILE, HOSTILE))
+        conn.execute("UPDATE press_paths SET path = ?", (HOSTILE,))
+        conn.execute("UPDATE devices SET last_kind = ?", (HOSTILE,))
+    conn.close()
+    return fleet
+
+
+def _strings(value: object) -> list[str]:
+    match value:
+        case str():
+            return [value]
+        case dict():
+            return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+        case list():
+            return [s for v in value for s in _strings(v)]
+        case _:
+            return []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["dead-letters"], ["incidents"], ["show", "1"], ["devices"], ["status"]],
+    ids=" ".join,
+)
+def test_a_hostile_string_is_printed_as_visible_escapes(
+    capsys: pytest.CaptureFixture[str], hostile: Fleet, argv: list[str]
+) -> None:
+    _, out, err = _run(capsys, hostile, *argv)
+    assert RAW_CONTROL.findall(out + err) == []
+    # Shown, not dropped, and on one line: the CR LF inside it forged no line of its own.
+    assert "\\x1b[2J\\x1b[H\\u202eFAKE: all OK\\r\\n\\tpanicd: running\\x7f\\x9b31m" in out
+    assert not any(line.startswith(("\tpanicd", "panicd: running")) for line in out.splitlines())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["dead-letters", "--json"], ["incidents", "--json"], ["show", "1", "--json"],
+     ["devices", "--json"], ["status", "--json"]],
+    ids=" ".join,
+)
+def test_json_output_escapes_what_a_terminal_acts_on_and_loses_nothing(
+    capsys: pytest.CaptureFixture[str], hostile: Fleet, argv: list[str]
+) -> None:
+    _, out, err = _run(capsys, hostile, *argv)
+    assert RAW_CONTROL.findall(out + err) == []
+    assert any(HOSTILE in s for s in _strings(json.loads(out)))
+
+
+def test_dead_letters_show_the_hostile_key_device_and_payload_escaped(
+    capsys: pytest.CaptureFixture[str], hostile: Fleet
+) -> None:
+    _, out, _ = _run(capsys, hostile, "dead-letters", "--json")
+    by_reason = {row["reason"]: row for row in json.loads(out)}
+    assert by_reason["unknown_field"]["detail"] == HOSTILE
+    assert by_reason["bad_json"]["payload_preview"] == HOSTILE
+    assert by_reason["unknown_device"]["device_ref"] == HOSTILE
+
+
+@pytest.mark.parametrize("fmt", ["native", "ttn"])
+def test_decode_of_a_hostile_frame_prints_no_raw_control_character(
+    capsys: pytest.CaptureFixture[str], hostile: Fleet, tmp_path: Path, fmt: str
+) -> None:
+    frame = tmp_path / "frame.json"
+    body = {HOSTILE: 1} if fmt == "native" else {
+        "end_device_ids": {"device_id": HOSTILE},
+        "uplink_message": {"decoded_payload": {"event": "panic"}}}
+    frame.write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
+    _, out, err = _run(capsys, hostile, "decode", "--format", fmt, str(frame))
+    assert RAW_CONTROL.findall(out + err) == []
+    assert HOSTILE in _strings(json.loads(out))
+
+
+def test_panicctl_prints_only_through_the_escaping_boundary() -> None:
+    # One boundary (gateway.ctl_format.out / err / print_json) escapes everything, so a
+    # command added later cannot print a wire string raw by forgetting to escape it.
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for module in ("gateway/cli.py", "gateway/ctl_ops.py", "dispatch/ctl.py",
+                   "gateway/explain.py"):
+        tree = ast.parse((root / module).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if (isinstance(func, ast.Name) and func.id == "print") or (
+                isinstance(func, ast.Attribute) and func.attr in ("write", "writelines")
+                and isinstance(func.value, ast.Attribute) and func.value.attr in (
+                    "stdout", "stderr")):
+                offenders.append(f"{module}:{node.lineno}")
+    assert offenders == []
