@@ -1,15 +1,20 @@
-"""Every decoder fuzzed with random input and with mutated valid frames (hypothesis).
+"""Every decoder fuzzed with random input and mutated valid frames (hypothesis, atheris).
 
 The only outcomes allowed are a Frame, an Ignored, or a DecodeError with a snake_case
 reason (each target's own result types for the line parsers, the ACK decoder and the
 availability reports), and whatever comes out must be storable. Then the same mutated
 frames go through the real ingest pipeline and SQLite store: each rejection becomes a
-dead letter with its reason, and nothing stalls the queue behind it.
+dead letter with its reason, and nothing stalls the queue behind it. Last, the atheris
+harness (tests/fuzz_decoders.py) fuzzes each format coverage-guided for a few seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from tests.formats_fuzz import (
     mutations,
     tricky_values,
 )
+from tests.fuzz_decoders import GROUPS
 from tests.pipeline import T0, Collector, Fleet, make_fleet, rows
 
 TARGETS = fuzz_targets()
@@ -52,6 +58,7 @@ def test_every_format_and_entry_point_is_a_fuzz_target() -> None:
     assert {f for f in FORMATS if f != "app"} <= {*BY_NAME, "rylr", "rak3172"}
     for target in TARGETS:
         assert target.seeds, target.name
+    assert {t.name for t in TARGETS} == {n for names in GROUPS.values() for n in names}
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
@@ -239,3 +246,36 @@ def test_a_frame_the_store_could_not_write_does_not_stall_the_presses_behind_it(
     assert [outcome for _, outcome in results][:2] == [
         DeadLettered("unknown_device"), DeadLettered("bad_counter"),
     ]
+
+
+# -- coverage-guided: atheris ---------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+ATHERIS_SECONDS = 3  # per group; eight groups stay under a minute with interpreter start
+
+
+def _atheris_missing() -> str | None:
+    try:
+        importlib.import_module("atheris")
+    except ImportError as exc:
+        return (f"atheris is not installed ({exc}); `make test` installs it from the dev "
+                "extras (pip install atheris: a cp311 manylinux x86_64 wheel, no compiler)")
+    return None
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_atheris_finds_no_crash_in_the_decoders(group: str, tmp_path: Path) -> None:
+    missing = _atheris_missing()
+    if missing is not None:
+        pytest.skip(f"COVERAGE-GUIDED FUZZING NOT RUN: {missing}")
+    corpus = tmp_path / "corpus"
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fuzz_decoders", group, "-runs=1000000",
+         f"-max_total_time={ATHERIS_SECONDS}", f"-artifact_prefix={tmp_path}/", str(corpus)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    crashes = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("crash-"))
+    assert (result.returncode, crashes) == (0, []), result.stderr[-4000:]
+    done = re.search(r"Done (\d+) runs", result.stderr)
+    assert done is not None, result.stderr[-2000:]
+    assert int(done[1]) > 1000, f"only {done[1]} inputs ran"
