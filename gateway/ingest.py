@@ -87,6 +87,9 @@ class Ingestor:
         self._task_group: asyncio.TaskGroup | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        # Since when (wall clock) commits have been failing; None while they succeed.
+        self._failing_since: float | None = None
+        self._failing_from = 0.0  # the same instant on the loop's monotonic clock
         self.committed_batches = 0
         self.committed_items = 0
         # Committed items by (source, outcome), for the metrics endpoint.
@@ -100,6 +103,11 @@ class Ingestor:
     def depth(self) -> int:
         """Items submitted but not yet committed."""
         return self._pending
+
+    @property
+    def store_failing_since(self) -> float | None:
+        """Since when commits have been failing (Unix time), or None while they succeed."""
+        return self._failing_since
 
     async def __aenter__(self) -> Self:
         self._task_group = asyncio.TaskGroup()
@@ -180,15 +188,27 @@ class Ingestor:
                     listener(incident_event)
 
     async def _commit_with_retry(self, batch: list[Inbound]) -> tuple[list[Outcome], BatchResult]:
-        """Commit the batch, retrying forever: an un-committed press must not be acked."""
+        """Commit the batch, retrying forever: an un-committed press must not be acked.
+
+        The first failure of an outage is one critical line (``store.unavailable``) for
+        operations, and the first commit after it one ``store.recovered``: the journal
+        is the one alert path that needs no database (an operations SMS is an outbox row,
+        and the outbox is in the database that is failing).
+        """
         attempt = 0
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                return await self._commit(batch)
+                result = await self._commit(batch)
             except Exception as exc:  # noqa: BLE001 -- any database failure is retried
                 attempt += 1
                 with contextlib.suppress(Exception):
                     await self._store.rollback()
+                if self._failing_since is None:
+                    self._failing_since = self._clock()
+                    self._failing_from = loop.time()
+                    log.critical("store.unavailable", error=repr(exc), batch=len(batch),
+                                 pending=self._pending)
                 delay = min(5.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)  # noqa: S311
                 # One journal line per failure, not a traceback: the error says enough.
                 log.error(  # noqa: TRY400
@@ -199,6 +219,12 @@ class Ingestor:
                     retry_in_s=round(delay, 3),
                 )
                 await asyncio.sleep(delay)
+                continue
+            if self._failing_since is not None:
+                log.warning("store.recovered", down_s=round(loop.time() - self._failing_from, 3),
+                            attempts=attempt, pending=self._pending)
+                self._failing_since = None
+            return result
 
     async def _commit(self, batch: list[Inbound]) -> tuple[list[Outcome], BatchResult]:
         store = self._store
