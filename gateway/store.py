@@ -9,7 +9,9 @@ their senders only after ``COMMIT`` returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,21 +235,43 @@ class SqliteDatabase:
 
     async def __aenter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves, so a batch is
-        # exactly one transaction and the write lock is taken before the first read.
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        self._db = await self._connect()
         try:
-            if self.writers.background_checkpoints:
-                # SQLite's automatic checkpoint runs inside whichever commit crosses 1,000
-                # WAL pages; on a database with a million presses that commit took up to
-                # 262 ms. The process's WalCheckpointer does it off every commit path.
-                await self._db.execute("PRAGMA wal_autocheckpoint = 0")
-            await migrate(self._db)
             await self._opened()
         except BaseException:
             await self._db.close()
             raise
         return self
+
+    async def _connect(self) -> aiosqlite.Connection:
+        # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves, so a batch is
+        # exactly one transaction and the write lock is taken before the first read.
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            if self.writers.background_checkpoints:
+                # SQLite's automatic checkpoint runs inside whichever commit crosses 1,000
+                # WAL pages; on a database with a million presses that commit took up to
+                # 262 ms. The process's WalCheckpointer does it off every commit path.
+                await db.execute("PRAGMA wal_autocheckpoint = 0")
+            await migrate(db)
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def reconnect(self) -> None:
+        """Close the connection and open a fresh one.
+
+        SQLite opens a file it may not write (immutable, wrong owner, a read-only mount)
+        read-only, and the connection stays read-only after the file is writable again:
+        only a new connection can take writes then.
+        """
+        old, self._db = self._db, None
+        if old is not None:
+            with contextlib.suppress(sqlite3.Error, ValueError):  # ValueError: closed
+                await old.close()
+        self._db = await self._connect()
+        await self._opened()
 
     async def _opened(self) -> None:
         """Called once the schema is current (subclasses load what they cache)."""
@@ -281,6 +305,8 @@ class SqliteStore(SqliteDatabase):
     def __init__(self, path: Path, *, writers: Writers | None = None) -> None:
         super().__init__(path, writers=writers)
         self._holding = False
+        # Set by a rollback: the next batch starts on a fresh connection (reconnect()).
+        self._reconnect_first = False
         self._next_press = 1
         self._next_incident = 1
         self._base_press = 1
@@ -315,6 +341,11 @@ class SqliteStore(SqliteDatabase):
         await self.write_lock.acquire()
         self._holding = True
         try:
+            if self._reconnect_first:
+                # After a failed batch, whatever state the old connection was left in (a
+                # read-only open above all) must not fail every retry for ever.
+                await self.reconnect()
+                self._reconnect_first = False
             await self.db.execute("BEGIN IMMEDIATE")
         except BaseException:
             self._release()
@@ -334,7 +365,9 @@ class SqliteStore(SqliteDatabase):
         self._release()
 
     async def rollback(self) -> None:
-        """Abandon the batch (ids handed out since begin are forgotten)."""
+        """Abandon the batch (ids handed out since begin are forgotten); the next batch
+        begins on a fresh connection."""
+        self._reconnect_first = True
         try:
             if self.db.in_transaction:
                 await self.db.execute("ROLLBACK")
