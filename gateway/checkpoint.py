@@ -14,6 +14,7 @@ for, or blocking, any reader or writer (https://www.sqlite.org/c3ref/wal_checkpo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +43,8 @@ class WalCheckpointer:
         self._group: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
         self._warned = False
+        #: Checkpoints failed in a row; the first is warned about, the others are debug.
+        self.failures = 0
         #: (busy, WAL pages, pages copied) of the last checkpoint, as SQLite reports them.
         self.last: tuple[int, int, int] | None = None
         self._done = asyncio.Condition()
@@ -60,7 +63,7 @@ class WalCheckpointer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._group is not None and self._db is not None
+        assert self._group is not None
         if self._task is not None:
             self._task.cancel()
         try:
@@ -71,22 +74,36 @@ class WalCheckpointer:
             await self.checkpoint("TRUNCATE")
         finally:
             # Also on failure: aiosqlite's thread would otherwise keep the process alive.
-            await self._db.close()
+            if self._db is not None:
+                await self._db.close()
             self._db = None
 
     async def checkpoint(
         self, mode: Literal["PASSIVE", "TRUNCATE"] = "PASSIVE"
     ) -> tuple[int, int, int] | None:
         """Run one checkpoint now; its (busy, WAL pages, pages copied), None if it failed."""
-        assert self._db is not None
         try:
+            if self.failures or self._db is None:
+                # A connection SQLite opened read-only (the file was not writable then)
+                # fails every checkpoint for ever, even once the file is writable again.
+                await self._reconnect()
+            assert self._db is not None
             rows = list(await self._db.execute_fetchall(f"PRAGMA wal_checkpoint({mode})"))
         except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite's "closed"
             # A failed checkpoint loses nothing (the WAL still holds every commit); the next
             # one tries again, and the growing WAL is warned about below. Letting the task
-            # die instead would stop checkpoints silently with autocheckpoint off.
-            log.warning("store.checkpoint_failed", mode=mode, error=str(exc))
+            # die instead would stop checkpoints silently with autocheckpoint off. One
+            # warning per outage: a full disk would otherwise log one every second.
+            self.failures += 1
+            if self.failures == 1:
+                log.warning("store.checkpoint_failed", mode=mode, error=str(exc))
+            else:
+                log.debug("store.checkpoint_failed", mode=mode, error=str(exc),
+                          failures=self.failures)
             return None
+        if self.failures:
+            log.info("store.checkpoint_recovered", mode=mode, failures=self.failures)
+            self.failures = 0
         busy, pages, copied = (int(value) for value in rows[0])
         self.last = (busy, pages, copied)
         left = pages - copied
@@ -96,6 +113,13 @@ class WalCheckpointer:
         elif left < self._warn_pages:
             self._warned = False
         return self.last
+
+    async def _reconnect(self) -> None:
+        old, self._db = self._db, None
+        if old is not None:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await old.close()
+        self._db = await aiosqlite.connect(self._path, isolation_level=None)
 
     async def next_checkpoint(self) -> tuple[int, int, int] | None:
         """Wait for the next background checkpoint and return its result."""
