@@ -127,6 +127,11 @@ class Registry(Protocol):
         """Registered receiving gateways by id."""
         ...
 
+    @property
+    def devices(self) -> Mapping[str, Device]:
+        """Registered devices by id (with their keys, for signing feedback)."""
+        ...
+
 
 class IdAllocator(Protocol):
     """Hands out press and incident ids inside the batch's transaction."""

@@ -130,6 +130,11 @@ class Ingestor:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task_group.__aexit__(exc_type, exc, tb)
 
+    def device_key(self, device_id: str) -> bytes | None:
+        """The registered key of ``device_id`` (None: unknown or keyless)."""
+        device = self._registry.devices.get(device_id)
+        return None if device is None else device.key
+
     async def submit(self, item: Inbound) -> None:
         """Queue an item; waits when the queue is full (back-pressure to the source)."""
         if self._closing:

@@ -111,7 +111,13 @@ async def test_a_signed_press_is_stored_and_the_button_gets_received_feedback(
             feedback_timeout_s=DEADLINE_S,
         )
         assert running.source.acked == 1
-    assert feedback == {"ctr": 41, "state": "received", "press": 1, "incident": 1}
+    assert feedback is not None
+    assert {k: v for k, v in feedback.items() if k != "tag"} == {
+        "dev": device.id, "ctr": 41, "state": "received", "press": 1, "incident": 1
+    }
+    # Signed with the button's key: no broker account can forge "received" (issue 11).
+    assert native.ack_tag_valid(device.key, feedback)
+    assert not native.ack_tag_valid(device.key, {**feedback, "ctr": 42})
     assert rows(fleet.database, "SELECT device_id, counter, kind, incident_id FROM presses") == [
         (device.id, 41, "panic", 1)
     ]

@@ -483,3 +483,12 @@ def test_signed_ack_matches_the_documented_vector() -> None:
     assert not native.ack_tag_valid(bytes(range(32)), {**body, "state": "help_coming"})
     assert not native.ack_tag_valid(bytes(range(32)), {**body, "ctr": True})
     assert not native.ack_tag_valid(b"\x01" * 32, body)
+
+
+def test_mqtt_feedback_matches_the_documented_vector() -> None:
+    """docs/FRAMES.md, "Topics": the signed "received" feedback for the test key."""
+    body = native.signed_ack(
+        bytes(range(32)),
+        {"dev": "MDN-OOO-0001", "ctr": 42, "state": "received", "press": 1234, "incident": 567},
+    )
+    assert body["tag"] == "1e3de496d7ae75ad423c428026da0bea7f76eb610b55f43203cb6649de251f1a"

@@ -366,13 +366,24 @@ class MqttSource:
         client = self.client
         if client is None or self._config.format != "native":
             return False
-        self._publish_command(client, device_id, body)
-        return True
+        return self._publish_command(client, device_id, body)
 
-    @staticmethod
-    def _publish_command(client: aiomqtt.Client, device_id: str, body: dict[str, object]) -> None:
+    def _publish_command(
+        self, client: aiomqtt.Client, device_id: str, body: dict[str, object]
+    ) -> bool:
+        """Sign ``body`` with the button's key and publish it; False for a keyless device.
+
+        The "received" feedback ends the button's duty to retransmit (docs/FRAMES.md), so
+        it is signed like a LoRa ACK: a broker account that could write the command topic
+        must still not be able to silence a button.
+        """
+        key = self._ingestor.device_key(device_id)
+        if key is None:
+            return False
+        signed = native.signed_ack(key, {"dev": device_id, **body})
         # paho's publish only queues the packet; aiomqtt's loop writes it. QoS 1 so a
         # button that reconnects still gets it (DESIGN §2 Presser feedback).
         client._client.publish(
-            native.command_topic(device_id), json.dumps(body, separators=(",", ":")), qos=1
+            native.command_topic(device_id), json.dumps(signed, separators=(",", ":")), qos=1
         )
+        return True
