@@ -62,30 +62,29 @@ class Filler:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "filler"
+        # Created now: on a disk the WAL has filled meanwhile, even a new file is ENOSPC.
+        self.path.touch()
 
     def fill(self) -> int:
-        """Write until ENOSPC; returns bytes taken."""
+        """Write until ENOSPC, down to the last page; returns bytes taken."""
         taken = 0
-        chunk = b"\0" * 65536
-        with self.path.open("ab") as out:
-            while True:
-                try:
-                    out.write(chunk)
-                    out.flush()
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    break
-                taken += len(chunk)
-            # The last partial chunk: take the bytes that are left one page at a time.
-            with contextlib.suppress(OSError):
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            for size in (1 << 16, 1 << 12):
                 while True:
-                    os.write(out.fileno(), b"\0" * 4096)
+                    try:
+                        taken += os.write(fd, b"\0" * size)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+        finally:
+            os.close(fd)
         return taken
 
     def free(self) -> None:
         """Give the space back."""
-        self.path.unlink(missing_ok=True)
+        os.truncate(self.path, 0)
 
 
 def _publish(broker: Mosquitto, devices: list[SimDevice], count: int, base: int,
