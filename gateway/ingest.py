@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from gateway.batch import (
 )
 from gateway.dedup import DedupPolicy
 from gateway.locate import Locator
-from gateway.store import IngestStore
+from gateway.store import BatchWrites, DeadLetterRow, IngestStore
 
 # Sources and dispatch import these names from here.
 __all__ = [
@@ -56,6 +57,24 @@ _DEBUG_EVENTS = frozenset({"incident.press_attached"})
 
 
 IncidentListener = Callable[[IncidentEvent], None]
+
+# The dead-letter reason of a press the database could not store (see _commit_isolating).
+UNSTORABLE = "unstorable"
+# Errors that come from a batch's own values, not from the database being unavailable:
+# sqlite3 refuses a value (an integer past 64 bits, a lone surrogate, a wrong type) or a
+# constraint. OperationalError (disk full, read-only, locked) is none of these.
+_DATA_ERRORS: tuple[type[Exception], ...] = (
+    OverflowError, UnicodeError, TypeError, sqlite3.IntegrityError, sqlite3.InterfaceError,
+    sqlite3.DataError, sqlite3.ProgrammingError,
+)
+
+
+class _PoisonedBatch(Exception):  # noqa: N818 -- a signal inside the writer, not an error
+    """The batch failed on its own data; carries the error."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.error = error
 
 
 class Ingestor:
@@ -171,7 +190,7 @@ class Ingestor:
                         break
             while len(batch) < self._batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            outcomes, work = await self._commit_with_retry(batch)
+            outcomes, logs, events = await self._commit_isolating(batch)
             self.committed_batches += 1
             self.committed_items += len(batch)
             self._pending -= len(batch)
@@ -180,7 +199,7 @@ class Ingestor:
             for item, outcome in zip(batch, outcomes, strict=True):
                 self.outcomes[item.reception.source, outcome_label(outcome)] += 1
                 item.on_done(outcome)
-            for event, fields in work.logs:
+            for event, fields in logs:
                 # Rejections are what an operator must see with `journalctl -p warning`.
                 if event == "press.rejected":
                     log.warning(event, **fields)
@@ -188,11 +207,75 @@ class Ingestor:
                     log.debug(event, **fields)
                 else:
                     log.info(event, **fields)
-            for incident_event in work.events:
+            for incident_event in events:
                 for listener in self._listeners:
                     listener(incident_event)
 
-    async def _commit_with_retry(self, batch: list[Inbound]) -> tuple[list[Outcome], BatchResult]:
+    async def _commit_isolating(
+        self, batch: list[Inbound]
+    ) -> tuple[list[Outcome], list[tuple[str, dict[str, object]]], list[IncidentEvent]]:
+        """Commit the batch; a press the database cannot store is isolated, not retried.
+
+        A database that is failing (disk full, read-only, locked) fails every batch alike
+        and is retried until it recovers. A batch that fails on its own data (a value
+        SQLite cannot take, a constraint) would fail forever and stall every press behind
+        it: it is split in halves until the one press that cannot be stored is found, and
+        that press becomes a dead letter ``unstorable`` with its raw payload. The dead
+        letter is written only if the database then works, so a database outage that
+        happens to raise such an error is still retried, never dead-lettered.
+        """
+        try:
+            outcomes, work = await self._commit_with_retry(batch, isolate=True)
+        except _PoisonedBatch as poisoned:
+            if len(batch) == 1:
+                return await self._dead_letter_unstorable(batch[0], poisoned.error)
+            middle = len(batch) // 2
+            first = await self._commit_isolating(batch[:middle])
+            second = await self._commit_isolating(batch[middle:])
+            return first[0] + second[0], first[1] + second[1], first[2] + second[2]
+        return outcomes, work.logs, work.events
+
+    async def _dead_letter_unstorable(
+        self, item: Inbound, error: Exception
+    ) -> tuple[list[Outcome], list[tuple[str, dict[str, object]]], list[IncidentEvent]]:
+        reception = item.reception
+        detail = ascii(error)[:500]
+        row = DeadLetterRow(
+            received_at=reception.received_at, source=reception.source, path=reception.path,
+            format=item.format, device_ref=None, reason=UNSTORABLE, detail=detail,
+            payload=item.payload[:4096],
+        )
+        while True:
+            try:
+                # The press itself once more first: if it is stored now, the failure was
+                # the database's after all. Then its dead letter, in its own commit.
+                try:
+                    outcomes, work = await self._commit([item])
+                except _DATA_ERRORS:
+                    with contextlib.suppress(Exception):
+                        await self._store.rollback()
+                else:
+                    return outcomes, work.logs, work.events
+                await self._store.begin()
+                await self._store.write(BatchWrites(dead_letters=[row]))
+                await self._store.commit()
+            except Exception as exc:  # noqa: BLE001 -- the database itself: retry both
+                with contextlib.suppress(Exception):
+                    await self._store.rollback()
+                log.error(  # noqa: TRY400 -- one journal line, the error says enough
+                    "store.commit_failed", error=repr(exc), batch=1, retry_in_s=1.0
+                )
+                await asyncio.sleep(1.0)
+                continue
+            fields: dict[str, object] = {
+                "reason": UNSTORABLE, "detail": detail[:200], "device": None,
+                "source": reception.source, "path": reception.path,
+            }
+            return [DeadLettered(UNSTORABLE)], [("press.rejected", fields)], []
+
+    async def _commit_with_retry(
+        self, batch: list[Inbound], *, isolate: bool = False
+    ) -> tuple[list[Outcome], BatchResult]:
         """Commit the batch, retrying forever: an un-committed press must not be acked.
 
         The first failure of an outage is one critical line (``store.unavailable``) for
@@ -205,6 +288,12 @@ class Ingestor:
         while True:
             try:
                 result = await self._commit(batch)
+            except _DATA_ERRORS as exc:
+                if not isolate:
+                    raise
+                with contextlib.suppress(Exception):
+                    await self._store.rollback()
+                raise _PoisonedBatch(exc) from exc
             except Exception as exc:  # noqa: BLE001 -- any database failure is retried
                 attempt += 1
                 with contextlib.suppress(Exception):

@@ -587,3 +587,30 @@ async def test_a_press_lost_before_a_later_one_is_accepted_when_retransmitted(
     assert again == [Repeated(_stored(later).press_id, button.id, 100)]
     stale = await pipe.send(pipe.item(frame_bytes(button, 101 - REPLAY_WINDOW), at=T0 + 7))
     assert stale == [DeadLettered("stale_counter")]
+
+
+async def test_a_press_the_database_cannot_store_is_isolated_and_the_rest_committed(
+    fleet: Fleet, pipe: Collector
+) -> None:
+    """One value SQLite refuses (a lone surrogate) used to fail its whole batch on every
+    retry, forever, and every press behind it waited: now it alone is a dead letter."""
+    one, two = fleet.devices[0], fleet.devices[1]
+    poison = Frame(format=native.FORMAT, device_ref="ghost-\ud800", kind=PressKind.PANIC,
+                   counter=1)
+    with structlog.testing.capture_logs() as logs:
+        outcomes = await asyncio.wait_for(
+            pipe.send(
+                pipe.item(frame_bytes(one, 5), at=T0),
+                pipe.item(b"poison-payload", at=T0 + 1, decoded=poison),
+                pipe.item(frame_bytes(two, 7), at=T0 + 2),
+            ),
+            timeout=20,
+        )
+    assert _stored(outcomes[0]).counter == 5
+    assert outcomes[1] == DeadLettered("unstorable")
+    assert _stored(outcomes[2]).counter == 7
+    assert rows(fleet.database, "SELECT reason, device_ref, payload FROM dead_letters") == [
+        ("unstorable", None, b"poison-payload")
+    ]
+    assert rows(fleet.database, "SELECT counter FROM presses ORDER BY counter") == [(5,), (7,)]
+    assert [e for e in logs if e["event"] == "store.unavailable"] == []
