@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,3 +248,28 @@ async def test_the_splice_of_issue_11_over_a_real_socket_is_refused(site: Site) 
            "Connection: close\r\n\r\n").encode() + body
     assert await exchange(site, raw) == 400
     assert acks(site.database) == 0
+
+
+# -- coverage-guided: atheris on the parsers (tests/fuzz_webhooks.py) -------------------
+
+ATHERIS_SECONDS = 5
+
+
+def test_atheris_finds_no_crash_in_the_webhook_and_ack_link_parsers(tmp_path: Path) -> None:
+    try:
+        importlib.import_module("atheris")
+    except ImportError as exc:
+        pytest.skip(f"COVERAGE-GUIDED FUZZING NOT RUN: atheris is not installed ({exc});"
+                    " `make test` installs it from the dev extras")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fuzz_webhooks", "-runs=2000000",
+         f"-max_total_time={ATHERIS_SECONDS}", f"-artifact_prefix={tmp_path}/",
+         str(tmp_path / "corpus")],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+    crashes = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("crash-"))
+    assert (result.returncode, crashes) == (0, []), result.stderr[-4000:]
+    done = re.search(r"Done (\d+) runs", result.stderr)
+    assert done is not None, result.stderr[-2000:]
+    assert int(done[1]) > 10_000, f"only {done[1]} inputs ran"
