@@ -76,10 +76,12 @@ def cmd_button(args: argparse.Namespace) -> int:
             host, port, device, PressKind(args.kind), counter,
             battery=args.battery, gps=args.gps, via_gateway=args.via_gateway,
             tamper=args.tamper, repeat=args.repeat, feedback_timeout_s=args.wait,
+            retransmit=args.retransmit,
         )
     )
     print(json.dumps({"device": sent.device_id, "counter": sent.counter, "kind": sent.kind.value,
-                      "topic": sent.topic, "feedback": feedback}))
+                      "topic": sent.topic, "feedback": feedback,
+                      "retransmissions": sent.retransmissions}))
     return 0 if feedback is not None or args.wait <= 0 else 1
 
 
@@ -150,7 +152,8 @@ def cmd_storm(args: argparse.Namespace) -> int:
     result = asyncio.run(
         storm(host, port, fleet, count=args.count - lora_count, rate=args.rate,
               counter_base=base, duplicate_ratio=args.duplicates, via_gateway=args.via_gateway,
-              watch_feedback=args.feedback)
+              watch_feedback=args.feedback, retransmit=args.retransmit,
+              feedback_grace_s=args.grace)
     )
     # Persist the highest counter used per device, so the next run starts above it.
     for device_id, counter in result.sent:
@@ -161,9 +164,13 @@ def cmd_storm(args: argparse.Namespace) -> int:
         "sent": len(result.sent),
         "duplicates": result.duplicates,
         "seconds": round(result.finished_at - result.started_at, 3),
+        "pubacked": len(result.pubacked),
+        "retransmissions": result.retransmissions,
+        "reconnects": result.reconnects,
     }
-    if args.feedback:
+    if args.feedback or args.retransmit:
         summary["feedback"] = len(result.feedback)
+        summary["unconfirmed"] = len(result.unconfirmed())
         if latencies:
             summary["p50_ms"] = round(latencies[len(latencies) // 2], 2)
             summary["p99_ms"] = round(latencies[int(len(latencies) * 0.99) - 1], 2)
@@ -184,22 +191,21 @@ def cmd_lora_rx(args: argparse.Namespace) -> int:
     return lora_cmds.run_lora_rx(args, config, fleet, CounterState(args.state))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser."""
-    parser = argparse.ArgumentParser(prog="panic-sim", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _common(p: argparse.ArgumentParser) -> None:
+    """Options every MQTT-publishing command takes."""
+    p.add_argument("--config", type=Path, required=True, help="panicd's TOML configuration")
+    p.add_argument("--keys", help="device keys (default: $PANICD_DEVICE_KEYS_FILE)")
+    p.add_argument("--host", help="broker host (default: the config's first source)")
+    p.add_argument("--port", type=int, help="broker port (default: the config's)")
+    p.add_argument("--state", type=Path, default=default_state_path(),
+                   help="counter state file (default: %(default)s)")
+    p.add_argument("--via-gateway", help="publish through this relay gateway's topic")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, required=True, help="panicd's TOML configuration")
-        p.add_argument("--keys", help="device keys (default: $PANICD_DEVICE_KEYS_FILE)")
-        p.add_argument("--host", help="broker host (default: the config's first source)")
-        p.add_argument("--port", type=int, help="broker port (default: the config's)")
-        p.add_argument("--state", type=Path, default=default_state_path(),
-                       help="counter state file (default: %(default)s)")
-        p.add_argument("--via-gateway", help="publish through this relay gateway's topic")
 
+def _button_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``panic-sim button``."""
     p = sub.add_parser("button", help="press one simulated button")
-    common(p)
+    _common(p)
     p.add_argument("--device", required=True)
     p.add_argument("--kind", choices=[k.value for k in PressKind], default="panic")
     p.add_argument("--gps", type=_parse_gps, help="LAT,LON fix to include")
@@ -209,17 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tamper", action="store_true", help="corrupt the tag (must be rejected)")
     p.add_argument("--wait", type=float, default=5.0,
                    help="seconds to wait for panicd's feedback (0: do not wait)")
+    p.add_argument("--no-retransmit", dest="retransmit", action="store_false",
+                   help="send the press once; by default it is sent again with backoff"
+                        " until panicd's feedback arrives (within --wait)")
     p.add_argument("--lora", metavar="LINK",
                    help="transmit as a LoRa button to the `panic-sim lora-rx` serving LINK")
     p.set_defaults(func=cmd_button)
 
+
+def _storm_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``panic-sim storm``."""
     p = sub.add_parser("storm", help="many presses at a fixed rate, with duplicates")
-    common(p)
+    _common(p)
     p.add_argument("--devices", type=int, default=1000, help="use at most N registered devices")
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--rate", type=float, default=200.0, help="presses per second")
     p.add_argument("--duplicates", type=float, default=0.1, help="share heard twice")
     p.add_argument("--feedback", action="store_true", help="time panicd's feedback per press")
+    p.add_argument("--retransmit", action="store_true",
+                   help="each button keeps its press until panicd's feedback, sending it again"
+                        " with backoff (1 s doubling, cap 8 s) across reconnects; implies"
+                        " --feedback. Without it a press ends at the broker's PUBACK")
+    p.add_argument("--grace", type=float, default=5.0,
+                   help="seconds after the last press to wait for feedback (default: 5)")
     p.add_argument("--third-party", type=int, default=0, metavar="N",
                    help="also publish N presses as Zigbee2MQTT / ChirpStack would")
     p.add_argument("--out", help="write sent presses as JSON lines")
@@ -227,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRa buttons (L…) press through the `panic-sim lora-rx` serving LINK;"
                         " --duplicates of them are also published over MQTT (heard twice)")
     p.set_defaults(func=cmd_storm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    parser = argparse.ArgumentParser(prog="panic-sim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _button_parser(sub)
+    _storm_parser(sub)
 
     p = sub.add_parser("lora-rx", help="a REYAX LoRa receiver on a pty, with simulated buttons")
     p.add_argument("--config", type=Path, required=True, help="panicd's TOML configuration")
