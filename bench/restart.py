@@ -28,13 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import Panicd, add_run_options, repeated_runs
-from bench.dispatch import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, RESPONDERS_TOML, RecordingProxy
+from bench.dispatch import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    FROM_NUMBER,
+    RESPONDERS_TOML,
+    RecordingProxy,
+    wait_dispatched,
+)
 from firmware_sim.broker import Mosquitto, free_port
 from firmware_sim.button import press
 from firmware_sim.fleet import write_fleet
 from gateway.model import PressKind
-
-POLL_S = 0.02
 
 
 def policies_toml(wait_s: int) -> str:
@@ -67,27 +72,14 @@ class RestartFigures:
     overdue_by_ms: float
 
 
-def _count(database: Path, sql: str) -> int:
-    uri = f"{database.resolve().as_uri()}?mode=ro"
-    try:
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-            return int(conn.execute(sql).fetchone()[0])
-    except sqlite3.OperationalError:
-        return -1
-
-
-def _wait_for(database: Path, sql: str, expected: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _count(database, sql) < expected:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {sql} >= {expected}")
-        time.sleep(POLL_S)
+def _wait_for(database: Path, expected: int, timeout_s: float) -> None:
+    """Until ``expected`` alert pages left the outbox (bench.dispatch's own poll)."""
+    if wait_dispatched(database, expected, timeout_s) < expected:
+        raise RuntimeError(f"fewer than {expected} alert pages sent in {timeout_s} s")
 
 
 def one_run(args: argparse.Namespace, workdir: Path) -> RestartFigures:
     """Kill panicd between two levels, restart it, time the overdue level's request."""
-    sent_sql = ("SELECT COUNT(*) FROM outbox WHERE purpose = 'alert'"
-                " AND state NOT IN ('pending', 'sending')")
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(Mosquitto(workdir / "broker"))
         proxy = stack.enter_context(RecordingProxy(None, workdir))
@@ -111,7 +103,7 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RestartFigures:
         with first:
             first.wait_ready(args.timeout)
             asyncio.run(press(broker.host, broker.port, devices[0], PressKind.PANIC, 1000))
-            _wait_for(database, sent_sql, 1, args.timeout)
+            _wait_for(database, 1, args.timeout)
             assert first.process is not None
             first.process.kill()
             first.process.wait()
@@ -123,7 +115,7 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RestartFigures:
         with second:
             second.wait_ready(args.timeout)
             ready = time.time()
-            _wait_for(database, sent_sql, 2, args.timeout)
+            _wait_for(database, 2, args.timeout)
         records = proxy.records()
         after = sorted(arrived for arrived, _answered, _status, path, _body in records
                        if arrived >= started and path.endswith("/Messages.json"))
