@@ -38,11 +38,60 @@ class DeliveryResult:
     attempts: int = 1
     # The provider's Retry-After on the last throttled attempt, for the outbox's requeue.
     retry_after_s: float | None = None
+    # A request went out and no answer came back (a timeout, a dropped connection): the
+    # provider may have accepted it. The outbox asks the provider before sending again.
+    in_doubt: bool = False
 
     @property
     def ok(self) -> bool:
         """Whether the provider accepted the message or call."""
         return self.status is DeliveryStatus.SENT
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRecord:
+    """One message or call the provider holds, as its list endpoint tells it."""
+
+    sid: str
+    # The provider's own status word (Twilio's MessageStatus / CallStatus).
+    status: str
+    # When the provider created it (Unix seconds).
+    created_at: float
+    # The SMS text as the provider holds it; None for a call.
+    body: str | None = None
+
+
+class ProviderLookupError(Exception):
+    """The provider could not be asked what it holds; ``permanent`` if asking again cannot help
+    (e.g. credentials without the right to list), so the caller should not wait for it."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# Twilio MessageStatus / CallStatus → (outbox state, rank). The rank orders one message's
+# or one call's statuses, so that a replayed callback, or one overtaken by a later status,
+# is recognised and changes nothing (DispatchStore.record_status_callback).
+SMS_STATES = {
+    "queued": ("sent", 1),
+    "sending": ("sent", 2),
+    "sent": ("sent", 3),
+    "delivered": ("delivered", 4),
+    "undelivered": ("failed", 4),
+    "failed": ("failed", 4),
+}
+CALL_STATES = {
+    "queued": ("sent", 1),
+    "initiated": ("sent", 2),
+    "ringing": ("sent", 3),
+    "in-progress": ("sent", 4),
+    "completed": ("delivered", 5),
+    "busy": ("no_answer", 5),
+    "no-answer": ("no_answer", 5),
+    "canceled": ("failed", 5),
+    "failed": ("failed", 5),
+}
 
 
 class Channel(Protocol):
@@ -61,6 +110,15 @@ class Channel(Protocol):
         machine_detection: bool = True,
     ) -> DeliveryResult:
         """Start one voice call whose script is fetched from ``twiml_url``."""
+        ...
+
+    async def recent(self, kind: str, to: str, *, since: float) -> list[ProviderRecord]:
+        """What the provider holds of ``kind`` ("sms" or "call") sent to ``to`` from this
+        channel's number and created at or after ``since``; raises :class:`ProviderLookupError`.
+
+        Asked before sending again a page whose earlier request may have been accepted
+        (issue 12 item 3), so that a crash or a dropped connection does not page twice.
+        """
         ...
 
 
@@ -107,3 +165,10 @@ class ConsoleChannel:
             f"----- status callback: {status_callback or '-'}\n"
         )
         return DeliveryResult(DeliveryStatus.SENT, provider_sid=sid)
+
+    async def recent(
+        self, kind: str, to: str, *, since: float  # noqa: ARG002 -- the protocol's signature
+    ) -> list[ProviderRecord]:
+        """Nothing: the console keeps no record, so a page interrupted by a crash is shown
+        again (there is no phone to page twice)."""
+        return []

@@ -18,19 +18,41 @@ waiting its normal time, and the next level fires at its own due time regardless
 When sends have failed transiently for ``provider_alert_after_s`` with no answer from
 the provider, the outage is raised once as a health condition (the health monitor
 tells operations) and logged as ``provider.outage``; the first answer clears it.
+
+No page twice (issue 12 item 3): a row whose earlier request may have been accepted
+without panicd hearing of it — left 'sending' by a crash, or a timeout or a dropped
+connection after the request went out — is "in doubt". Before sending it again the
+outbox asks the provider what it holds for that number since the doubtful request
+(:meth:`dispatch.channel.Channel.recent`) and adopts the match — an SMS carrying this
+row's own signed ack link, or for a call (whose resource carries nothing of ours) the
+oldest call to that number no other row holds — recording its SID and status instead
+of sending. Not found: it is sent. The provider cannot be asked: the row waits and
+asks again, but not for longer than ``IN_DOUBT_MAX_S`` (or at all when asking cannot
+work, e.g. credentials without the right to list): a page sent twice is a nuisance,
+a page never sent can cost a life.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from dispatch.channel import Channel, DeliveryResult, DeliveryStatus
+from dispatch.channel import (
+    CALL_STATES,
+    SMS_STATES,
+    Channel,
+    DeliveryResult,
+    DeliveryStatus,
+    ProviderLookupError,
+    ProviderRecord,
+)
 from dispatch.loops import resilient, wait_until
 from dispatch.policy import Medium
 from dispatch.retry import Outcome, ProviderChange, ProviderWatch, RequeuePolicy
@@ -43,6 +65,13 @@ STALE_SENDING_S = 300.0
 # The health condition an outage of the provider raises (dispatch/health.py).
 PROVIDER_SUBJECT = "provider:twilio"
 PROVIDER_DOWN = "provider_down"
+# How long a row in doubt waits for the provider to answer a lookup before it is sent
+# anyway (a possible duplicate rather than a possible loss).
+IN_DOUBT_MAX_S = 60.0
+# A provider's clock may be behind ours: records this much older than the doubtful
+# request still count.
+CLOCK_MARGIN_S = 60.0
+_LINK = re.compile(r"https?://\S+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +81,10 @@ class _Sent:
     at: float
     # A transient failure: when to send again (set when it is recorded).
     retry_at: float | None = None
+    # A transient failure: since when the row is in doubt (None: it is not).
+    in_doubt_since: float | None = None
+    # The provider already held this page (a lookup found it): its status word.
+    found_status: str | None = None
 
 
 def _delivery(sent: _Sent) -> Delivery:
@@ -61,6 +94,10 @@ def _delivery(sent: _Sent) -> Delivery:
                                  "error_code": result.error_code, "attempts": result.attempts}
     if result.ok:
         event, state = ("sms.sent" if kind == "sms" else "call.placed"), "sent"
+        if sent.found_status is not None:
+            states = SMS_STATES if kind == "sms" else CALL_STATES
+            state = states.get(sent.found_status, ("sent", 0))[0]
+            detail.update(found=True, provider_status=sent.found_status)
     elif result.status is DeliveryStatus.FAILED_PERMANENT:
         event, state = f"{kind}.failed", "failed"
     else:
@@ -73,6 +110,7 @@ def _delivery(sent: _Sent) -> Delivery:
         sid=result.provider_sid, error_code=result.error_code, error=result.error_message,
         event=event, reason=row.purpose, detail=detail,
         retry_at=sent.retry_at if state == "pending" else None,
+        in_doubt_since=sent.in_doubt_since if state == "pending" else None,
     )
 
 
@@ -111,6 +149,10 @@ class Outbox:
         self._provider_resumed = False
         self.messages_sent = 0
         self.retries_scheduled = 0
+        self.pages_found = 0
+        # Calls in flight per number: a call found at the provider while another call to
+        # the same number is in flight could be that one's (a call carries nothing of ours).
+        self._calls_in_flight: Counter[str] = Counter()
 
     def wake(self) -> None:
         """New rows may be due: look now."""
@@ -201,19 +243,83 @@ class Outbox:
         )
 
     async def _send(self, row: OutboxRow) -> _Sent:
+        call = row.channel != Medium.SMS.value
+        if call:
+            self._calls_in_flight[row.phone] += 1
+        try:
+            return await self._send_once(row)
+        finally:
+            if call:
+                self._calls_in_flight[row.phone] -= 1
+                if not self._calls_in_flight[row.phone]:
+                    del self._calls_in_flight[row.phone]
+
+    async def _send_once(self, row: OutboxRow) -> _Sent:
+        started = self._clock()
+        doubt = row.in_doubt_since
+        if doubt is not None:
+            try:
+                found = await self._find(row, doubt)
+            except Exception as exc:  # noqa: BLE001 -- a lookup bug must not stall the page
+                permanent = isinstance(exc, ProviderLookupError) and exc.permanent
+                if not permanent and started - doubt < IN_DOUBT_MAX_S:
+                    log.warning("outbox.lookup_failed", incident=row.incident_id,
+                                person=row.person_id, to=row.phone, error=str(exc),
+                                in_doubt_s=round(started - doubt, 1))
+                    return self._transient(row, DeliveryResult(
+                        DeliveryStatus.FAILED_TRANSIENT, error_message=f"lookup: {exc}",
+                        attempts=0), doubt)
+                log.error(  # noqa: TRY400 -- an expected refusal: no traceback
+                    "outbox.sent_unverified", incident=row.incident_id,
+                          person=row.person_id, to=row.phone, error=str(exc),
+                          permanent=permanent, in_doubt_s=round(started - doubt, 1))
+            else:
+                if found is not None:
+                    return _Sent(row, DeliveryResult(DeliveryStatus.SENT, provider_sid=found.sid,
+                                                      attempts=0),
+                                 self._clock(), found_status=found.status)
         try:
             result = await self._deliver(row)
         except Exception as exc:  # noqa: BLE001 -- a channel bug must not stall the outbox
             # Retried like any transient failure: a bug that passes (or a local OSError a
             # channel let through) must not end the page.
             result = DeliveryResult(DeliveryStatus.FAILED_TRANSIENT, error_message=repr(exc))
+        if result.status is not DeliveryStatus.FAILED_TRANSIENT:
+            return _Sent(row, result, self._clock())
+        return self._transient(row, result, started if result.in_doubt else None)
+
+    def _transient(self, row: OutboxRow, result: DeliveryResult,
+                   in_doubt_since: float | None) -> _Sent:
         now = self._clock()
-        retry_at = None
-        if result.status is DeliveryStatus.FAILED_TRANSIENT:
-            # row.attempts is the count before this claim added one.
-            retry_at = now + self._requeue.delay_s(row.attempts + 1, result.retry_after_s,
-                                                   self._rand())
-        return _Sent(row, result, now, retry_at)
+        # row.attempts is the count before this claim added one.
+        retry_at = now + self._requeue.delay_s(row.attempts + 1, result.retry_after_s,
+                                               self._rand())
+        return _Sent(row, result, now, retry_at, in_doubt_since)
+
+    async def _find(self, row: OutboxRow, since: float) -> ProviderRecord | None:
+        """The provider's record of this row's page, if it accepted one since ``since``."""
+        call = row.channel != Medium.SMS.value
+        if call and self._calls_in_flight[row.phone] > 1:
+            # Another call to this number is in flight: a call found now could be that
+            # one's. Ask again once it is recorded.
+            raise ProviderLookupError("another call to this number is in flight", permanent=False)
+        records = await self._channel.recent("call" if call else "sms", row.phone,
+                                             since=since - CLOCK_MARGIN_S)
+        if not call:
+            links = _LINK.findall(row.body)
+            marker = links[-1] if links else row.body
+            records = [r for r in records if r.body is not None and marker in r.body]
+        held = await self._store.recorded_sids([r.sid for r in records])
+        mine = sorted((r for r in records if r.sid not in held), key=lambda r: r.created_at)
+        if not mine:
+            log.info("outbox.not_found", incident=row.incident_id, person=row.person_id,
+                     to=row.phone, channel=row.channel, checked=len(records))
+            return None
+        self.pages_found += 1
+        log.warning("outbox.found", incident=row.incident_id, person=row.person_id,
+                    to=row.phone, channel=row.channel, sid=mine[0].sid,
+                    provider_status=mine[0].status, candidates=len(mine))
+        return mine[0]
 
     async def _record_once(self) -> None:
         batch = [await self._results.get()]

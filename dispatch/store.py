@@ -68,6 +68,10 @@ class OutboxRow:
     state: str
     attempts: int
     provider_sid: str | None
+    # Set when an earlier request may have been accepted unbeknown to panicd (a crash
+    # mid-send, a dropped connection): when that request began. The provider is asked
+    # before this row is sent again (dispatch/outbox.py).
+    in_doubt_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,8 @@ class Delivery:
     detail: Mapping[str, Any]
     # state 'pending' only: a transient failure, due again at this time (issue 12 item 2).
     retry_at: float | None = None
+    # state 'pending' only: the row stays (or becomes) in doubt since then; None: it is not.
+    in_doubt_since: float | None = None
 
 
 # An alert that no longer matters: its incident is resolved or cancelled, or acknowledged
@@ -122,7 +128,8 @@ _INCIDENT_COLUMNS = (
     " address, landmark, lat, lon"
 )
 _OUTBOX_COLUMNS = (
-    "id, key, incident_id, person_id, phone, channel, purpose, body, state, attempts, provider_sid"
+    "id, key, incident_id, person_id, phone, channel, purpose, body, state, attempts,"
+    " provider_sid, in_doubt_since"
 )
 
 
@@ -323,15 +330,31 @@ class DispatchStore(SqliteDatabase):
 
     async def requeue_interrupted(self, now: float, older_than: float | None = None) -> int:
         """Rows left in 'sending' go back to 'pending' (at-least-once delivery): all of them
-        at start (a crash), or those untouched since ``older_than`` while running."""
+        at start (a crash), or those untouched since ``older_than`` while running.
+
+        Their request may have reached the provider, so each is in doubt from its claim
+        (``updated_at``): the outbox asks the provider before sending it again.
+        """
         cutoff = now if older_than is None else older_than
         async with self.transaction() as db:
             cursor = await db.execute(
-                "UPDATE outbox SET state = 'pending', due_at = ?, updated_at = ?"
+                "UPDATE outbox SET state = 'pending', due_at = ?, updated_at = ?,"
+                " in_doubt_since = COALESCE(in_doubt_since, updated_at)"
                 " WHERE state = 'sending' AND updated_at <= ?",
                 (now, now, cutoff),
             )
             return cursor.rowcount
+
+    async def recorded_sids(self, sids: Sequence[str]) -> set[str]:
+        """Which of these provider SIDs a message of the outbox holds already."""
+        if not sids:
+            return set()
+        marks = ",".join("?" * len(sids))
+        rows = await self.db.execute_fetchall(
+            f"SELECT provider_sid FROM outbox WHERE provider_sid IN ({marks})",  # noqa: S608
+            list(sids),
+        )
+        return {str(r[0]) for r in rows}
 
     async def undeliverable_levels(self, outbox_ids: Sequence[int]) -> list[int]:
         """Incidents where one of these failed alerts completed a level whose every alert
@@ -361,21 +384,25 @@ class DispatchStore(SqliteDatabase):
         async with self.transaction() as db:
             await db.executemany(
                 # A late 'sent' must not undo a final state a status callback already set.
+                # A SID another row holds already stays with that row (SIDs are UNIQUE):
+                # one conflicting outcome must not fail the whole batch, again and again.
                 "UPDATE outbox SET state = CASE WHEN ? = 'sent' AND state IN"
                 " ('delivered', 'failed', 'no_answer') THEN state ELSE ? END,"
-                " provider_sid = COALESCE(?, provider_sid),"
+                " provider_sid = CASE WHEN EXISTS (SELECT 1 FROM outbox AS other"
+                " WHERE other.provider_sid = ? AND other.id != outbox.id) THEN provider_sid"
+                " ELSE COALESCE(?, provider_sid) END, in_doubt_since = NULL,"
                 " error_code = ?, error = ?, updated_at = ? WHERE id = ?",
-                [(d.state, d.state, d.sid, d.error_code, d.error, d.at, d.outbox_id)
+                [(d.state, d.state, d.sid, d.sid, d.error_code, d.error, d.at, d.outbox_id)
                  for d in final],
             )
             cancelled = await self._closed_alerts(db, [d.outbox_id for d in retries])
             await db.executemany(
                 # Only from 'sending': nothing was accepted, so no callback can have moved it.
                 "UPDATE outbox SET state = ?, due_at = ?, error_code = ?, error = ?,"
-                " updated_at = ? WHERE id = ? AND state = 'sending'",
+                " updated_at = ?, in_doubt_since = ? WHERE id = ? AND state = 'sending'",
                 [("cancelled" if d.outbox_id in cancelled else "pending",
                   d.at if d.retry_at is None else d.retry_at, d.error_code, d.error, d.at,
-                  d.outbox_id) for d in retries],
+                  d.in_doubt_since, d.outbox_id) for d in retries],
             )
             await db.executemany(
                 "INSERT INTO incident_events (incident_id, at, event, reason, actor, detail)"

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import errno
 import json
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -29,7 +31,7 @@ from twilio.base.exceptions import (
 from twilio.http.response import Response
 from twilio.rest import Client
 
-from dispatch.channel import DeliveryResult, DeliveryStatus
+from dispatch.channel import DeliveryResult, DeliveryStatus, ProviderLookupError, ProviderRecord
 from dispatch.retry import AttemptFailure, FailureKind, RetryPolicy
 from gateway.errors import ConfigError
 
@@ -379,14 +381,15 @@ class TwilioChannel:
         attempt = 0
         while True:
             attempt += 1
-            # Re-POSTing after a timeout or reset may duplicate an SMS or call: for a
-            # panic page a duplicate is acceptable, a silent loss is not.
             try:
                 sid = await create()
             except (TwilioRestException, TwilioServiceException) as exc:
                 failure = _library_failure(exc)
             except TwilioRetryableHttpError as exc:
                 failure = exc.failure
+                if failure.http_status == 504:
+                    # A gateway gave up waiting for Twilio, which may have accepted it.
+                    return self._in_doubt(kind, to, failure, attempt)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 # OSError too: out of descriptors (EMFILE), no buffer space, a reset, are
                 # this machine's passing trouble, not the page's (issue 11 case 4). It
@@ -394,6 +397,10 @@ class TwilioChannel:
                 failure = AttemptFailure(
                     FailureKind.TRANSIENT, f"{type(exc).__name__}: {exc}".rstrip(": ")
                 )
+                if not _never_sent(exc):
+                    # Re-POSTing now could page twice (issue 12 item 3: 11 of 642 pages
+                    # sent twice after dropped connections): the outbox asks first.
+                    return self._in_doubt(kind, to, failure, attempt)
             else:
                 return DeliveryResult(DeliveryStatus.SENT, provider_sid=sid, attempts=attempt)
 
@@ -413,6 +420,50 @@ class TwilioChannel:
                 delay_s=round(delay, 3),
             )
             await self._sleep(delay)
+
+    def _in_doubt(
+        self, kind: str, to: str, failure: AttemptFailure, attempts: int
+    ) -> DeliveryResult:
+        log.warning("twilio.in_doubt", channel=kind, to=to, attempts=attempts,
+                    http_status=failure.http_status, error=failure.message)
+        return DeliveryResult(DeliveryStatus.FAILED_TRANSIENT, error_code=failure.error_code,
+                              error_message=failure.message, attempts=attempts, in_doubt=True)
+
+    async def recent(self, kind: str, to: str, *, since: float) -> list[ProviderRecord]:
+        """Twilio's Messages or Calls list filtered by ``To`` and this channel's ``From``,
+        newest first, read until a record older than ``since`` (client-side: the API's
+        date filters are by day and skip messages not yet sent)."""
+        found: list[ProviderRecord] = []
+        try:
+            if kind == "sms":
+                async for message in await self._client.messages.stream_async(
+                    to=to, from_=self.from_number, page_size=LOOKUP_PAGE_SIZE,
+                    limit=LOOKUP_LIMIT,
+                ):
+                    created = _timestamp(message.date_created)
+                    if created < since:
+                        break
+                    found.append(ProviderRecord(str(message.sid), str(message.status),
+                                                created, str(message.body or "")))
+            else:
+                async for call in await self._client.calls.stream_async(
+                    to=to, from_=self.from_number, page_size=LOOKUP_PAGE_SIZE,
+                    limit=LOOKUP_LIMIT,
+                ):
+                    created = _timestamp(call.date_created)
+                    if created < since:
+                        break
+                    found.append(ProviderRecord(str(call.sid), str(call.status), created))
+        except (TwilioRestException, TwilioServiceException) as exc:
+            failure = _library_failure(exc)
+            raise ProviderLookupError(f"HTTP {failure.http_status}: {failure.message}",
+                               permanent=failure.kind is FailureKind.PERMANENT) from exc
+        except TwilioRetryableHttpError as exc:
+            raise ProviderLookupError(str(exc), permanent=False) from exc
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise ProviderLookupError(f"{type(exc).__name__}: {exc}".rstrip(": "),
+                               permanent=False) from exc
+        return found
 
     def _give_up(
         self, kind: str, to: str, failure: AttemptFailure, attempts: int
@@ -439,6 +490,27 @@ class TwilioChannel:
             attempts=attempts,
             retry_after_s=failure.retry_after_s,
         )
+
+
+# Records read per lookup at most: the pages of one responder since a send may have begun.
+LOOKUP_PAGE_SIZE = 50
+LOOKUP_LIMIT = 1000
+
+
+def _timestamp(value: object) -> float:
+    """A Twilio ``date_created`` (the library parses RFC 2822 into an aware datetime)."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    raise ValueError(f"Twilio record without date_created: {value!r}")
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether a failed request certainly never reached the provider: the connection was
+    never made (refused, no route, DNS, connect timeout, no descriptor for a socket)."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return True
+    # Out of descriptors: no socket could even be made.
+    return type(exc) is OSError and exc.errno in {errno.EMFILE, errno.ENFILE}
 
 
 def _library_failure(exc: TwilioRestException | TwilioServiceException) -> AttemptFailure:

@@ -49,6 +49,7 @@ from typing import Any, NoReturn
 import structlog
 from aiohttp import web
 
+from dispatch.channel import CALL_STATES, SMS_STATES
 from dispatch.engine import Dispatcher
 from dispatch.messages import (
     build_alert_twiml,
@@ -75,29 +76,6 @@ log = structlog.get_logger("panicd.web")
 MACHINE_ANSWERS = frozenset(
     {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
 )
-# Twilio MessageStatus / CallStatus → (outbox state, rank). The rank orders one message's
-# or one call's statuses, so that a replayed callback, or one overtaken by a later status,
-# is recognised and changes nothing (DispatchStore.record_status_callback).
-SMS_STATES = {
-    "queued": ("sent", 1),
-    "sending": ("sent", 2),
-    "sent": ("sent", 3),
-    "delivered": ("delivered", 4),
-    "undelivered": ("failed", 4),
-    "failed": ("failed", 4),
-}
-CALL_STATES = {
-    "queued": ("sent", 1),
-    "initiated": ("sent", 2),
-    "ringing": ("sent", 3),
-    "in-progress": ("sent", 4),
-    "completed": ("delivered", 5),
-    "busy": ("no_answer", 5),
-    "no-answer": ("no_answer", 5),
-    "canceled": ("failed", 5),
-    "failed": ("failed", 5),
-}
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

@@ -205,6 +205,14 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE last_network_counter IS NOT NULL;
     UPDATE devices SET replay_window = 1 WHERE last_counter IS NOT NULL;
     """,
+    # 6: a message whose request may have been accepted without panicd hearing of it (a
+    # crash mid-send, a dropped connection) is "in doubt" from the time of that request:
+    # before sending it again the outbox asks the provider (issue 12 item 3). Rows a crash
+    # left 'sending' are in doubt since their claim.
+    """
+    ALTER TABLE outbox ADD COLUMN in_doubt_since REAL;
+    UPDATE outbox SET in_doubt_since = updated_at WHERE state = 'sending';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

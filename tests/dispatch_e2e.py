@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import sqlite3
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import aiohttp
 import aiomqtt
@@ -146,6 +147,28 @@ class PeerRequest:
     form: dict[str, str]
     status: int
     violations: str | None
+    # The proxy cut the connection instead of answering (a Fault), the answer unseen.
+    answered: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """What the peer does to one request, as a test's ``fault`` hook decides.
+
+    ``kind``: "code" — Prism answers ``code`` instead (``Prefer: code=…``: 429 with
+    Retry-After, 5xx), nothing is accepted; "refuse" — the connection is cut before the
+    request is looked at, nothing is accepted; "slow" — answered after ``seconds``;
+    "drop" — accepted (remembered, listed), then the connection is cut before the answer;
+    "hold" — accepted, the answer withheld until :meth:`RecordingPeer.release`.
+    """
+
+    kind: str
+    code: int = 0
+    seconds: float = 0.0
+
+
+FaultHook = Callable[[str, str, Mapping[str, str]], "Fault | None"]
+LISTS = {"Messages.json": "messages", "Calls.json": "calls"}
 
 
 class RecordingPeer:
@@ -154,41 +177,114 @@ class RecordingPeer:
     Prism validates each request and answers from the spec's static example, so every
     message would carry the same sid; Twilio's sids are unique, so the proxy stamps a
     fresh one with the example's prefix (SM…, CA…) and the spec's 32 hex digits.
+
+    It also remembers what it accepted, as Twilio does: a list request (GET
+    Messages.json / Calls.json, validated by Prism) is answered with the accepted
+    messages or calls to its ``To`` from its ``From``, newest first, instead of Prism's
+    static example — so panicd can ask what the provider holds (issue 12 item 3). A
+    ``fault`` hook injects a provider's trouble per request (:class:`Fault`).
     """
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.requests: list[PeerRequest] = []
+        # Resources accepted (201), newest last, as the list endpoints give them back.
+        self.accepted: list[dict[str, Any]] = []
+        self.fault: FaultHook | None = None
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="peer-proxy",
                                         daemon=True)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._released: asyncio.Event | None = None
 
-    async def _forward(self, request: web.Request) -> web.Response:
+    def release(self) -> None:
+        """Answer the requests held by a "hold" fault (their clients may be gone)."""
+        def set_released() -> None:
+            assert self._released is not None
+            self._released.set()
+            self._released = asyncio.Event()
+        self._loop.call_soon_threadsafe(set_released)
+
+    def creates(self, resource: str = "Messages.json") -> dict[str, int]:
+        """Accepted creates of ``resource`` per StatusCallback URL (one per outbox row)."""
+        counts: dict[str, int] = {}
+        for r in self.requests:
+            if r.method == "POST" and r.path.endswith("/" + resource) and r.status == 201:
+                key = r.form.get("StatusCallback", "")
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
         body = await request.read()
+        form = dict(urllib.parse.parse_qsl(body.decode()))
+        fault = self.fault(request.method, request.path, form) if self.fault else None
+        if fault is not None and fault.kind == "refuse":
+            self.requests.append(PeerRequest(request.method, request.path, form, 0, None,
+                                             answered=False))
+            return self._cut(request)
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in ("host", "content-length")}
+        if fault is not None and fault.kind == "code":
+            headers["Prefer"] = f"code={fault.code}"
         async with self._session.request(request.method, self.upstream + request.path_qs,
                                          data=body, headers=headers) as upstream:
             payload = await upstream.read()
             status = upstream.status
             content_type = upstream.content_type
             violations = upstream.headers.get("sl-violations")
+            passed = {k: v for k, v in upstream.headers.items() if k == "Retry-After"}
+        resource = request.path.rsplit("/", 1)[-1]
         if status == 201 and content_type == "application/json":
             document = json.loads(payload)
             if isinstance(document, dict) and isinstance(document.get("sid"), str):
                 document["sid"] = document["sid"][:2] + uuid.uuid4().hex
+                document.update(to=form.get("To"), status="queued",
+                                date_created=email.utils.formatdate(usegmt=True))
+                document["from"] = form.get("From")
+                if "Body" in form:
+                    document["body"] = form["Body"]
+                self.accepted.append(document)
                 payload = json.dumps(document).encode()
-        form = dict(urllib.parse.parse_qsl(body.decode()))
+        elif (request.method == "GET" and resource in LISTS and status == 200
+              and content_type == "application/json"):
+            payload = self._listed(resource, request.query, payload)
+        answered = fault is None or fault.kind not in ("drop", "hold")
         self.requests.append(PeerRequest(request.method, request.path, form, status,
-                                         violations))
-        return web.Response(body=payload, status=status, content_type=content_type)
+                                         violations, answered=answered))
+        if fault is not None and fault.kind == "slow":
+            await asyncio.sleep(fault.seconds)
+        elif fault is not None and fault.kind == "hold":
+            assert self._released is not None
+            await self._released.wait()
+        elif fault is not None and fault.kind == "drop":
+            return self._cut(request)
+        return web.Response(body=payload, status=status, content_type=content_type,
+                            headers=passed)
+
+    @staticmethod
+    def _cut(request: web.Request) -> web.StreamResponse:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the peer cut this connection (a Fault)")
+
+    def _listed(self, resource: str, query: Mapping[str, str], payload: bytes) -> bytes:
+        document = json.loads(payload)
+        key = LISTS[resource]
+        prefix = "SM" if key == "messages" else "CA"
+        matching = [d for d in reversed(self.accepted) if str(d["sid"]).startswith(prefix)
+                    and d.get("to") == query.get("To")
+                    and ("From" not in query or d.get("from") == query.get("From"))]
+        size = int(query.get("PageSize", "50"))
+        document[key] = matching[:size]
+        document["next_page_uri"] = None
+        return json.dumps(document).encode()
 
     async def _start(self) -> str:
         self._session = aiohttp.ClientSession()
+        self._released = asyncio.Event()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._forward)
         self._runner = web.AppRunner(app, access_log=None)

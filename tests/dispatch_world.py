@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from zoneinfo import ZoneInfo
 
-from dispatch.channel import Channel, DeliveryResult, DeliveryStatus
+from dispatch.channel import Channel, DeliveryResult, DeliveryStatus, ProviderRecord
 from dispatch.engine import Dispatcher, DispatchSettings
 from dispatch.policy import CommandCentre, Level, Medium, Policy, Routing, Targets
 from dispatch.responders import Group, Person, Responders, Roster, Shift
@@ -123,6 +124,9 @@ class RecordingChannel:
     permanent: set[str] = field(default_factory=set)
     sent: list[Sent] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # What it accepted, as a provider's list endpoint would tell it (Channel.recent).
+    accepted: list[tuple[Sent, ProviderRecord]] = field(default_factory=list)
+    clock: Callable[[], float] = time.time
 
     def _result(self, kind: str, to: str) -> DeliveryResult:
         if to in self.permanent:
@@ -138,8 +142,17 @@ class RecordingChannel:
     def _record(self, sent: Sent) -> DeliveryResult:
         result = self._result(sent.kind, sent.to)
         self.sent.append(sent)
+        if result.provider_sid is not None:
+            self.accepted.append((sent, ProviderRecord(
+                result.provider_sid, "queued", self.clock(),
+                sent.body if sent.kind == "sms" else None)))
         self.changed.set()
         return result
+
+    async def recent(self, kind: str, to: str, *, since: float) -> list[ProviderRecord]:
+        """What it accepted for ``to`` since ``since``, newest first."""
+        return [record for sent, record in reversed(self.accepted)
+                if sent.kind == kind and sent.to == to and record.created_at >= since]
 
     async def send_sms(self, to: str, body: str, *, status_callback: str | None) -> DeliveryResult:
         """Record an SMS."""

@@ -18,6 +18,13 @@ peer unusable for panicd's tests (DESIGN §4):
   Twilio error), an explicit ``422`` is added too: Prism prefers it for invalid requests
   whatever ``Prefer`` asks, and the ``sl-violations`` header says what was wrong.
 
+* The Messages and Calls list answers declare their page URIs (``uri``,
+  ``first_page_uri``, ``next_page_uri``, ``previous_page_uri``) as ``format: uri``, yet
+  Twilio's API, and the spec's own examples, give paths relative to the API host
+  (``/2010-04-01/Accounts/…/Messages.json?PageSize=50&Page=0``), so Prism refused its own
+  example as an invalid response; the format is dropped there. The lists get the same
+  ``429`` and ``503`` as creation, so a test can throttle panicd's lookups too.
+
 Run as ``python tests/peers/prepare_twilio_spec.py OUT.json``; tests call
 :func:`write_patched_spec`.
 """
@@ -144,10 +151,28 @@ def add_error_responses(spec: dict[str, Any]) -> None:
         )
 
 
+PAGE_URIS = ("uri", "first_page_uri", "next_page_uri", "previous_page_uri")
+
+
+def fix_list_responses(spec: dict[str, Any]) -> None:
+    """Relative page URIs in the Message and Call lists; their 429 and 503."""
+    for path in (MESSAGES_CREATE, CALLS_CREATE):
+        responses = spec["paths"][path]["get"]["responses"]
+        properties = responses["200"]["content"]["application/json"]["schema"]["properties"]
+        for name in PAGE_URIS:
+            properties[name].pop("format", None)
+        responses["429"] = _throttled_response()
+        responses["503"] = _error_response(
+            "Service Unavailable",
+            {"e20503": _error_example(20503, 503, "Service Unavailable")},
+        )
+
+
 def patch_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Apply every patch to a loaded spec in place and return it."""
     add_form_array_encoding(spec)
     add_error_responses(spec)
+    fix_list_responses(spec)
     return spec
 
 
