@@ -150,9 +150,14 @@ class Outbox:
         self.messages_sent = 0
         self.retries_scheduled = 0
         self.pages_found = 0
-        # Calls in flight per number: a call found at the provider while another call to
-        # the same number is in flight could be that one's (a call carries nothing of ours).
+        # A call carries nothing of panicd's, so a call found at the provider could be any
+        # call to that number: a call in doubt is looked up only while no other call to
+        # that number is in flight (calls_in_flight, the waiting one first: doubt_waiting),
+        # and never adopts a SID the outbox has in hand but not yet recorded.
+        self._calls = asyncio.Condition()
         self._calls_in_flight: Counter[str] = Counter()
+        self._doubt_waiting: Counter[str] = Counter()
+        self._unrecorded_sids: set[str] = set()
 
     def wake(self) -> None:
         """New rows may be due: look now."""
@@ -243,16 +248,33 @@ class Outbox:
         )
 
     async def _send(self, row: OutboxRow) -> _Sent:
-        call = row.channel != Medium.SMS.value
-        if call:
-            self._calls_in_flight[row.phone] += 1
+        if row.channel == Medium.SMS.value:
+            return await self._send_once(row)
+        return await self._send_call(row)
+
+    async def _send_call(self, row: OutboxRow) -> _Sent:
+        phone, doubt = row.phone, row.in_doubt_since is not None
+        async with self._calls:
+            if doubt:
+                self._doubt_waiting[phone] += 1
+                try:
+                    await self._calls.wait_for(lambda: not self._calls_in_flight[phone])
+                finally:
+                    self._doubt_waiting[phone] -= 1
+                    if not self._doubt_waiting[phone]:
+                        del self._doubt_waiting[phone]
+                    self._calls.notify_all()
+            else:
+                await self._calls.wait_for(lambda: not self._doubt_waiting[phone])
+            self._calls_in_flight[phone] += 1
         try:
             return await self._send_once(row)
         finally:
-            if call:
-                self._calls_in_flight[row.phone] -= 1
-                if not self._calls_in_flight[row.phone]:
-                    del self._calls_in_flight[row.phone]
+            async with self._calls:
+                self._calls_in_flight[phone] -= 1
+                if not self._calls_in_flight[phone]:
+                    del self._calls_in_flight[phone]
+                self._calls.notify_all()
 
     async def _send_once(self, row: OutboxRow) -> _Sent:
         started = self._clock()
@@ -275,6 +297,7 @@ class Outbox:
                           permanent=permanent, in_doubt_s=round(started - doubt, 1))
             else:
                 if found is not None:
+                    self._unrecorded_sids.add(found.sid)
                     return _Sent(row, DeliveryResult(DeliveryStatus.SENT, provider_sid=found.sid,
                                                       attempts=0),
                                  self._clock(), found_status=found.status)
@@ -284,6 +307,8 @@ class Outbox:
             # Retried like any transient failure: a bug that passes (or a local OSError a
             # channel let through) must not end the page.
             result = DeliveryResult(DeliveryStatus.FAILED_TRANSIENT, error_message=repr(exc))
+        if result.provider_sid is not None:
+            self._unrecorded_sids.add(result.provider_sid)
         if result.status is not DeliveryStatus.FAILED_TRANSIENT:
             return _Sent(row, result, self._clock())
         return self._transient(row, result, started if result.in_doubt else None)
@@ -299,10 +324,6 @@ class Outbox:
     async def _find(self, row: OutboxRow, since: float) -> ProviderRecord | None:
         """The provider's record of this row's page, if it accepted one since ``since``."""
         call = row.channel != Medium.SMS.value
-        if call and self._calls_in_flight[row.phone] > 1:
-            # Another call to this number is in flight: a call found now could be that
-            # one's. Ask again once it is recorded.
-            raise ProviderLookupError("another call to this number is in flight", permanent=False)
         records = await self._channel.recent("call" if call else "sms", row.phone,
                                              since=since - CLOCK_MARGIN_S)
         if not call:
@@ -310,6 +331,7 @@ class Outbox:
             marker = links[-1] if links else row.body
             records = [r for r in records if r.body is not None and marker in r.body]
         held = await self._store.recorded_sids([r.sid for r in records])
+        held |= self._unrecorded_sids
         mine = sorted((r for r in records if r.sid not in held), key=lambda r: r.created_at)
         if not mine:
             log.info("outbox.not_found", incident=row.incident_id, person=row.person_id,
@@ -335,6 +357,8 @@ class Outbox:
 
     async def _record(self, batch: Sequence[_Sent]) -> None:
         cancelled = set(await self._store.record_deliveries([_delivery(s) for s in batch]))
+        self._unrecorded_sids.difference_update(
+            s.result.provider_sid for s in batch if s.result.provider_sid is not None)
         self._finished(len(batch))
         for sent in batch:
             self._log(sent, cancelled=sent.row.id in cancelled)

@@ -78,17 +78,19 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> No
         await asyncio.sleep(0.02)
 
 
-async def crash_mid_send(database: Path, peer: RecordingPeer, clock: Clock) -> int:
-    """Open an incident, fire level 1 and kill the sends once the provider accepted every
+async def crash_mid_send(database: Path, peer: RecordingPeer, clock: Clock,
+                         incidents: int = 1) -> int:
+    """Open incidents, fire level 1 and kill the sends once the provider accepted every
     page but before any answer came back: the rows are left 'sending'. Returns how many."""
-    incident = await open_incident(database, KODE_LADDER, at=clock())
+    for n in range(incidents):
+        await open_incident(database, KODE_LADDER, at=clock(), device=f"BTN-{n + 1}")
     peer.fault = lambda method, _path, _form: Fault("hold") if method == "POST" else None
     async with DispatchStore(database) as store, twilio(peer) as channel:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
-        pages = len(query(database, "SELECT 1 FROM outbox WHERE incident_id = ?", (incident,)))
-        assert pages >= 2
+        pages = len(query(database, "SELECT 1 FROM outbox"))
+        assert pages >= 2 * incidents
         sending = asyncio.create_task(engine.send_due())
         await wait_for(lambda: posted(peer) == pages)
         sending.cancel()  # SIGKILL, as far as the database can tell
@@ -110,11 +112,14 @@ async def restart_and_send(database: Path, peer: RecordingPeer, clock: Clock,
     return outbox_rows(database)
 
 
+@pytest.mark.parametrize("incidents", [1, 3])
 async def test_pages_the_provider_accepted_before_a_crash_are_found_not_sent_again(
-    database: Path, peer: RecordingPeer,
+    database: Path, peer: RecordingPeer, incidents: int,
 ) -> None:
+    """With 3 incidents each responder has 3 calls in doubt, indistinguishable at the
+    provider: each row adopts one of them, none twice, none sent again."""
     clock = Clock(time.time())
-    pages = await crash_mid_send(database, peer, clock)
+    pages = await crash_mid_send(database, peer, clock, incidents)
     accepted = {str(d["sid"]) for d in peer.accepted}
     with capture_logs() as logs:
         rows = await restart_and_send(database, peer, clock)
