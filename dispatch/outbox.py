@@ -25,11 +25,12 @@ connection after the request went out — is "in doubt". Before sending it again
 outbox asks the provider what it holds for that number since the doubtful request
 (:meth:`dispatch.channel.Channel.recent`) and adopts the match — an SMS carrying this
 row's own signed ack link, or for a call (whose resource carries nothing of ours) the
-oldest call to that number no other row holds — recording its SID and status instead
-of sending. Not found: it is sent. The provider cannot be asked: the row waits and
-asks again, but not for longer than ``IN_DOUBT_MAX_S`` (or at all when asking cannot
-work, e.g. credentials without the right to list): a page sent twice is a nuisance,
-a page never sent can cost a life.
+oldest call to that number no other row holds; a number has only one call unsettled at
+a time (DispatchStore.claim_outbox), so that call can only be this row's. Its SID and
+status are recorded instead of sending. Not found: it is sent. The provider cannot be
+asked: the row waits and asks again, but not for longer than ``IN_DOUBT_MAX_S`` (or at
+all when asking cannot work, e.g. credentials without the right to list): a page sent
+twice is a nuisance, a page never sent can cost a life.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import asyncio
 import random
 import re
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -150,14 +150,6 @@ class Outbox:
         self.messages_sent = 0
         self.retries_scheduled = 0
         self.pages_found = 0
-        # A call carries nothing of panicd's, so a call found at the provider could be any
-        # call to that number: a call in doubt is looked up only while no other call to
-        # that number is in flight (calls_in_flight, the waiting one first: doubt_waiting),
-        # and never adopts a SID the outbox has in hand but not yet recorded.
-        self._calls = asyncio.Condition()
-        self._calls_in_flight: Counter[str] = Counter()
-        self._doubt_waiting: Counter[str] = Counter()
-        self._unrecorded_sids: set[str] = set()
 
     def wake(self) -> None:
         """New rows may be due: look now."""
@@ -248,35 +240,6 @@ class Outbox:
         )
 
     async def _send(self, row: OutboxRow) -> _Sent:
-        if row.channel == Medium.SMS.value:
-            return await self._send_once(row)
-        return await self._send_call(row)
-
-    async def _send_call(self, row: OutboxRow) -> _Sent:
-        phone, doubt = row.phone, row.in_doubt_since is not None
-        async with self._calls:
-            if doubt:
-                self._doubt_waiting[phone] += 1
-                try:
-                    await self._calls.wait_for(lambda: not self._calls_in_flight[phone])
-                finally:
-                    self._doubt_waiting[phone] -= 1
-                    if not self._doubt_waiting[phone]:
-                        del self._doubt_waiting[phone]
-                    self._calls.notify_all()
-            else:
-                await self._calls.wait_for(lambda: not self._doubt_waiting[phone])
-            self._calls_in_flight[phone] += 1
-        try:
-            return await self._send_once(row)
-        finally:
-            async with self._calls:
-                self._calls_in_flight[phone] -= 1
-                if not self._calls_in_flight[phone]:
-                    del self._calls_in_flight[phone]
-                self._calls.notify_all()
-
-    async def _send_once(self, row: OutboxRow) -> _Sent:
         started = self._clock()
         doubt = row.in_doubt_since
         if doubt is not None:
@@ -297,7 +260,6 @@ class Outbox:
                           permanent=permanent, in_doubt_s=round(started - doubt, 1))
             else:
                 if found is not None:
-                    self._unrecorded_sids.add(found.sid)
                     return _Sent(row, DeliveryResult(DeliveryStatus.SENT, provider_sid=found.sid,
                                                       attempts=0),
                                  self._clock(), found_status=found.status)
@@ -307,8 +269,6 @@ class Outbox:
             # Retried like any transient failure: a bug that passes (or a local OSError a
             # channel let through) must not end the page.
             result = DeliveryResult(DeliveryStatus.FAILED_TRANSIENT, error_message=repr(exc))
-        if result.provider_sid is not None:
-            self._unrecorded_sids.add(result.provider_sid)
         if result.status is not DeliveryStatus.FAILED_TRANSIENT:
             return _Sent(row, result, self._clock())
         return self._transient(row, result, started if result.in_doubt else None)
@@ -331,7 +291,6 @@ class Outbox:
             marker = links[-1] if links else row.body
             records = [r for r in records if r.body is not None and marker in r.body]
         held = await self._store.recorded_sids([r.sid for r in records])
-        held |= self._unrecorded_sids
         mine = sorted((r for r in records if r.sid not in held), key=lambda r: r.created_at)
         if not mine:
             log.info("outbox.not_found", incident=row.incident_id, person=row.person_id,
@@ -357,8 +316,6 @@ class Outbox:
 
     async def _record(self, batch: Sequence[_Sent]) -> None:
         cancelled = set(await self._store.record_deliveries([_delivery(s) for s in batch]))
-        self._unrecorded_sids.difference_update(
-            s.result.provider_sid for s in batch if s.result.provider_sid is not None)
         self._finished(len(batch))
         for sent in batch:
             self._log(sent, cancelled=sent.row.id in cancelled)

@@ -123,6 +123,18 @@ _ALERT_CLOSED = (
 )
 
 
+# A row the outbox may claim now: an SMS, or a call to a number with no other call
+# unsettled — sending, or pending in doubt. A call carries nothing of panicd's at the
+# provider, so with two calls to one number in doubt a lookup could not tell whose a
+# found call is (issue 12 item 3); one at a time, it can. Twilio places calls from one
+# number at about one a second anyway, and one person takes one call at a time.
+_CLAIMABLE = (
+    "(o.channel = 'sms' OR NOT EXISTS (SELECT 1 FROM outbox AS u WHERE u.channel = 'voice'"
+    " AND u.phone = o.phone AND u.id != o.id AND (u.state = 'sending'"
+    " OR (u.state = 'pending' AND u.in_doubt_since IS NOT NULL))))"
+)
+
+
 _INCIDENT_COLUMNS = (
     "id, device_id, status, test, urgent, opened_at, kelurahan_kode, kelurahan, kecamatan,"
     " address, landmark, lat, lon"
@@ -239,7 +251,10 @@ class DispatchStore(SqliteDatabase):
 
     async def next_outbox_due(self) -> float | None:
         """When the earliest pending outbox row may be sent."""
-        row = await self._one("SELECT MIN(due_at) FROM outbox WHERE state = 'pending'")
+        row = await self._one(
+            "SELECT o.due_at FROM outbox AS o"  # noqa: S608 -- a constant only
+            f" WHERE o.state = 'pending' AND {_CLAIMABLE} ORDER BY o.due_at LIMIT 1"
+        )
         return None if row is None or row[0] is None else float(row[0])
 
     async def outbox_row(self, outbox_id: int) -> OutboxRow | None:
@@ -316,11 +331,18 @@ class DispatchStore(SqliteDatabase):
         """Move up to ``limit`` due pending rows to 'sending' and return them."""
         async with self.transaction() as db:
             rows = await db.execute_fetchall(
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox"  # noqa: S608
-                " WHERE state = 'pending' AND due_at <= ? ORDER BY due_at, id LIMIT ?",
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox AS o"  # noqa: S608
+                f" WHERE state = 'pending' AND due_at <= ? AND {_CLAIMABLE}"
+                " ORDER BY due_at, id LIMIT ?",
                 (now, limit),
             )
-            claimed = [_outbox(r) for r in rows]
+            claimed, calls = [], set()
+            for row in map(_outbox, rows):
+                if row.channel != "sms":
+                    if row.phone in calls:
+                        continue  # the number's next call waits for this one to settle
+                    calls.add(row.phone)
+                claimed.append(row)
             await db.executemany(
                 "UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_at = ?"
                 " WHERE id = ? AND state = 'pending'",

@@ -208,10 +208,14 @@ MIGRATIONS: tuple[str, ...] = (
     # 6: a message whose request may have been accepted without panicd hearing of it (a
     # crash mid-send, a dropped connection) is "in doubt" from the time of that request:
     # before sending it again the outbox asks the provider (issue 12 item 3). Rows a crash
-    # left 'sending' are in doubt since their claim.
+    # left 'sending' are in doubt since their claim. A call carries nothing of panicd's,
+    # so a number has at most one call unsettled (sending, or pending in doubt) at a time:
+    # the index finds it for the claim.
     """
     ALTER TABLE outbox ADD COLUMN in_doubt_since REAL;
     UPDATE outbox SET in_doubt_since = updated_at WHERE state = 'sending';
+    CREATE INDEX outbox_unsettled_calls ON outbox (phone) WHERE channel = 'voice'
+        AND (state = 'sending' OR (state = 'pending' AND in_doubt_since IS NOT NULL));
     """,
 )
 

@@ -95,7 +95,7 @@ def twilio_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def deploy(
     directory: Path, *, mosquitto: Mosquitto, client_id: str, twilio_base_url: str,
-    policies: str,
+    policies: str, buttons: int = 1,
 ) -> Deployment:
     """Write the fleet, responders, policies and a [dispatch] table on a free port."""
     port = free_port()
@@ -111,7 +111,8 @@ def deploy(
         f'from_number = "{FROM_NUMBER}"\ntwilio_base_url = "{twilio_base_url}"\n'
     )
     config, keys, devices = write_fleet(
-        directory, devices=1, mqtt_port=mosquitto.port, client_id=client_id, extra_toml=extra
+        directory, devices=buttons, mqtt_port=mosquitto.port, client_id=client_id,
+        extra_toml=extra,
     )
     return Deployment(config, keys, directory / "panicd.sqlite3", devices, public_url)
 

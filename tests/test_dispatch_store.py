@@ -65,6 +65,23 @@ async def test_requeuing_stale_sends_reads_only_the_rows_left_sending(tmp_path: 
         assert whole_reads(db, update) == []
 
 
+async def test_claiming_and_recording_messages_read_no_whole_table(tmp_path: Path) -> None:
+    # Every page passes through these; a call's claim also looks for an unsettled call to
+    # its number (issue 12 item 3), which must not read the outbox's history.
+    path = tmp_path / "panicd.sqlite3"
+    async with DispatchStore(path) as store, traced(store.db) as statements:
+        await store.claim_outbox(T0, 10)
+        await store.next_outbox_due()
+        await store.record_deliveries([Delivery(
+            outbox_id=1, incident_id=None, state="sent", at=T0, sid="CA" + "1" * 32,
+            error_code=None, error=None, event="call.placed", reason="alert", detail={})])
+    reads = [sql for sql in statements if sql.startswith(("SELECT", "UPDATE outbox"))]
+    assert len(reads) == 3
+    with closing(sqlite3.connect(path)) as db:
+        for sql in reads:
+            assert whole_reads(db, sql) == [], sql
+
+
 def _store_incidents(path: Path, statuses: list[str], *, planned: set[int]) -> None:
     """Incidents 1, 2, ... with these statuses; those in ``planned`` get a plan row."""
     with closing(sqlite3.connect(path)) as db:
