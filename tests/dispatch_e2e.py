@@ -157,8 +157,11 @@ class Fault:
     """What the peer does to one request, as a test's ``fault`` hook decides.
 
     ``kind``: "code" — Prism answers ``code`` instead (``Prefer: code=…``: 429 with
-    Retry-After, 5xx), nothing is accepted; "refuse" — the connection is cut before the
-    request is looked at, nothing is accepted; "slow" — answered after ``seconds``;
+    Retry-After, 5xx; ``example`` picks one of the spec's examples, e.g. "e21211"),
+    nothing is accepted; "bare" — the peer itself answers ``code`` with Twilio's error
+    body and no Retry-After (a 429 without one), nothing is accepted; "refuse" — the
+    connection is cut before the request is looked at, nothing is accepted; "slow" —
+    answered after ``seconds``;
     "drop" — accepted (remembered, listed), then the connection is cut before the answer;
     "hold" — accepted, the answer withheld until :meth:`RecordingPeer.release`.
     """
@@ -166,6 +169,7 @@ class Fault:
     kind: str
     code: int = 0
     seconds: float = 0.0
+    example: str = ""
 
 
 FaultHook = Callable[[str, str, Mapping[str, str]], "Fault | None"]
@@ -228,8 +232,15 @@ class RecordingPeer:
             return self._cut(request)
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in ("host", "content-length")}
+        if fault is not None and fault.kind == "bare":
+            self.requests.append(PeerRequest(request.method, request.path, form, fault.code,
+                                             None))
+            return web.json_response({"code": 20000 + fault.code, "status": fault.code,
+                                      "message": "injected by the test peer"},
+                                     status=fault.code)
         if fault is not None and fault.kind == "code":
-            headers["Prefer"] = f"code={fault.code}"
+            headers["Prefer"] = f"code={fault.code}" + (
+                f", example={fault.example}" if fault.example else "")
         async with self._session.request(request.method, self.upstream + request.path_qs,
                                          data=body, headers=headers) as upstream:
             payload = await upstream.read()
