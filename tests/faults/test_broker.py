@@ -1,11 +1,11 @@
 """The broker dies: Mosquitto SIGKILLed and restarted 3 times during a storm of signed presses.
 
 Issue 12 items 1 and 5. Mosquitto acknowledges a QoS 1 publish from memory and writes its
-persistence file only every ``autosave_interval`` (60 s as shipped). Here the broker is
-killed within its first minute, so each restart comes back with no saved session for
-panicd at all: buttons that are back on the broker before panicd has re-subscribed get
-their presses PUBACKed and dropped (no subscriber), and whatever was queued in memory is
-gone too. The buttons' duty therefore ends at panicd's own "received" feedback
+persistence file only every ``autosave_interval`` (10 s as shipped). Here each broker
+life is a few seconds, so most restarts come back with no saved session for panicd:
+buttons that are back on the broker before panicd has re-subscribed get their presses
+PUBACKed and dropped (no subscriber), and whatever was queued in memory is gone too.
+The buttons' duty therefore ends at panicd's own "received" feedback
 (docs/FRAMES.md): they retransmit until it arrives, and panicd's anti-replay window
 accepts a late retransmission. Counted from the button side, every press a button made
 is stored exactly once and got its feedback, and panicd, never restarted, reconnects by

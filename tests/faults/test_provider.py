@@ -73,9 +73,11 @@ class FlakyProvider:
             if method != "POST":
                 return None
             if form.get("To") == BUDI:
-                self._refusals += 1
-                example = (CALL_REFUSAL if "Url" in form
-                           else SMS_REFUSALS[self._refusals % len(SMS_REFUSALS)])
+                if "Url" in form:
+                    example = CALL_REFUSAL
+                else:
+                    self._refusals += 1
+                    example = SMS_REFUSALS[self._refusals % len(SMS_REFUSALS)]
                 return self._count(Fault("code", code=400, example=example), example)
             draw = self._random.random()
             for chance, fault in FAULTS:
