@@ -104,6 +104,12 @@ class StormPlan:
     duplicate_ratio: float = 0.0
     via_gateway: str | None = None
     kind: PressKind = PressKind.PANIC
+    # A mixed storm: a device's n-th press is kinds[n % len(kinds)] (else always ``kind``).
+    kinds: tuple[PressKind, ...] = ()
+
+    def kind_of(self, n: int) -> PressKind:
+        """The kind of a device's ``n``-th press."""
+        return self.kinds[n % len(self.kinds)] if self.kinds else self.kind
 
 
 class _Storm:
@@ -183,7 +189,7 @@ class _Storm:
             n = per_device.get(device.id, 0)
             per_device[device.id] = n + 1
             key = (device.id, plan.counter_base + n)
-            payload = build_frame(device, plan.kind, key[1])
+            payload = build_frame(device, plan.kind_of(n), key[1])
             confirmed = None
             if self.retransmit:
                 confirmed = self.confirmations[key] = asyncio.Event()
@@ -228,6 +234,7 @@ async def storm(
     retransmit: bool = False,
     policy: RetransmitPolicy = BUTTON_BACKOFF,
     client_id: str | None = None,
+    kinds: Sequence[PressKind] = (),
 ) -> StormResult:
     """Publish ``count`` distinct presses round-robin over ``devices`` at ``rate`` per second.
 
@@ -236,9 +243,11 @@ async def storm(
     The storm survives broker restarts (it reconnects). ``retransmit`` (which implies
     ``watch_feedback``) keeps every press until its feedback, for at most
     ``feedback_grace_s`` after the last press was made; without it a press is done at
-    its PUBACK (waited for at most PUBACK_TIMEOUT_S after the last press).
+    its PUBACK (waited for at most PUBACK_TIMEOUT_S after the last press). ``kinds`` mixes
+    press kinds: a device's n-th press is ``kinds[n % len(kinds)]``.
     """
-    plan = StormPlan(count, rate, counter_base, duplicate_ratio, via_gateway, kind)
+    plan = StormPlan(count, rate, counter_base, duplicate_ratio, via_gateway, kind,
+                     tuple(kinds))
     run = _Storm(devices, retransmit=retransmit, policy=policy, seed=seed,
                  max_in_flight=max_in_flight)
     result = run.result
