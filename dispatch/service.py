@@ -3,39 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import stat
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from aiohttp import web
 
 from dispatch.channel import Channel, ConsoleChannel
 from dispatch.engine import Dispatcher, DispatchSettings, Feedback
-from dispatch.observe import Runtime, install
 from dispatch.policy import Routing, load_policies
 from dispatch.responders import Responders, load_responders
 from dispatch.store import DispatchStore
 from dispatch.twilio_channel import TwilioChannel, twilio_credentials_from_env
-from dispatch.web import WebSettings, control_app, public_app
-from dispatch.web_limits import (
-    AcceptErrorFilter,
-    WebLimits,
-    body_timeout_middleware,
-    close_public,
-    plan_descriptors,
-    serve_public,
-)
 from gateway.config import Config, DispatchConfig
 from gateway.errors import ConfigError
-from gateway.locate import Locator
 from gateway.store import Writers
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from dispatch.observe import Runtime
+    from gateway.locate import Locator
+
 log = structlog.get_logger("panicd.dispatch")
+
+HEAD_START_POLL_S = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,23 +76,57 @@ def ack_secret(database: Path, environ: Mapping[str, str]) -> bytes:
     return path.read_text(encoding="utf-8").strip().encode()
 
 
+@dataclass(frozen=True, slots=True)
+class OpenDispatch:
+    """A running dispatcher and what its web servers need (see :func:`open_dispatch`)."""
+
+    plan: DispatchPlan
+    dispatcher: Dispatcher
+    store: DispatchStore
+    auth_token: str | None
+    ack_secret: bytes
+    overdue: bool
+
+    async def head_start(self, bound_s: float) -> None:
+        """Return once the channel has accepted a page, if one was overdue at opening.
+
+        At most ``bound_s``: a slow or unreachable provider must not hold up the rest of
+        start-up for long. The dispatcher has no event for this, so it is a short poll of
+        its public counter, only while something was overdue.
+        """
+        if not self.overdue:
+            return
+        before = self.dispatcher.messages_sent
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bound_s):
+                # An Event in the dispatcher would be better; it has none for this yet.
+                while self.dispatcher.messages_sent == before:  # noqa: ASYNC110
+                    await asyncio.sleep(HEAD_START_POLL_S)
+
+
 @asynccontextmanager
-async def run_dispatch(
+async def open_dispatch(
     plan: DispatchPlan,
     database: Path,
     *,
     feedback: Feedback | None,
     environ: Mapping[str, str] | None = None,
-    runtime: Runtime | None = None,
-    mounts: Sequence[tuple[str, web.Application]] = (),
     writers: Writers | None = None,
-) -> AsyncIterator[Dispatcher]:
-    """Open the dispatch store, the channel, the dispatcher and the web servers."""
+) -> AsyncIterator[OpenDispatch]:
+    """Open the dispatch store, the channel and the dispatcher, which starts sending at once.
+
+    Steps that fell due while panicd was down go out from here, before the web servers
+    (:func:`serve_dispatch_web`) exist: sending needs only the store and the channel.
+    """
     env = os.environ if environ is None else environ
     cfg = plan.config
     credentials = twilio_credentials_from_env(env)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(DispatchStore(database, writers=writers))
+        # Read before the dispatcher starts, which would claim what is due.
+        now = time.time()
+        overdue = any(due is not None and due <= now
+                      for due in (await store.next_step_due(), await store.next_outbox_due()))
         channel: Channel
         if credentials is None:
             channel = ConsoleChannel()
@@ -114,8 +147,37 @@ async def run_dispatch(
                                         cfg.send_concurrency),
                        feedback=feedback)
         )
-        settings = WebSettings(cfg.public_base_url,
-                               credentials.auth_token if credentials else None, secret)
+        yield OpenDispatch(plan, dispatcher, store,
+                           credentials.auth_token if credentials else None, secret, overdue)
+
+
+@asynccontextmanager
+async def serve_dispatch_web(
+    running: OpenDispatch,
+    *,
+    runtime: Runtime | None = None,
+    mounts: Sequence[tuple[str, web.Application]] = (),
+) -> AsyncIterator[None]:
+    """Serve the public web server (webhooks, ack links, mounts) and the control socket."""
+    # The web stack (aiohttp.web and panicd's apps on it) is imported here, not at the
+    # top: a restart sends its overdue escalation steps before it is needed.
+    from aiohttp import web  # noqa: PLC0415
+
+    from dispatch.observe import install  # noqa: PLC0415
+    from dispatch.web import WebSettings, control_app, public_app  # noqa: PLC0415
+    from dispatch.web_limits import (  # noqa: PLC0415
+        AcceptErrorFilter,
+        WebLimits,
+        body_timeout_middleware,
+        close_public,
+        plan_descriptors,
+        serve_public,
+    )
+
+    cfg = running.plan.config
+    dispatcher, store = running.dispatcher, running.store
+    async with AsyncExitStack() as stack:
+        settings = WebSettings(cfg.public_base_url, running.auth_token, running.ack_secret)
         public_web = public_app(dispatcher, store, settings)
         for prefix, sub in mounts:
             public_web.add_subapp(prefix, sub)
@@ -150,4 +212,4 @@ async def run_dispatch(
         cfg.control_socket.chmod(0o660)
         log.info("web.listening", host=cfg.listen_host, port=cfg.listen_port,
                  public_base_url=cfg.public_base_url, control_socket=str(cfg.control_socket))
-        yield dispatcher
+        yield

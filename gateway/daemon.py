@@ -20,13 +20,17 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from aiohttp import web
 
-from dispatch.health import HealthSettings, SourceState
-from dispatch.health_monitor import HealthMonitor
-from dispatch.service import DispatchPlan, load_dispatch, run_dispatch
+from dispatch.service import (
+    DispatchPlan,
+    OpenDispatch,
+    load_dispatch,
+    open_dispatch,
+    serve_dispatch_web,
+)
 from gateway.checkpoint import WalCheckpointer
 from gateway.config import Config, load_config
 from gateway.dedup import DedupPolicy
@@ -36,15 +40,23 @@ from gateway.locate import Locator
 from gateway.logs import configure_logging
 from gateway.sdnotify import Notifier, watchdog_loop
 from gateway.sources import Source
-from gateway.sources.app import AppSettings, app_api
-from gateway.sources.mqtt import MqttSource
-from gateway.sources.serial import SerialSource
 from gateway.store import SqliteStore, StoreError, Writers
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from dispatch.health import SourceState
+    from dispatch.health_monitor import HealthMonitor
+    from gateway.sources.mqtt import MqttSource
+    from gateway.sources.serial import SerialSource
 
 log = structlog.get_logger("panicd")
 
 DEFAULT_CONFIG = Path("/etc/panicd/panicd.toml")
 STATUS_EVERY_S = 10.0
+# How long a restart with overdue escalation steps waits for the provider to accept the
+# first one before loading the rest (and so before READY); Twilio answers well within it.
+CATCH_UP_HEAD_START_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +68,16 @@ class Loaded:
     dispatch: DispatchPlan | None
 
 
-def load(path: Path) -> Loaded:
-    """Load and validate everything the daemon needs before it opens anything."""
+def load(path: Path, *, defer_geometry: bool = False) -> Loaded:
+    """Load and validate everything the daemon needs before it opens anything.
+
+    With ``defer_geometry`` (the daemon), the kelurahan polygons are checked and indexed
+    later by :meth:`Locator.build`, which :meth:`Daemon.run` awaits before any source or
+    web server can take a press; everything else is still validated here.
+    """
     config = load_config(path)
-    locator = Locator.from_geojson(config.kelurahan_file, nearest_within_m=config.nearest_within_m)
+    from_file = Locator.deferred if defer_geometry else Locator.from_geojson
+    locator = from_file(config.kelurahan_file, nearest_within_m=config.nearest_within_m)
     for device in config.devices.values():
         if device.kelurahan_kode is not None and locator.by_kode(device.kelurahan_kode) is None:
             raise ConfigError(
@@ -102,6 +120,8 @@ class Daemon:
         self.notifier = notifier
         self.stop = asyncio.Event()
         self.sources: list[Source] = []
+        self._mqtt: list[MqttSource] = []
+        self._serial: list[SerialSource] = []
         self.ingestor: Ingestor | None = None
         self.health: HealthMonitor | None = None
         # device id -> when its network (LWT / availability) reported it offline.
@@ -143,29 +163,34 @@ class Daemon:
                 )
             )
             self.ingestor = ingestor
-            self.sources = [
-                MqttSource(source, ingestor, drain_timeout_s=ingest.drain_timeout_s,
-                           on_availability=self._availability)
-                for source in config.mqtt
-            ]
-            self.sources += [
-                SerialSource(
-                    receiver, ingestor, devices=config.devices,
-                    drain_timeout_s=ingest.drain_timeout_s,
-                )
-                for receiver in config.serial
-            ]
-            dispatcher = None
+            # Dispatch first: steps that fell due while panicd was down are sent from
+            # here, while the rest starts (docs/PERFORMANCE.md, restart → first step).
+            running: OpenDispatch | None = None
             if self.dispatch_plan is not None:
-                dispatcher = await stack.enter_async_context(
-                    run_dispatch(self.dispatch_plan, config.database, feedback=self._feedback,
-                                 runtime=self, mounts=self._mounts(ingestor),
-                                 writers=writers)
+                running = await stack.enter_async_context(
+                    open_dispatch(self.dispatch_plan, config.database, feedback=self._feedback,
+                                  writers=writers)
                 )
-                ingestor.add_listener(dispatcher.on_incident)
+                ingestor.add_listener(running.dispatcher.on_incident)
+                # Loading the rest competes with that send for the CPU and the GIL: let
+                # the first overdue page reach the provider first, for a bounded time.
+                await running.head_start(CATCH_UP_HEAD_START_S)
+            # The kelurahan index and the modules only sources, web servers and health
+            # need, in a thread so the event loop keeps sending meanwhile. No press can
+            # arrive before this returns: nothing that takes one exists yet.
+            await asyncio.to_thread(_finish_loading, self.locator)
+            self._make_sources(ingestor)
+            if running is not None:
+                await stack.enter_async_context(
+                    serve_dispatch_web(running, runtime=self, mounts=self._mounts(ingestor))
+                )
+            from dispatch.health import HealthSettings  # noqa: PLC0415  # see _finish_loading
+            from dispatch.health_monitor import HealthMonitor  # noqa: PLC0415
+
             self.health = await stack.enter_async_context(
                 HealthMonitor(config.database, config.devices, self._source_flags,
-                              HealthSettings.from_config(config.health), ops=dispatcher,
+                              HealthSettings.from_config(config.health),
+                              ops=running.dispatcher if running else None,
                               writers=writers,
                               reported_offline=lambda: self.reported_offline,
                               source_alarms=self._source_alarms)
@@ -188,6 +213,24 @@ class Daemon:
                 pending=ingestor.depth,
             )
 
+    def _make_sources(self, ingestor: Ingestor) -> None:
+        """Construct (not run) the MQTT and serial sources."""
+        from gateway.sources.mqtt import MqttSource  # noqa: PLC0415  # see _finish_loading
+        from gateway.sources.serial import SerialSource  # noqa: PLC0415
+
+        config, ingest = self.config, self.config.ingest
+        self._mqtt = [
+            MqttSource(source, ingestor, drain_timeout_s=ingest.drain_timeout_s,
+                       on_availability=self._availability)
+            for source in config.mqtt
+        ]
+        self._serial = [
+            SerialSource(receiver, ingestor, devices=config.devices,
+                         drain_timeout_s=ingest.drain_timeout_s)
+            for receiver in config.serial
+        ]
+        self.sources = [*self._mqtt, *self._serial]
+
     def _availability(self, format_name: str, ref: str, online: bool, at: float) -> None:
         """A third-party device's own network says it went offline or came back."""
         device_id = self.config.external_index.get((format_name, ref))
@@ -205,6 +248,8 @@ class Daemon:
         app = self.config.app
         if app is None:
             return []
+        from gateway.sources.app import AppSettings, app_api  # noqa: PLC0415  # _finish_loading
+
         settings = AppSettings(app.rate_per_minute, app.burst, app.commit_timeout_s,
                                trusted_proxies=app.trusted_proxies)
         return [("/app", app_api(ingestor, settings, self.config))]
@@ -213,11 +258,8 @@ class Daemon:
         """Presser feedback after an ack or closure: MQTT command topics and LoRa downlinks."""
         body: dict[str, object] = {"incident": incident_id, "state": state}
         # A list, not any(): every source that can reach the button gets it.
-        sent = [
-            source.send_feedback(device_id, body)
-            for source in self.sources
-            if isinstance(source, MqttSource | SerialSource)
-        ]
+        reach: list[MqttSource | SerialSource] = [*self._mqtt, *self._serial]
+        sent = [source.send_feedback(device_id, body) for source in reach]
         log.info("device.feedback", device=device_id, incident=incident_id, state=state,
                  sent=any(sent))
 
@@ -243,12 +285,12 @@ class Daemon:
                  up=[s.name for s in self.sources if s.connected], pid=os.getpid())
 
     def _source_flags(self) -> list[tuple[str, str, bool]]:
-        return [(s.name, "mqtt" if isinstance(s, MqttSource) else "serial", s.connected)
-                for s in self.sources]
+        return ([(s.name, "mqtt", s.connected) for s in self._mqtt]
+                + [(s.name, "serial", s.connected) for s in self._serial])
 
     def _source_alarms(self) -> dict[str, tuple[str, float]]:
-        return {s.name: (s.alarm.reason, s.alarm.at) for s in self.sources
-                if isinstance(s, MqttSource) and s.alarm is not None}
+        return {s.name: (s.alarm.reason, s.alarm.at) for s in self._mqtt
+                if s.alarm is not None}
 
     def source_states(self) -> list[SourceState]:
         """Every source with since when it has been up or down (dispatch.observe.Runtime)."""
@@ -284,6 +326,27 @@ class Daemon:
             log.warning("daemon.status_failed", error=str(exc))
 
 
+def _finish_loading(locator: Locator) -> None:
+    """Build the kelurahan index and import what only comes after dispatch has started.
+
+    Run in a thread by :meth:`Daemon.run`. numpy and shapely (the index), aiohttp.web and
+    the web apps, the MQTT and serial sources and the health monitor cost several hundred
+    ms to import on a small machine; a restart with overdue escalation steps sends those
+    first. ConfigError if a polygon is bad (exit 2, as any other configuration error).
+    """
+    locator.build()
+    # Imported for their side effect on sys.modules; the callers import them again.
+    import aiohttp.web  # noqa: F401, PLC0415
+
+    import dispatch.health_monitor  # noqa: PLC0415
+    import dispatch.observe  # noqa: PLC0415
+    import dispatch.web  # noqa: PLC0415
+    import dispatch.web_limits  # noqa: F401, PLC0415
+    import gateway.sources.app  # noqa: PLC0415
+    import gateway.sources.mqtt  # noqa: PLC0415
+    import gateway.sources.serial  # noqa: F401, PLC0415
+
+
 async def serve(loaded: Loaded) -> int:
     """Run the daemon with signal handling owned here; returns the exit code."""
     config = loaded.config
@@ -292,22 +355,34 @@ async def serve(loaded: Loaded) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, daemon.request_stop, signal.Signals(signum).name)
+        # except*: an error raised while the dispatcher or the ingest writer is open (a
+        # bad polygon found by the deferred geometry check, a taken web port) reaches here
+        # wrapped in their task groups' ExceptionGroup.
+        code = 0
         try:
             await daemon.run()
-        except StoreError as exc:
-            log.critical("store.unusable", error=str(exc), database=str(config.database))
-            return 1
-        except ConfigError as exc:
-            log.critical("config.invalid", error=str(exc))
-            return 2
-        except OSError as exc:
+        except* StoreError as group:
+            log.critical("store.unusable", error=_first(group), database=str(config.database))
+            code = 1
+        except* ConfigError as group:
+            log.critical("config.invalid", error=_first(group))
+            code = code or 2
+        except* OSError as group:
             # e.g. the web port is taken or the control socket directory is not writable.
-            log.critical("daemon.start_failed", error=str(exc))
-            return 1
+            log.critical("daemon.start_failed", error=_first(group))
+            code = code or 1
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-    return 0
+    return code
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> str:
+    """The first leaf error of ``group``, as text (one error is the usual case)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return str(leaf)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"panicd: --log-level: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     try:
-        loaded = load(args.config)
+        loaded = load(args.config, defer_geometry=True)
     except ConfigError as exc:
         print(f"panicd: {exc}", file=sys.stderr)  # noqa: T201
         return 2

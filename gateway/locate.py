@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
-
-import numpy as np
-import shapely
-from shapely.errors import ShapelyError
-from shapely.geometry import shape
+from typing import TYPE_CHECKING, Any, Self
 
 from gateway.errors import ConfigError
 from gateway.model import (
@@ -32,6 +29,11 @@ from gateway.model import (
     LocationSource,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    import shapely
+
 # IUGG mean Earth radius; the sphere is accurate to ~0.3% here, well inside the data's error.
 _EARTH_RADIUS_M = 6_371_008.8
 _METRES_PER_DEGREE = _EARTH_RADIUS_M * math.pi / 180.0
@@ -39,20 +41,56 @@ _PROPERTIES = ("kode", "kelurahan", "kecamatan")
 _POLYGONAL = ("Polygon", "MultiPolygon")
 
 
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """The projected polygons and their STRtree: the part of a Locator that needs GEOS."""
+
+    lon0: float
+    lat0: float
+    scale_x: float
+    geoms: npt.NDArray[np.object_]
+    boundaries: npt.NDArray[np.object_]
+    tree: shapely.STRtree
+
+
+def _build_index(lonlat_geoms: list[Any]) -> _Index:
+    # numpy and shapely cost ~160 ms to import; only locating a press needs them, so a
+    # daemon restarting with overdue escalation steps sends those first (Locator.deferred).
+    import numpy as np  # noqa: PLC0415
+    import shapely  # noqa: PLC0415
+
+    lonlat = np.array(lonlat_geoms, dtype=object)
+    min_lon, min_lat, max_lon, max_lat = shapely.total_bounds(lonlat)
+    lon0 = (min_lon + max_lon) / 2.0
+    lat0 = (min_lat + max_lat) / 2.0
+    scale_x = _METRES_PER_DEGREE * math.cos(math.radians(lat0))
+    origin = np.array([lon0, lat0])
+    scale = np.array([scale_x, _METRES_PER_DEGREE])
+    geoms = shapely.transform(lonlat, lambda xy: (xy - origin) * scale)
+    tree = shapely.STRtree(geoms)
+    # The tree prepares its geometries lazily on the first predicate query; doing it here
+    # keeps that cost off the first press.
+    tree.query(shapely.Point(0.0, 0.0), predicate="intersects")
+    return _Index(float(lon0), float(lat0), scale_x, geoms, shapely.boundary(geoms), tree)
+
+
 class Locator:
-    """Point-in-polygon lookup of kelurahan, with an overlap tie rule and a nearest fallback."""
+    """Point-in-polygon lookup of kelurahan, with an overlap tie rule and a nearest fallback.
+
+    The kelurahan list (kode, names) is there from construction. The polygon index is
+    built by the constructor and :meth:`from_geojson`, or, for a :meth:`deferred` locator,
+    by :meth:`build` (the daemon runs it in a thread once dispatch has started); a lookup
+    before that builds it first, so a press is never located against a missing index.
+    """
 
     __slots__ = (
-        "_boundaries",
+        "_build_lock",
         "_by_kode",
-        "_geoms",
+        "_index",
         "_kecamatan_names",
         "_kelurahan",
-        "_lat0",
-        "_lon0",
         "_nearest_within_m",
-        "_scale_x",
-        "_tree",
+        "_pending",
     )
 
     def __init__(
@@ -62,68 +100,69 @@ class Locator:
         nearest_within_m: float = 150.0,
     ) -> None:
         """Index ``(kelurahan, shapely lon/lat geometry)`` pairs; kode must be unique."""
+        ordered = sorted(features, key=lambda pair: pair[0].kode)
+        self._setup([k for k, _ in ordered], nearest_within_m)
+        geoms = [g for _, g in ordered]
+        self._pending: Callable[[], list[Any]] | None = lambda: geoms
+        self.build()
+
+    def _setup(self, kelurahan: list[Kelurahan], nearest_within_m: float) -> None:
         if not (math.isfinite(nearest_within_m) and nearest_within_m >= 0):
             raise ValueError(f"nearest_within_m must be >= 0 metres, got {nearest_within_m!r}")
         # Index order is kode order, so "lowest index" is the kode tie-break everywhere below.
-        ordered = sorted(features, key=lambda pair: pair[0].kode)
-        if not ordered:
+        if not kelurahan:
             raise ValueError("a Locator needs at least one kelurahan")
-        kodes = [k.kode for k, _ in ordered]
+        kodes = [k.kode for k in kelurahan]
         if len(set(kodes)) != len(kodes):
             raise ValueError("kelurahan kode values must be unique")
-
-        lonlat = np.array([g for _, g in ordered], dtype=object)
-        min_lon, min_lat, max_lon, max_lat = shapely.total_bounds(lonlat)
-        self._lon0 = (min_lon + max_lon) / 2.0
-        self._lat0 = (min_lat + max_lat) / 2.0
-        self._scale_x = _METRES_PER_DEGREE * math.cos(math.radians(self._lat0))
-        origin = np.array([self._lon0, self._lat0])
-        scale = np.array([self._scale_x, _METRES_PER_DEGREE])
-        self._geoms = shapely.transform(lonlat, lambda xy: (xy - origin) * scale)
-        self._boundaries = shapely.boundary(self._geoms)
-        self._tree = shapely.STRtree(self._geoms)
-        # The tree prepares its geometries lazily on the first predicate query; doing it here
-        # keeps that cost off the first press.
-        self._tree.query(shapely.Point(0.0, 0.0), predicate="intersects")
-
-        self._kelurahan = tuple(k for k, _ in ordered)
+        self._kelurahan = tuple(kelurahan)
         self._by_kode = {k.kode: k for k in self._kelurahan}
         self._kecamatan_names = tuple(sorted({k.kecamatan for k in self._kelurahan}))
         self._nearest_within_m = float(nearest_within_m)
+        self._index: _Index | None = None
+        self._build_lock = threading.Lock()
 
     @classmethod
     def from_geojson(cls, path: Path, *, nearest_within_m: float = 150.0) -> Self:
         """Load a kelurahan FeatureCollection, raising ConfigError naming the first bad entry."""
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(path, "-", f"cannot read: {exc.strerror or exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(path, "-", f"not UTF-8 text: {exc.reason}") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                path, f"line {exc.lineno}", f"not valid JSON: {exc.msg} (column {exc.colno})"
-            ) from exc
-        if not isinstance(document, dict) or document.get("type") != "FeatureCollection":
-            raise ConfigError(path, "type", "expected a GeoJSON FeatureCollection")
-        raw_features = document.get("features")
-        if not isinstance(raw_features, list) or not raw_features:
-            raise ConfigError(path, "features", "expected a non-empty list of features")
-
-        features: list[tuple[Kelurahan, Any]] = []
-        first_seen: dict[str, int] = {}
-        for index, raw in enumerate(raw_features):
-            key = f"features[{index}]"
-            kelurahan, geom = _parse_feature(path, key, raw)
-            if (earlier := first_seen.get(kelurahan.kode)) is not None:
-                raise ConfigError(
-                    path,
-                    f"{key}.properties.kode",
-                    f"duplicate kode {kelurahan.kode!r} (also features[{earlier}])",
-                )
-            first_seen[kelurahan.kode] = index
-            features.append((kelurahan, geom))
+        features = _read_features(path, _parse_geometry)
         return cls(features, nearest_within_m=nearest_within_m)
+
+    @classmethod
+    def deferred(cls, path: Path, *, nearest_within_m: float = 150.0) -> Self:
+        """Like :meth:`from_geojson`, but the polygons are checked and indexed by :meth:`build`.
+
+        The file's structure, properties, kode and geometry types are checked now
+        (ConfigError); errors inside a polygon are raised by :meth:`build`, which needs
+        GEOS. The daemon uses this to send overdue escalation steps before importing it.
+        """
+        features = _read_features(path, _polygonal)
+        ordered = sorted(features, key=lambda pair: pair[0].kode)
+        locator = cls.__new__(cls)
+        locator._setup([k for k, _ in ordered], nearest_within_m)
+
+        def parse() -> list[Any]:
+            return [_parse_geometry(path, key, raw) for _kelurahan, (key, raw) in ordered]
+
+        locator._pending = parse
+        return locator
+
+    def build(self) -> None:
+        """Check and index the polygons now (idempotent, thread-safe); ConfigError if bad."""
+        with self._build_lock:
+            if self._index is not None:
+                return
+            assert self._pending is not None
+            self._index = _build_index(self._pending())
+            self._pending = None
+
+    def _ready_index(self) -> _Index:
+        index = self._index
+        if index is None:
+            self.build()
+            index = self._index
+            assert index is not None
+        return index
 
     @property
     def kelurahan(self) -> tuple[Kelurahan, ...]:
@@ -154,20 +193,25 @@ class Locator:
         """
         if not (math.isfinite(fix.lat) and math.isfinite(fix.lon)):
             return None, KelurahanMatch.NONE, None
+        index = self._ready_index()
+        import shapely  # noqa: PLC0415  # loaded by _build_index; a dict lookup here
+
         point = shapely.Point(
-            (fix.lon - self._lon0) * self._scale_x, (fix.lat - self._lat0) * _METRES_PER_DEGREE
+            (fix.lon - index.lon0) * index.scale_x, (fix.lat - index.lat0) * _METRES_PER_DEGREE
         )
-        hits = self._tree.query(point, predicate="intersects")
+        hits = index.tree.query(point, predicate="intersects")
         if len(hits) == 1:
             return self._kelurahan[int(hits[0])], KelurahanMatch.INSIDE, 0.0
         if len(hits) > 1:
-            depths = shapely.distance(self._boundaries[hits], point)
+            depths = shapely.distance(index.boundaries[hits], point)
             deepest, _ = min(
                 zip(hits.tolist(), depths.tolist(), strict=True),
                 key=lambda hit: (-hit[1], hit[0]),
             )
             return self._kelurahan[deepest], KelurahanMatch.OVERLAP, 0.0
-        indices, distances = self._tree.query_nearest(point, return_distance=True, all_matches=True)
+        indices, distances = index.tree.query_nearest(
+            point, return_distance=True, all_matches=True
+        )
         if len(indices) == 0:
             return None, KelurahanMatch.NONE, None
         nearest = int(indices.min())
@@ -240,10 +284,51 @@ def _is_usable(fix: GeoFix) -> bool:
     )
 
 
-def _parse_feature(path: Path, key: str, raw: object) -> tuple[Kelurahan, Any]:
-    if not isinstance(raw, Mapping) or raw.get("type") != "Feature":
-        raise ConfigError(path, key, "expected a GeoJSON Feature")
-    return _parse_properties(path, key, raw), _parse_geometry(path, key, raw)
+def _read_features(
+    path: Path, geometry: Callable[[Path, str, Mapping[str, Any]], Any]
+) -> list[tuple[Kelurahan, Any]]:
+    """Read the FeatureCollection: each feature's kelurahan and ``geometry(path, key, raw)``."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(path, "-", f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "-", f"not UTF-8 text: {exc.reason}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            path, f"line {exc.lineno}", f"not valid JSON: {exc.msg} (column {exc.colno})"
+        ) from exc
+    if not isinstance(document, dict) or document.get("type") != "FeatureCollection":
+        raise ConfigError(path, "type", "expected a GeoJSON FeatureCollection")
+    raw_features = document.get("features")
+    if not isinstance(raw_features, list) or not raw_features:
+        raise ConfigError(path, "features", "expected a non-empty list of features")
+
+    features: list[tuple[Kelurahan, Any]] = []
+    first_seen: dict[str, int] = {}
+    for index, raw in enumerate(raw_features):
+        key = f"features[{index}]"
+        if not isinstance(raw, Mapping) or raw.get("type") != "Feature":
+            raise ConfigError(path, key, "expected a GeoJSON Feature")
+        kelurahan = _parse_properties(path, key, raw)
+        geom = geometry(path, key, raw)
+        if (earlier := first_seen.get(kelurahan.kode)) is not None:
+            raise ConfigError(
+                path,
+                f"{key}.properties.kode",
+                f"duplicate kode {kelurahan.kode!r} (also features[{earlier}])",
+            )
+        first_seen[kelurahan.kode] = index
+        features.append((kelurahan, geom))
+    return features
+
+
+def _polygonal(path: Path, key: str, raw: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The geometry type check of :func:`_parse_geometry`, without GEOS; keeps the feature."""
+    geometry = raw.get("geometry")
+    if not isinstance(geometry, Mapping) or geometry.get("type") not in _POLYGONAL:
+        raise ConfigError(path, f"{key}.geometry", "expected a Polygon or MultiPolygon")
+    return key, raw
 
 
 def _parse_properties(path: Path, key: str, raw: Mapping[str, Any]) -> Kelurahan:
@@ -262,6 +347,11 @@ def _parse_properties(path: Path, key: str, raw: Mapping[str, Any]) -> Kelurahan
 
 
 def _parse_geometry(path: Path, key: str, raw: Mapping[str, Any]) -> Any:
+    # shapely is imported here, not at the top: see _build_index.
+    import shapely  # noqa: PLC0415
+    from shapely.errors import ShapelyError  # noqa: PLC0415
+    from shapely.geometry import shape  # noqa: PLC0415
+
     key = f"{key}.geometry"
     geometry = raw.get("geometry")
     if not isinstance(geometry, Mapping) or geometry.get("type") not in _POLYGONAL:
