@@ -532,6 +532,11 @@ class Dispatcher:
         return await self._outbox.send_due()
 
     @property
+    def page_accepted(self) -> asyncio.Event:
+        """Set once the provider has accepted a page since start."""
+        return self._outbox.accepted
+
+    @property
     def messages_sent(self) -> int:
         """Messages the channel accepted since start."""
         return self._outbox.messages_sent

@@ -148,6 +148,9 @@ class Outbox:
         self.provider = ProviderWatch(provider_alert_after_s)
         self._provider_resumed = False
         self.messages_sent = 0
+        # Set whenever the provider accepts a page (before it is recorded): start-up waits
+        # on it to give the first overdue page a head start (gateway/daemon.py).
+        self.accepted = asyncio.Event()
         self.retries_scheduled = 0
         self.pages_found = 0
 
@@ -269,6 +272,8 @@ class Outbox:
             # Retried like any transient failure: a bug that passes (or a local OSError a
             # channel let through) must not end the page.
             result = DeliveryResult(DeliveryStatus.FAILED_TRANSIENT, error_message=repr(exc))
+        if result.ok:
+            self.accepted.set()
         if result.status is not DeliveryStatus.FAILED_TRANSIENT:
             return _Sent(row, result, self._clock())
         return self._transient(row, result, started if result.in_doubt else None)

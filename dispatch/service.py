@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("panicd.dispatch")
 
-HEAD_START_POLL_S = 0.005
-
 
 @dataclass(frozen=True, slots=True)
 class DispatchPlan:
@@ -91,17 +89,14 @@ class OpenDispatch:
         """Return once the channel has accepted a page, if one was overdue at opening.
 
         At most ``bound_s``: a slow or unreachable provider must not hold up the rest of
-        start-up for long. The dispatcher has no event for this, so it is a short poll of
-        its public counter, only while something was overdue.
+        start-up for long. Only while something was overdue.
         """
         if not self.overdue:
             return
-        before = self.dispatcher.messages_sent
+        accepted = self.dispatcher.page_accepted
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(bound_s):
-                # An Event in the dispatcher would be better; it has none for this yet.
-                while self.dispatcher.messages_sent == before:  # noqa: ASYNC110
-                    await asyncio.sleep(HEAD_START_POLL_S)
+                await accepted.wait()
 
 
 @asynccontextmanager
