@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 deps:
 	scripts/ensure-mosquitto.sh
 	scripts/ensure-peers.sh
+	scripts/ensure-postgres.sh
 
 demo: $(STAMP)
 	scripts/ensure-mosquitto.sh

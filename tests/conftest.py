@@ -9,7 +9,7 @@ import pytest
 
 from firmware_sim.broker import Mosquitto
 
-pytest_plugins = ["tests.prism"]
+pytest_plugins = ["tests.prism", "tests.pg"]
 
 REPO = Path(__file__).resolve().parent.parent
 

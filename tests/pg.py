@@ -1,0 +1,39 @@
+"""The private PostgreSQL for tests: a throw-away cluster on a free loopback port.
+
+Use the session fixture ``postgres`` (a started ``firmware_sim.pgserver.PostgresServer``;
+``postgres.dsn`` is e.g. ``postgresql://panicd@127.0.0.1:PORT/panicd_test``, the database
+already created) by registering this module as a plugin: ``pytest_plugins = [...,
+"tests.pg"]`` in ``tests/conftest.py``. Prerequisite: ``scripts/ensure-postgres.sh``
+(installs Debian's ``postgresql``; its binaries live in /usr/lib/postgresql/<major>/bin).
+
+The cluster is made by ``initdb`` and run by ``pg_ctl`` in a new temp directory, listening
+on 127.0.0.1 only, with its unix socket in that directory, trust auth for the test role
+and ``fsync`` / ``synchronous_commit`` on. It never uses or touches the machine's own
+PostgreSQL on 5432. ``initdb`` refuses to run as root and tests and CI run as root: then
+the server runs as the Debian package's unprivileged ``postgres`` user (``runuser -u
+postgres --``) and the temp directory is chowned to it. At the end of the session it is
+stopped with ``pg_ctl stop -m fast`` (killed if that hangs) and its directory removed.
+Missing binaries fail the tests that ask for it, loudly: they are never skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from firmware_sim.pgserver import PostgresNotInstalledError, PostgresServer
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL cluster with the empty database ``panicd_test``."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except PostgresNotInstalledError as exc:
+        pytest.fail(f"{exc} -- the PostgreSQL tests need it, they are not skipped")
+    try:
+        yield server
+    finally:
+        server.stop()
