@@ -179,6 +179,21 @@ def source_findings(source: SourceState, settings: HealthSettings, now: float) -
     return out
 
 
+def sources_settle_at(
+    sources: Iterable[SourceState], settings: HealthSettings, *, baseline: float
+) -> float:
+    """From when a count of the sources means something: at once if every source is up,
+    else once they have had the start-up grace to connect.
+
+    The grace is ``source_down_alert_s``, the same time after which a down source is
+    news (by default longer than a source's connect timeout): before it, "0/1 aktif" in
+    the summary would tell operations of an outage the alert itself would not yet call one.
+    """
+    if all(s.connected for s in sources):
+        return baseline
+    return baseline + settings.source_down_alert_s
+
+
 def evaluate(
     devices: Iterable[DeviceView],
     sources: Iterable[SourceState],

@@ -40,6 +40,7 @@ from dispatch.health import (
     evaluate,
     next_summary_at,
     recovery_text,
+    sources_settle_at,
     summary_due,
     summary_text,
     transitions,
@@ -94,6 +95,7 @@ class HealthMonitor:
         self._watch = SourceWatch()
         self._baseline = clock()
         self._summary_sent: date | None = None
+        self._summary_held_until: float | None = None  # a due summary waits for sources
         self._announced: set[str] = set()  # ops keys of external conditions queued
         self._group: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
@@ -139,6 +141,9 @@ class HealthMonitor:
             now = self._clock()
             due = min(now + self._settings.check_every_s,
                       next_summary_at(now, self._settings.daily_summary_at))
+            settle = self._summary_held_until
+            if settle is not None and settle > now:  # the held summary goes out on time
+                due = min(due, settle)
             await asyncio.sleep(max(0.0, due - self._clock()))
 
     async def _guarded(self, step: str, body: Callable[[], Awaitable[object]]) -> None:
@@ -270,12 +275,19 @@ class HealthMonitor:
         return healed
 
     async def maybe_summary(self) -> date | None:
-        """Queue today's summary once it is due (once per local day); returns its day."""
+        """Queue today's summary once it is due (once per local day) and the sources have
+        had their start-up grace to connect; returns its day."""
         now = self._clock()
         day = summary_due(now, self._settings.daily_summary_at, self._summary_sent)
         if day is None:
             return None
         sources = self.source_states()
+        settle = sources_settle_at(sources, self._settings, baseline=self._baseline)
+        if now < settle:
+            # Just started: the sources have not had their chance to connect yet.
+            self._summary_held_until = settle
+            return None
+        self._summary_held_until = None
         rows = list(await self._store.db.execute_fetchall(
             "SELECT (SELECT COUNT(*) FROM incidents WHERE status IN ('open', 'acknowledged')),"
             " (SELECT COUNT(*) FROM incidents WHERE opened_at >= ? AND test = 0)",

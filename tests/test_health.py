@@ -34,6 +34,7 @@ from dispatch.health import (
     next_summary_at,
     recovery_text,
     source_findings,
+    sources_settle_at,
     summary_due,
     summary_text,
     transitions,
@@ -118,6 +119,16 @@ def test_a_source_is_down_only_after_the_threshold() -> None:
     assert "penerima LoRa lora-1 terputus sejak 06:00 WIB" in alert_text(finding)
     up = SourceState("lora-1", "serial", connected=True, since=T0)
     assert source_findings(up, SETTINGS, T0 + 3600) == []
+
+
+def test_sources_are_counted_at_once_when_up_and_after_the_start_up_grace_when_not() -> None:
+    up = SourceState("local", "mqtt", connected=True, since=T0)
+    down = SourceState("lora-1", "serial", connected=False, since=T0)
+    assert sources_settle_at([up], SETTINGS, baseline=T0) == T0
+    assert sources_settle_at([], SETTINGS, baseline=T0) == T0
+    assert sources_settle_at([up, down], SETTINGS, baseline=T0) == T0 + 60
+    custom = HealthSettings(source_down_alert_s=5)
+    assert sources_settle_at([down], custom, baseline=T0) == T0 + 5
 
 
 def test_a_session_alarm_is_alerted_and_clears_after_a_quiet_hold() -> None:
@@ -345,6 +356,66 @@ async def test_the_daily_summary_is_sent_once_per_day_at_its_time(world: World) 
         " 0 kejadian terbuka, 0 kejadian 24 jam."
     )
     assert "2 tombol, 2 offline" in summaries["health-summary:2025-03-06"]
+
+
+async def _started_at_seven(tmp_path: Path, sources: dict[str, bool],
+                            clock: Clock, ops: RecordingOps) -> HealthMonitor:
+    fleet = make_fleet(tmp_path / "cfg", devices=1)
+    return HealthMonitor(fleet.database, fleet.config.devices,
+                         lambda: [(n, "mqtt", up) for n, up in sources.items()],
+                         SETTINGS, ops=ops, clock=clock, autostart=False)
+
+
+async def test_a_summary_due_at_start_waits_for_the_sources_to_connect(
+    tmp_path: Path,
+) -> None:
+    # panicd starts after 07:00: the day's summary is due before MQTT has connected.
+    clock, ops, sources = Clock(T0 + HOUR + 1), RecordingOps(), {"local": False}
+    async with await _started_at_seven(tmp_path, sources, clock, ops) as monitor:
+        assert await monitor.maybe_summary() is None
+        clock.now += 0.5
+        sources["local"] = True
+        assert await monitor.maybe_summary() == date(2025, 3, 5)
+        assert await monitor.check() == ([], [])
+    (summary,) = ops.sent.values()
+    assert "sumber 1/1 aktif" in summary
+
+
+async def test_a_source_still_down_after_the_start_up_grace_is_counted_and_alerted(
+    tmp_path: Path,
+) -> None:
+    clock, ops, sources = Clock(T0 + HOUR + 1), RecordingOps(), {"local": False}
+    async with await _started_at_seven(tmp_path, sources, clock, ops) as monitor:
+        clock.now += SETTINGS.source_down_alert_s - 1
+        assert await monitor.maybe_summary() is None
+        assert await monitor.check() == ([], [])
+        clock.now += 1
+        assert await monitor.maybe_summary() == date(2025, 3, 5)
+        raised, _ = await monitor.check()
+    assert [f.key for f in raised] == [("source:local", Condition.SOURCE_DOWN)]
+    summary, alert = ops.sent.values()
+    assert "sumber 0/1 aktif" in summary
+    assert alert.startswith("OPS panicd: broker MQTT local terputus")
+
+
+async def test_the_monitor_task_sends_a_held_summary_when_the_grace_ends(
+    tmp_path: Path,
+) -> None:
+    # The real clock: a summary due at any hour, a down source, a short grace. Without
+    # a wake-up at the grace's end the task would sleep check_every_s (an hour) first.
+    fleet = make_fleet(tmp_path / "cfg", devices=1)
+    ops = RecordingOps()
+    settings = HealthSettings(source_down_alert_s=0.2, daily_summary_at=time(0, 0),
+                              check_every_s=3600)
+    with structlog.testing.capture_logs():
+        async with HealthMonitor(fleet.database, fleet.config.devices,
+                                 lambda: [("local", "mqtt", False)], settings, ops=ops):
+            async with asyncio.timeout(5):
+                while not any(k.startswith("health-summary:") for k in ops.sent):
+                    ops.queued.clear()
+                    await ops.queued.wait()
+    summary = next(v for k, v in ops.sent.items() if k.startswith("health-summary:"))
+    assert "sumber 0/1 aktif" in summary
 
 
 async def test_an_alert_recorded_but_never_queued_is_sent_after_a_restart(
