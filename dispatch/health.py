@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 
-from dispatch.messages import SMS_LIMIT, WIB, to_gsm7
+from dispatch.messages import SMS_LIMIT, WIB, shorten, to_gsm7
 from gateway.config import HealthConfig
 
 # A battery that hovers at the threshold (cold mornings, load) must not alert and recover
@@ -239,8 +239,7 @@ def _fit(template: str, label: str) -> str:
     """Fill ``{label}`` as " (label)", shortened so the text is one GSM-7 SMS."""
     label = re.sub(r"\s+", " ", to_gsm7(label)).strip()
     room = SMS_LIMIT - len(to_gsm7(template.format(label=""))) - len(" ()")
-    if len(label) > room:
-        label = label[: max(0, room - 2)].rstrip() + ".." if room > 2 else ""
+    label = shorten(label, max(0, room))  # at a word boundary, as responders' SMS
     return to_gsm7(template.format(label=f" ({label})" if label else ""))
 
 

@@ -3,7 +3,8 @@
 An alert SMS must stay one GSM-7 segment (160 septets, 3GPP TS 23.038): a UCS-2 SMS
 holds only 70 characters and a split one may arrive out of order on feature phones.
 Text is transliterated to the GSM-7 basic set, and the address/landmark is shortened
-first when it does not fit; the ack link is never cut.
+first when it does not fit (whole parts dropped from the end, then at a word boundary);
+the ack link is never cut.
 """
 
 from __future__ import annotations
@@ -84,11 +85,46 @@ def _one_line(text: str) -> str:
     return " ".join(to_gsm7(text).split())
 
 
-def _shorten(text: str, limit: int) -> str:
+PART_SEPARATOR = ", "
+_TRAILING_PUNCTUATION = ",.;:/-"
+
+
+def _cut_words(words: list[str], head: str, limit: int, *, min_words: int) -> str | None:
+    """``head`` plus the longest prefix of ``words`` (at least ``min_words``) that fits
+    ``limit`` with the ellipsis, or None."""
+    for count in range(len(words), min_words - 1, -1):
+        kept = " ".join(words[:count]).rstrip(_TRAILING_PUNCTUATION)
+        text = head + kept + ELLIPSIS
+        if kept and len(text) <= limit:
+            return text
+    return None
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, cut at a word boundary.
+
+    A place lists its most useful part first ("landmark, address"): the parts that do
+    not fit are dropped whole, from the end; a part is cut (marked "..") only where at
+    least two of its words still fit, since a stub like "Jl.." says nothing. Only a
+    first word longer than the room is cut inside the word, so something is left.
+    """
     if len(text) <= limit:
         return text
     if limit <= len(ELLIPSIS):
         return ""
+    kept: list[str] = []
+    for index, part in enumerate(text.split(PART_SEPARATOR)):
+        whole = PART_SEPARATOR.join([*kept, part])
+        if len(whole) <= limit:
+            kept.append(part)
+            continue
+        head = PART_SEPARATOR.join(kept) + PART_SEPARATOR if kept else ""
+        cut = _cut_words(part.split(" "), head, limit, min_words=1 if index == 0 else 2)
+        if cut is not None:
+            return cut
+        break
+    if kept:
+        return PART_SEPARATOR.join(kept).rstrip(_TRAILING_PUNCTUATION)
     return text[: limit - len(ELLIPSIS)].rstrip() + ELLIPSIS
 
 
@@ -102,7 +138,7 @@ def _fit(template: str, ack_url: str, **shrinkable: str) -> str:
     names = list(fields)
     for index, name in enumerate(names):
         rest = sum(len(fields[n]) for n in names[index + 1 :])
-        fields[name] = _shorten(fields[name], max(0, budget - rest))
+        fields[name] = shorten(fields[name], max(0, budget - rest))
         budget -= len(fields[name])
     return template.format(ack_url=ack_url, **fields)
 

@@ -164,6 +164,18 @@ def test_transitions_raise_new_conditions_and_clear_vanished_ones() -> None:
     assert change.clear == (("source:x", Condition.SOURCE_DOWN),)
 
 
+@pytest.mark.parametrize("shift", range(1, 9))
+def test_a_long_label_is_shortened_at_a_word_boundary(shift: int) -> None:
+    label = "x" * shift + " Pos kamling di ujung gang dekat masjid Al-Ikhlas sebelah" * 3
+    device = DeviceView("BTN-1", 3600, T0, 5, label=label)
+    (low,) = device_findings(device, SETTINGS, T0, baseline=T0)
+    text = alert_text(low)
+    shown = text.split(" (", 1)[1].split(") lemah", 1)[0]
+    assert shown.endswith("..")
+    assert label.startswith(shown.removesuffix("..") + " ")
+    assert is_single_segment(text)
+
+
 def test_every_text_is_one_gsm7_segment_even_with_a_long_label() -> None:
     label = "Pos kamling di ujung gang dekat masjid Al-Ikhlas, sebelah warung Bu Sri " * 3
     device = DeviceView("BTN-" + "9" * 40, 86_400, T0, 5, label=label)

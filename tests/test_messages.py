@@ -57,10 +57,60 @@ def test_wib_is_utc_plus_seven() -> None:
 
 def test_long_address_is_shortened_before_anything_else() -> None:
     text = alert(place="Jl. " + "Panjang Sekali " * 20)
-    assert len(text) == SMS_LIMIT
-    assert "Kel. Manguharjo:" in text
-    assert ".. 11:14 WIB" in text or "... 11:14 WIB" in text
+    assert len(text) <= SMS_LIMIT
+    assert len(text) + len(" Sekali") > SMS_LIMIT  # cut at the last word that fits
+    assert "Kel. Manguharjo: Jl. Panjang Sekali" in text
+    assert "Panjang... 11:14 WIB" in text or "Sekali... 11:14 WIB" in text
     assert text.endswith(ACK_URL)
+
+
+DEMO_PLACE = "Pos kamling RW 02, Jl. Pahlawan Gg. II RT 03/RW 02"
+ROOM = SMS_LIMIT - len(alert(place="", kelurahan=""))  # for the place and the kelurahan
+
+
+def _place_of(text: str) -> str:
+    return text.split(": ", 1)[1].rsplit(". 11:14 WIB", 1)[0]
+
+
+def test_a_place_too_long_drops_the_address_before_cutting_the_landmark() -> None:
+    # The demo's alert: room for the landmark and "Jl.", which was cut to "RW 0...".
+    kelurahan = "K" * (ROOM - len("Pos kamling RW 02, Jl.."))
+    text = alert(place=DEMO_PLACE, kelurahan=kelurahan)
+    assert _place_of(text) == "Pos kamling RW 02"
+    assert f"Kel. {kelurahan}: " in text
+    assert text.endswith(ACK_URL)
+    assert is_single_segment(text)
+
+
+def test_a_cut_address_keeps_whole_words_and_says_it_was_cut() -> None:
+    room = ROOM - len("Manguharjo")
+    landmark = "L" * (room - len(", Jl. Pahlawan Gg..") + 1)  # one short for "Gg."
+    place = _place_of(alert(place=f"{landmark}, Jl. Pahlawan Gg. II RT 03/RW 02"))
+    assert place == f"{landmark}, Jl. Pahlawan.."
+    # A single-part place is cut at its last whole word too.
+    words = " ".join(["Perumahan"] * 30)
+    cut = _place_of(alert(place=words))
+    assert cut.endswith("Perumahan..")
+    assert set(cut.removesuffix("..").split(" ")) == {"Perumahan"}
+
+
+def test_a_first_word_longer_than_the_room_is_cut_so_something_is_left() -> None:
+    place = _place_of(alert(place="X" * 300))
+    assert place == "X" * (ROOM - len("Manguharjo") - 2) + ".."
+
+
+@given(words=st.lists(st.sampled_from(["Jl.", "Pahlawan", "RT", "03/RW", "02,", "Pos",
+                                       "kamling", "Masjid", "Al-Ikhlas"]), max_size=40))
+def test_a_shortened_place_never_ends_inside_a_word(words: list[str]) -> None:
+    place = " ".join(words)
+    text = alert(place=place)
+    assert is_single_segment(text)
+    assert text.endswith(ACK_URL)
+    kept = _place_of(text).removesuffix("..").replace(",", " ").split()
+    whole = place.replace(",", " ").split()[: len(kept)]
+    assert kept[:-1] == whole[:-1]
+    if kept:  # the last word whole, perhaps without its trailing punctuation
+        assert kept[-1] in {whole[-1], whole[-1].rstrip(",.;:/-")}
 
 
 def test_non_gsm_characters_are_transliterated_not_sent_as_ucs2() -> None:
