@@ -52,6 +52,7 @@ class _Fired:
     people: int
     queued: int
     remaining: int
+    test: bool = False
 
 
 class Dispatcher:
@@ -492,7 +493,7 @@ class Dispatcher:
             await DispatchStore.timeline(
                 db, incident.id, now, "escalation.exhausted", "no_ack_after_last_level"
             )
-        return _Fired(step, incident.id, len(people), queued, remaining)
+        return _Fired(step, incident.id, len(people), queued, remaining, incident.test)
 
     def _log_fired(self, fired: _Fired, now: float) -> None:
         step = fired.step
@@ -510,7 +511,9 @@ class Dispatcher:
         if not fired.people:
             log.warning("escalation.level_empty", incident=fired.incident_id, level=step.level + 1)
         if fired.remaining == 0:
-            log.warning("escalation.exhausted", incident=fired.incident_id)
+            # A test press pages only operations (one level): running out is its normal end.
+            exhausted = log.info if fired.test else log.warning
+            exhausted("escalation.exhausted", incident=fired.incident_id, test=fired.test)
 
     async def _pull_next_forward(self, db: aiosqlite.Connection, step: StepRow, now: float) -> None:
         """A level that paged nobody (roster gap) must not keep the next level waiting."""

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import structlog
 
 from dispatch.channel import ConsoleChannel
 from dispatch.messages import SMS_LIMIT, is_single_segment
@@ -177,6 +178,26 @@ async def test_after_a_restart_overdue_steps_fire_at_once_and_fired_ones_do_not_
     assert rows[1][4] == rows[2][4] == clock()
     assert set(alert_keys(database, incident).values()) == {1}
     assert "escalation.exhausted" in set(events(database, incident))
+
+
+@pytest.mark.parametrize(("test", "level"), [(True, "info"), (False, "warning")])
+async def test_running_out_of_levels_warns_for_a_real_incident_not_a_test_press(
+    database: Path, test: bool, level: str,
+) -> None:
+    # A test press pages the one-level operations policy: exhausting it is its normal end.
+    incident = await open_incident(database, KODE_LADDER, at=T0, test=test)
+    clock = Clock(T0)
+    with structlog.testing.capture_logs() as logs:
+        async with DispatchStore(database) as store:
+            engine = dispatcher(store, RecordingChannel(), clock)
+            await engine.plan_missing()
+            for _ in range(3):
+                await engine.fire_due()
+                clock.advance(600)
+    (exhausted,) = [e for e in logs if e["event"] == "escalation.exhausted"]
+    assert exhausted["log_level"] == level
+    assert exhausted["incident"] == incident
+    assert exhausted["test"] is test
 
 
 async def test_the_console_channel_after_a_restart_records_every_send(database: Path) -> None:
