@@ -13,7 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.errors import ConfigError
+from gateway.errors import WHOLE_FILE, ConfigError, unknown_key
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -36,11 +36,11 @@ def load_toml(path: Path) -> dict[str, object]:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(path, "-", "file not found") from None
+        raise ConfigError(path, WHOLE_FILE, "file not found") from None
     except OSError as exc:
-        raise ConfigError(path, "-", f"cannot read: {exc.strerror}") from None
+        raise ConfigError(path, WHOLE_FILE, f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
+        raise ConfigError(path, WHOLE_FILE, f"not valid TOML: {exc}") from None
 
 
 def child_key(parent: str, name: str) -> str:
@@ -59,7 +59,7 @@ class Node:
 
     def error(self, problem: str) -> ConfigError:
         """A ConfigError pointing at this value."""
-        return ConfigError(self.file, self.key or "-", problem)
+        return ConfigError(self.file, self.key or WHOLE_FILE, problem)
 
     def table(self, allowed: Collection[str], required: Collection[str] = ()) -> dict[str, Node]:
         """This value as a table whose keys are all in ``allowed``; unknown keys are errors."""
@@ -69,10 +69,7 @@ class Node:
         # would otherwise silently fall back to a default on a panic path.
         for name in self.value:
             if name not in allowed:
-                expected = ", ".join(sorted(allowed))
-                raise ConfigError(
-                    self.file, child_key(self.key, name), f"unknown key (expected: {expected})"
-                )
+                raise ConfigError(self.file, child_key(self.key, name), unknown_key(name, allowed))
         for name in required:
             if name not in self.value:
                 raise ConfigError(self.file, child_key(self.key, name), "missing")

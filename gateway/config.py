@@ -18,7 +18,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError
+from gateway.errors import WHOLE_FILE, ConfigError, unknown_key
 from gateway.formats import DECODERS, OptionError
 from gateway.model import Device, Frame, Gateway, GeoFix, Trust
 
@@ -158,12 +158,19 @@ class Config:
 
 
 class _Table:
-    """A TOML table with the file and key path it came from, for error messages."""
+    """A TOML table with the file and key path it came from, for error messages.
 
-    def __init__(self, file: Path, where: str, data: Mapping[str, Any]) -> None:
+    Every key the loader asks for is recorded in ``asked`` (shared by a document's
+    tables, array indexes dropped: ``mqtt.port``), so the set of keys the loader knows is
+    read off the loader itself (:func:`config_keys`) instead of being listed by hand.
+    """
+
+    def __init__(self, file: Path, where: str, data: Mapping[str, Any],
+                 asked: set[str] | None = None) -> None:
         self.file = file
         self.where = where
         self.data = data
+        self.asked: set[str] = set() if asked is None else asked
         self._used: set[str] = set()
 
     def key(self, name: str) -> str:
@@ -174,12 +181,16 @@ class _Table:
 
     def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
         self._used.add(name)
+        self.asked.add(re.sub(r"\[\d+\]", "", self.key(name)))
         if name not in self.data:
             return default
         value = self.data[name]
         # bool is an int in Python; a TOML `true` where a number belongs is an error.
         if isinstance(value, bool) and kind in (int, float, (int, float)):
             raise self.error(name, f"expected {_kind_name(kind)}, got a boolean")
+        # `port = 18830.5` must not quietly become port 18830.
+        if kind is int and isinstance(value, float):
+            raise self.error(name, f"expected an integer, got {value!r}")
         if not isinstance(value, kind):
             raise self.error(name, f"expected {_kind_name(kind)}, got {type(value).__name__}")
         return value
@@ -195,8 +206,15 @@ class _Table:
             raise self.error(name, f"must be between {low:g} and {high:g}")
         return value
 
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        """A TOML integer within ``[low, high]`` (a float, even 8883.0, is an error)."""
+        value: int = self.get(name, int, default)
+        if not low <= value <= high:
+            raise self.error(name, f"must be between {low} and {high}")
+        return value
+
     def table(self, name: str) -> _Table:
-        return _Table(self.file, self.key(name), self.get(name, dict, {}))
+        return _Table(self.file, self.key(name), self.get(name, dict, {}), self.asked)
 
     def tables(self, name: str) -> list[_Table]:
         rows = self.get(name, list, [])
@@ -204,13 +222,13 @@ class _Table:
         for index, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise ConfigError(self.file, f"{self.key(name)}[{index}]", "expected a table")
-            out.append(_Table(self.file, f"{self.key(name)}[{index}]", row))
+            out.append(_Table(self.file, f"{self.key(name)}[{index}]", row, self.asked))
         return out
 
     def check_unknown(self) -> None:
         unknown = sorted(set(self.data) - self._used)
         if unknown:
-            raise self.error(unknown[0], "unknown key (misspelt?)")
+            raise self.error(unknown[0], unknown_key(unknown[0], self._used))
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -232,18 +250,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(path, "-", "file not found") from None
+        raise ConfigError(path, WHOLE_FILE, "file not found") from None
     except PermissionError:
-        raise ConfigError(path, "-", "permission denied") from None
+        raise ConfigError(path, WHOLE_FILE, "permission denied") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
+        raise ConfigError(path, WHOLE_FILE, f"not valid TOML: {exc}") from None
 
 
 def _fix(table: _Table, name: str) -> GeoFix | None:
     raw = table.get(name, dict)
     if raw is None:
         return None
-    sub = _Table(table.file, table.key(name), raw)
+    sub = _Table(table.file, table.key(name), raw, table.asked)
     lat = sub.require("lat", (int, float))
     lon = sub.require("lon", (int, float))
     sub.check_unknown()
@@ -341,7 +359,7 @@ def load_registry(
                 raise row.error(f"external_ids.{fmt}", f"{ref} is already {external[fmt, ref]}")
             external[fmt, ref] = device_id
             ext[fmt] = ref
-        heartbeat = int(row.number("heartbeat_interval_s", 3600, 60, 7 * 86400))
+        heartbeat = row.integer("heartbeat_interval_s", 3600, 60, 7 * 86400)
         devices[device_id] = Device(
             id=device_id,
             hardware=row.require("hardware", str),
@@ -408,12 +426,12 @@ def _mqtt(row: _Table, environ: Mapping[str, str], base: Path) -> MqttSourceConf
     cfg = MqttSourceConfig(
         name=name,
         host=row.get("host", str, "127.0.0.1"),
-        port=int(row.number("port", 1883, 1, 65535)),
+        port=row.integer("port", 1883, 1, 65535),
         client_id=client_id,
         topics=tuple(topics),
         format=fmt,
         trust=trust,
-        keepalive_s=int(row.number("keepalive_s", 30, 5, 3600)),
+        keepalive_s=row.integer("keepalive_s", 30, 5, 3600),
         tls=row.get("tls", bool, False),
         ca_file=ca_file,
         username=username,
@@ -436,7 +454,7 @@ def _serial(row: _Table) -> SerialSourceConfig:
     mode = row.require("mode", str)
     if mode not in SERIAL_MODES:
         raise row.error("mode", f"unknown mode {mode!r} (known: {', '.join(SERIAL_MODES)})")
-    baud = int(row.number("baud", 115200, 1200, 921600))
+    baud = row.integer("baud", 115200, 1200, 921600)
     if baud not in _BAUDS:
         raise row.error("baud", f"unsupported rate {baud} (use one of {sorted(_BAUDS)})")
     # Only our own signed frames travel over serial receivers: there is no network server
@@ -479,18 +497,18 @@ def _dispatch(table: _Table, base: Path) -> DispatchConfig | None:
         policies_file=policies,
         public_base_url=public,
         listen_host=table.get("listen_host", str, "127.0.0.1"),
-        listen_port=int(table.number("listen_port", 8080, 0, 65535)),
+        listen_port=table.integer("listen_port", 8080, 0, 65535),
         control_socket=(
             base / table.get("control_socket", str, "/run/panicd/control.sock")
         ).resolve(),
         from_number=from_number,
         twilio_base_url=table.get("twilio_base_url", str, "https://api.twilio.com").rstrip("/"),
         ack_ttl_s=table.number("ack_link_ttl_s", 6 * 3600, 60, 7 * 86400),
-        send_concurrency=int(table.number("send_concurrency", 16, 1, 256)),
-        max_connections=int(table.number("max_connections", 256, 8, 65536)),
+        send_concurrency=table.integer("send_concurrency", 16, 1, 256),
+        max_connections=table.integer("max_connections", 256, 8, 65536),
         header_timeout_s=table.number("header_timeout_s", 10, 0.5, 300),
         body_timeout_s=table.number("body_timeout_s", 10, 0.5, 300),
-        fd_reserve=int(table.number("fd_reserve", 128, 32, 65536)),
+        fd_reserve=table.integer("fd_reserve", 128, 32, 65536),
     )
     table.check_unknown()
     return cfg
@@ -504,7 +522,7 @@ def _health(table: _Table) -> HealthConfig:
     if not _HH_MM.fullmatch(at):
         raise table.error("daily_summary_at", "must be a local WIB time like \"07:00\"")
     cfg = HealthConfig(
-        low_battery_percent=int(table.number("low_battery_percent", 20, 1, 99)),
+        low_battery_percent=table.integer("low_battery_percent", 20, 1, 99),
         offline_grace_factor=table.number("offline_grace_factor", 1.5, 1, 10),
         source_down_alert_s=table.number("source_down_alert_s", 60, 1, 86400),
         daily_summary_at=at,
@@ -537,7 +555,7 @@ def _app(table: _Table, has_web: bool) -> AppConfig | None:
     enabled = table.get("enabled", bool, True)
     cfg = AppConfig(
         rate_per_minute=table.number("rate_per_minute", 30, 1, 6000),
-        burst=int(table.number("burst", 10, 1, 1000)),
+        burst=table.integer("burst", 10, 1, 1000),
         commit_timeout_s=table.number("commit_timeout_s", 10, 1, 120),
         trusted_proxies=_networks(table, "trusted_proxies"),
     )
@@ -547,10 +565,25 @@ def _app(table: _Table, has_web: bool) -> AppConfig | None:
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Load, validate and join the TOML file, the device registry and the device keys."""
+    return _load(path, environ, set())
+
+
+def config_keys(path: Path, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """Every key of panicd.toml the loader asked for while loading ``path`` (``mqtt.port``).
+
+    The loader asks for each key of every table present, set or not, so on a file that
+    has every table this is the set of keys the loader knows.
+    """
+    asked: set[str] = set()
+    _load(path, environ, asked)
+    return frozenset(asked)
+
+
+def _load(path: Path, environ: Mapping[str, str] | None, asked: set[str]) -> Config:
     env = os.environ if environ is None else environ
     path = path.resolve()
     base = path.parent
-    root = _Table(path, "", _read_toml(path))
+    root = _Table(path, "", _read_toml(path), asked)
     panicd = root.table("panicd")
     site = panicd.get("site", str, "Kota Madiun")
     # Below the unit's TimeoutStartSec=90, so a dead receiver cannot cause a restart loop.
@@ -567,17 +600,20 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
 
     ingest_t = root.table("ingest")
     ingest = IngestConfig(
-        batch_max=int(ingest_t.number("batch_max", 256, 1, 10_000)),
+        batch_max=ingest_t.integer("batch_max", 256, 1, 10_000),
         batch_window_ms=ingest_t.number("batch_window_ms", 2.0, 0, 1000),
-        queue_max=int(ingest_t.number("queue_max", 10_000, 1, 1_000_000)),
+        queue_max=ingest_t.integer("queue_max", 10_000, 1, 1_000_000),
         cancel_grace_s=ingest_t.number("cancel_grace_s", 120, 0, 86400),
-        burst_urgent_presses=int(ingest_t.number("burst_urgent_presses", 3, 2, 1000)),
+        burst_urgent_presses=ingest_t.integer("burst_urgent_presses", 3, 2, 1000),
         drain_timeout_s=ingest_t.number("drain_timeout_s", 10, 0.1, 300),
     )
     ingest_t.check_unknown()
 
     devices_t = root.table("devices")
     devices_file = base / devices_t.get("registry", str, "devices.toml")
+    if not devices_file.exists():
+        # Name the key that points at it: the operator edits panicd.toml, not the registry.
+        raise devices_t.error("registry", f"{devices_file} does not exist")
     devices_t.check_unknown()
     keys_path, keys = load_device_keys(env)
     devices, gateways = load_registry(devices_file, keys, keys_path)

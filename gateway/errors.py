@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Collection
 from pathlib import Path
 
 
@@ -14,14 +16,29 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
+# The key of a problem with a whole file (missing, unreadable, not TOML): there is no key
+# to name, so the line reads "file: problem". "-" is the older spelling of the same.
+WHOLE_FILE = ""
+
+
 class ConfigError(Exception):
     """A configuration or data file is invalid.
 
-    ``str()`` is the one line an operator sees: file, key (or row), and what is wrong.
+    ``str()`` is the one line an operator sees: file, key (or row), and what is wrong;
+    just file and problem when the problem is the whole file (key :data:`WHOLE_FILE`).
     """
 
     def __init__(self, file: Path | str, key: str, problem: str) -> None:
-        super().__init__(f"{file}: {key}: {problem}")
+        whole_file = key in (WHOLE_FILE, "-")
+        super().__init__(f"{file}: {problem}" if whole_file else f"{file}: {key}: {problem}")
         self.file = str(file)
         self.key = key
         self.problem = problem
+
+
+def unknown_key(name: str, known: Collection[str]) -> str:
+    """The problem text for an unknown key: the nearest known one, or all of them."""
+    nearest = difflib.get_close_matches(name, sorted(known), n=1)
+    if nearest:
+        return f"unknown key (did you mean {nearest[0]!r}?)"
+    return f"unknown key (expected one of: {', '.join(sorted(known)) or 'none'})"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Config, load_config
-from gateway.errors import ConfigError
+from gateway.errors import WHOLE_FILE, ConfigError
 from gateway.model import Frame, GeoFix, PressKind, Trust
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +83,12 @@ def _assert_names(error: ConfigError, file: Path, key: str) -> None:
     assert str(error).startswith(f"{file.resolve()}: {key}: ")
 
 
+def _assert_whole_file(error: ConfigError, file: Path, problem: str) -> None:
+    """A problem with the file itself reads "file: problem", with no key placeholder."""
+    assert (error.file, error.key) == (str(file.resolve()), WHOLE_FILE)
+    assert str(error).startswith(f"{file.resolve()}: {problem}")
+
+
 # --- the demo config ------------------------------------------------------------------
 
 
@@ -143,21 +149,73 @@ def test_demo_without_keys_file_loads_devices_without_keys() -> None:
 
 def test_missing_config_file_names_the_file(tmp_path: Path) -> None:
     error = _error(tmp_path / "absent.toml", {})
-    _assert_names(error, tmp_path / "absent.toml", "-")
-    assert "file not found" in str(error)
+    _assert_whole_file(error, tmp_path / "absent.toml", "file not found")
 
 
-def test_missing_registry_file_names_the_registry(tmp_path: Path) -> None:
+def test_missing_registry_file_names_the_key_that_points_to_it(tmp_path: Path) -> None:
     path = _write(tmp_path, main=BASE_MAIN.replace("devices.toml", "nope.toml"))
     error = _error(path, {})
-    _assert_names(error, tmp_path / "nope.toml", "-")
+    _assert_names(error, path, "devices.registry")
+    assert error.problem == f"{tmp_path.resolve() / 'nope.toml'} does not exist"
 
 
 def test_invalid_toml_is_one_line(tmp_path: Path) -> None:
     path = _write(tmp_path, main=BASE_MAIN + "\n[[mqtt]\nname = 'x'\n")
     error = _error(path, {})
-    _assert_names(error, path, "-")
-    assert "not valid TOML" in str(error)
+    _assert_whole_file(error, path, "not valid TOML")
+
+
+@pytest.mark.parametrize(
+    ("mqtt_extra", "key", "problem"),
+    [
+        ("port = 18830.5", "mqtt[0].port", "expected an integer, got 18830.5"),
+        ("port = 18830.0", "mqtt[0].port", "expected an integer, got 18830.0"),
+        ("port = 'x'", "mqtt[0].port", "expected an integer, got str"),
+        ("keepalive_s = 30.5", "mqtt[0].keepalive_s", "expected an integer, got 30.5"),
+    ],
+)
+def test_a_float_where_an_integer_belongs_is_refused(
+    tmp_path: Path, mqtt_extra: str, key: str, problem: str
+) -> None:
+    path = _write(tmp_path, main=BASE_MAIN + mqtt_extra + "\n")
+    error = _error(path, {})
+    _assert_names(error, path, key)
+    assert error.problem == problem
+
+
+def test_an_integer_in_range_is_kept_as_an_int(tmp_path: Path) -> None:
+    (source,) = load_config(_write(tmp_path, main=BASE_MAIN + "port = 18830\n"), {}).mqtt
+    assert source.port == 18830
+    assert type(source.port) is int
+
+
+@pytest.mark.parametrize(
+    ("addition", "key", "problem"),
+    [
+        ("topcis = []", "mqtt[0].topcis", "unknown key (did you mean 'topics'?)"),
+        ("[ingest]\nbatch_maxx = 5", "ingest.batch_maxx",
+         "unknown key (did you mean 'batch_max'?)"),
+        ("[healht]\n", "healht", "unknown key (did you mean 'health'?)"),
+    ],
+)
+def test_an_unknown_key_suggests_the_nearest_known_key(
+    tmp_path: Path, addition: str, key: str, problem: str
+) -> None:
+    # Tables after [[mqtt]] would belong to it; [ingest] and [healht] are put first.
+    main = BASE_MAIN + addition + "\n" if addition.startswith("topcis") else addition + BASE_MAIN
+    path = _write(tmp_path, main=main)
+    error = _error(path, {})
+    _assert_names(error, path, key)
+    assert error.problem == problem
+
+
+def test_an_unknown_key_far_from_any_lists_the_known_keys(tmp_path: Path) -> None:
+    path = _write(tmp_path, main="[panicd]\nzzzz = 1\n" + BASE_MAIN)
+    error = _error(path, {})
+    _assert_names(error, path, "panicd.zzzz")
+    assert error.problem == (
+        "unknown key (expected one of: database, ready_timeout_s, site)"
+    )
 
 
 @pytest.mark.parametrize(

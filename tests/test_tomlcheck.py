@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from dispatch.tomlcheck import ConfigWarning, Node, child_key, root
+from dispatch.tomlcheck import ConfigWarning, Node, child_key, load_toml, root
 from gateway.errors import ConfigError
 
 
@@ -20,8 +21,12 @@ def test_quoted_keys_for_kodes_and_indexes_for_arrays() -> None:
 
 def test_unknown_and_missing_keys_are_errors() -> None:
     top = root("f.toml", {"levels": [], "wiat_s": 3})
-    with pytest.raises(ConfigError, match=r"^f.toml: wiat_s: unknown key"):
+    with pytest.raises(ConfigError) as near:
         top.table({"levels", "wait_s"})
+    assert str(near.value) == "f.toml: wiat_s: unknown key (did you mean 'wait_s'?)"
+    with pytest.raises(ConfigError) as far:
+        root("f.toml", {"zzzz": 1}).table({"levels", "wait_s"})
+    assert str(far.value) == "f.toml: zzzz: unknown key (expected one of: levels, wait_s)"
     with pytest.raises(ConfigError, match=r"^f.toml: wait_s: missing$"):
         root("f.toml", {}).table({"wait_s"}, required={"wait_s"})
 
@@ -45,3 +50,17 @@ def test_texts_reject_duplicates_and_pattern_mismatches() -> None:
 
 def test_warning_reads_like_an_error_line() -> None:
     assert str(ConfigWarning("r.toml", "rosters[0]", "gap")) == "r.toml: rosters[0]: gap"
+
+
+def test_a_problem_with_the_whole_file_names_no_key_placeholder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_toml(tmp_path / "absent.toml")
+    assert str(caught.value) == f"{tmp_path / 'absent.toml'}: file not found"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[x\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: not valid TOML: "):
+        load_toml(bad)
+    # A value at the document root has no key either.
+    with pytest.raises(ConfigError) as at_root:
+        Node("f.toml", "", 3).table({"a"})
+    assert str(at_root.value) == "f.toml: expected a table"
