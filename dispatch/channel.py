@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, TextIO
 
+from gateway.redact import mask_phone
+
 
 class DeliveryStatus(StrEnum):
     """How one hand-over to the provider ended (not whether the phone got it)."""
@@ -123,7 +125,11 @@ class Channel(Protocol):
 
 
 class ConsoleChannel:
-    """A Channel that prints each would-be SMS or call as one block and reports it sent."""
+    """A Channel that prints each would-be SMS or call as one block and reports it sent.
+
+    The number is masked as the logs mask it (+62812****102): the console is a log too,
+    and the masked form still tells two responders apart.
+    """
 
     def __init__(self, out: TextIO | None = None) -> None:
         self._out = out
@@ -142,7 +148,7 @@ class ConsoleChannel:
         """Print the SMS and return a fake ``CONSOLE-SM…`` sid."""
         sid = f"CONSOLE-SM{self._run}{next(self._serial):06d}"
         self._write(
-            f"----- SMS {sid} to {to} ({len(body)} chars)\n"
+            f"----- SMS {sid} to {mask_phone(to)} ({len(body)} chars)\n"
             f"{body}\n"
             f"----- status callback: {status_callback or '-'}\n"
         )
@@ -159,7 +165,7 @@ class ConsoleChannel:
         """Print the call (its script URL) and return a fake ``CONSOLE-CA…`` sid."""
         sid = f"CONSOLE-CA{self._run}{next(self._serial):06d}"
         self._write(
-            f"----- CALL {sid} to {to}\n"
+            f"----- CALL {sid} to {mask_phone(to)}\n"
             f"script: {twiml_url}\n"
             f"machine detection: {'on' if machine_detection else 'off'}\n"
             f"----- status callback: {status_callback or '-'}\n"

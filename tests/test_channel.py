@@ -16,8 +16,21 @@ async def test_console_sms_prints_the_text_and_reports_a_fake_sid() -> None:
     assert result.status is DeliveryStatus.SENT
     assert result.provider_sid is not None
     assert result.provider_sid.startswith("CONSOLE-SM")
-    assert "+6281234567890" in out.getvalue()
     assert "DARURAT #K7Q2\n" in out.getvalue()
+
+
+async def test_console_masks_numbers_as_the_logs_do() -> None:
+    out = io.StringIO()
+    channel = ConsoleChannel(out)
+    await channel.send_sms("+6281234567890", "DARURAT #K7Q2", status_callback=None)
+    await channel.place_call("+6281234567891", twiml_url="https://p/voice/1",
+                             status_callback=None)
+    printed = out.getvalue()
+    assert "+6281234567890" not in printed
+    assert "+6281234567891" not in printed
+    # Two responders stay apart: the masked form keeps the last digits.
+    assert "to +62812****890 " in printed
+    assert "to +62812****891\n" in printed
 
 
 async def test_console_call_prints_its_script_url(capsys: pytest.CaptureFixture[str]) -> None:
