@@ -24,6 +24,7 @@ import aiomqtt
 import aiosqlite
 
 from gateway.formats import native, payload_bytes
+from gateway.sources.mqtt_seam import Seam, open_seam
 
 FLOOR_CLIENT_ID = "bench-durable-floor"
 BATCH_MAX = 256
@@ -36,7 +37,7 @@ async def drain_floor(
     queue: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
     client = aiomqtt.Client(host, port, identifier=FLOOR_CLIENT_ID, clean_session=False)
     # The same seam panicd uses: PUBACK only once the message is committed.
-    client._client.manual_ack_set(True)
+    seam = open_seam(client)
     async with aiosqlite.connect(database, isolation_level=None) as db:
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA synchronous = FULL")
@@ -46,7 +47,7 @@ async def drain_floor(
         )
         async with client, asyncio.timeout(timeout_s), asyncio.TaskGroup() as group:
             pump = group.create_task(_pump(client, queue), name="floor.pump")
-            first, last = await _store_and_ack(client, db, queue, expected)
+            first, last = await _store_and_ack(seam, db, queue, expected)
             pump.cancel()
     return last - first
 
@@ -57,7 +58,7 @@ async def _pump(client: aiomqtt.Client, queue: asyncio.Queue[tuple[int, str, byt
 
 
 async def _store_and_ack(
-    client: aiomqtt.Client,
+    seam: Seam,
     db: aiosqlite.Connection,
     queue: asyncio.Queue[tuple[int, str, bytes]],
     expected: int,
@@ -77,9 +78,9 @@ async def _store_and_ack(
         )
         await db.execute("COMMIT")
         for mid, topic, _payload in batch:
-            client._client.ack(mid, 1)
+            seam.ack(mid, 1)
             device = topic.split("/")[3]
             body = json.dumps({"state": "received"}, separators=(",", ":"))
-            client._client.publish(native.command_topic(device), body, qos=1)
+            seam.queue_publish(native.command_topic(device), body, qos=1)
         stored += len(batch)
     return first, time.time()

@@ -2,7 +2,7 @@
 
 aiomqtt does not expose manual acknowledgement, so we switch its paho client to
 ``manual_ack_set(True)`` and call ``ack(mid, qos)`` from the ingest pipeline's commit
-callback (MQTT 3.1.1 §4.3.2: the receiver owns the message once it sends PUBACK). A
+callback, through the one checked seam of gateway/sources/mqtt_seam.py (MQTT 3.1.1 §4.3.2: the receiver owns the message once it sends PUBACK). A
 message that was never acknowledged is redelivered by the broker when we reconnect with
 the same client id and ``clean_session=False``.
 
@@ -26,10 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import aiomqtt
-import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttSourceConfig
 from gateway.errors import DecodeError
@@ -37,6 +34,7 @@ from gateway.formats import native, payload_bytes
 from gateway.ingest import Inbound, Ingestor, Outcome, Repeated, Stored
 from gateway.model import Frame, Ignored, Reception
 from gateway.sources.decoding import decoder_for
+from gateway.sources.mqtt_seam import Seam, open_seam
 
 log = structlog.get_logger("panicd.mqtt")
 
@@ -138,6 +136,8 @@ class MqttSource:
         self._availability = getattr(self._decode, "availability", None)
         self._on_availability = on_availability
         self._client: aiomqtt.Client | None = None
+        # The seam of each live client, by id(client) (gateway/sources/mqtt_seam.py).
+        self._seams: dict[int, Seam] = {}
         self._generation = 0
         self._connected = False
         self._first_connect = asyncio.Event()
@@ -189,18 +189,13 @@ class MqttSource:
             # PUBACKs and feedback are tiny: send them now, not after a delayed ACK.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
-        # The one seam aiomqtt 2.5 lacks: acknowledge after our commit, not on receipt.
-        client._client.manual_ack_set(True)
-        # aiomqtt drops the CONNACK flags; read "session present" on the way through.
-        on_connect = client._on_connect
-
-        def record_session(paho: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
-                           reason_code: ReasonCode, properties: Properties | None = None) -> None:
-            self._session_present = flags.session_present
-            on_connect(paho, userdata, flags, reason_code, properties)
-
-        client._client.on_connect = record_session
+        # What aiomqtt 2.5 lacks (gateway/sources/mqtt_seam.py): acknowledge after our
+        # commit, not on receipt, and read "session present" from the CONNACK.
+        self._seams[id(client)] = open_seam(client, self._record_session)
         return client
+
+    def _record_session(self, present: bool) -> None:
+        self._session_present = present
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, receive and reconnect until ``stop``; then drain and disconnect."""
@@ -260,6 +255,7 @@ class MqttSource:
             finally:
                 self._connected = False
                 self._client = None
+                self._seams.pop(id(client), None)
         log.info("mqtt.stopped", source=self.name)
 
     def _raise_alarm(self, alarm: SessionAlarm) -> None:
@@ -347,7 +343,7 @@ class MqttSource:
         if generation != self._generation or client is not self._client:
             return
         if qos > 0:
-            client._client.ack(mid, qos)
+            self._seams[id(client)].ack(mid, qos)
             self.acked += 1
         if self._config.format == "native" and isinstance(outcome, Stored | Repeated):
             self._feedback(client, outcome)
@@ -383,7 +379,10 @@ class MqttSource:
         signed = native.signed_ack(key, {"dev": device_id, **body})
         # paho's publish only queues the packet; aiomqtt's loop writes it. QoS 1 so a
         # button that reconnects still gets it (DESIGN §2 Presser feedback).
-        client._client.publish(
+        seam = self._seams.get(id(client))
+        if seam is None:
+            return False  # that connection is gone; the button retransmits
+        seam.queue_publish(
             native.command_topic(device_id), json.dumps(signed, separators=(",", ":")), qos=1
         )
         return True
