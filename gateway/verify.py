@@ -127,6 +127,21 @@ def tag_valid(frame: Frame, key: bytes, digest_size: int | None = None) -> bool:
     return hmac.compare_digest(expected[:size], frame.tag)
 
 
+def bad_tag_detail(frame: Frame, device: Device) -> str:
+    """What was checked when a tag did not match: whose key, over which bytes, what tag.
+
+    Enough to tell a wrong key from a frame mangled on the way (the sizes), never the key
+    or the tag expected: either would let the reader forge this device's presses.
+    """
+    size = len(frame.tag or b"")
+    signed = len(frame.signed_bytes or b"")
+    checked = (f"HMAC-SHA256 with device {device.id}'s key over {signed} signed bytes"
+               f" of the {frame.format} frame")
+    if size < MIN_TAG_BYTES:
+        return f"{checked}: a {size}-byte tag is shorter than the {MIN_TAG_BYTES} required"
+    return f"{checked}: the {size}-byte tag does not match"
+
+
 def verify(
     frame: Frame,
     *,
@@ -150,7 +165,7 @@ def verify(
         if device.key is None:
             return Reject("no_key", "device has no key in the device-keys credential")
         if not tag_valid(frame, device.key):
-            return Reject("bad_tag")
+            return Reject("bad_tag", bad_tag_detail(frame, device))
         if frame.counter is None:
             return Reject("no_counter")
     if known is not None and known.trust is not (Trust.SIGNED if signed else Trust.NETWORK):

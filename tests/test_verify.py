@@ -71,6 +71,11 @@ def _net_state(last_network_counter: int | None) -> DeviceState:
     return DeviceState("btn-1", None, NOW - 60, 80, last_network_counter=last_network_counter)
 
 
+def _reason(verdict: object) -> str:
+    assert isinstance(verdict, Reject)
+    return verdict.reason
+
+
 def _verify(
     frame: Frame,
     *,
@@ -120,12 +125,35 @@ def test_signed_frame_for_a_device_without_key_is_rejected() -> None:
 
 def test_tag_from_another_key_is_bad_tag() -> None:
     verdict = _verify(_signed(key=b"\x01" * 32))
-    assert verdict == Reject("bad_tag")
+    assert isinstance(verdict, Reject)
+    assert verdict.reason == "bad_tag"
 
 
 def test_tag_over_other_bytes_is_bad_tag() -> None:
     frame = dataclasses.replace(_signed(), signed_bytes=SIGNED_BYTES + b"x")
-    assert _verify(frame) == Reject("bad_tag")
+    verdict = _verify(frame)
+    assert isinstance(verdict, Reject)
+    assert verdict.reason == "bad_tag"
+
+
+def test_a_bad_tag_says_what_was_checked_without_the_key_or_the_expected_tag() -> None:
+    frame = _signed(key=b"\x01" * 32)
+    verdict = _verify(frame)
+    assert verdict == Reject("bad_tag", "HMAC-SHA256 with device btn-1's key over"
+                             f" {len(SIGNED_BYTES)} signed bytes of the native frame:"
+                             " the 32-byte tag does not match")
+    assert isinstance(verdict, Reject)
+    expected = hmac.digest(KEY, SIGNED_BYTES, hashlib.sha256)
+    for secret in (KEY, expected, expected[:MIN_TAG_BYTES]):
+        for form in (secret.hex(), secret.hex().upper(), repr(secret)):
+            assert form not in verdict.detail
+
+
+def test_a_tag_too_short_to_check_says_so() -> None:
+    frame = dataclasses.replace(_signed(), tag=b"\x00" * 4)
+    verdict = _verify(frame)
+    assert isinstance(verdict, Reject)
+    assert verdict.detail.endswith(": a 4-byte tag is shorter than the 8 required")
 
 
 def test_signed_frame_without_counter_is_rejected() -> None:
@@ -135,7 +163,7 @@ def test_signed_frame_without_counter_is_rejected() -> None:
 def test_network_source_frame_carrying_a_tag_is_verified_as_signed() -> None:
     """Our LoRa frame inside a ChirpStack uplink: the network source does not skip the tag."""
     forged = _signed(key=b"\x02" * 32)
-    assert _verify(forged, trust=Trust.NETWORK) == Reject("bad_tag")
+    assert _reason(_verify(forged, trust=Trust.NETWORK)) == "bad_tag"
     verdict = _verify(_signed(counter=5), trust=Trust.NETWORK, state=_state(9, window=0b11111))
     assert isinstance(verdict, Reject)
     assert verdict.reason == "replayed_counter"
@@ -197,7 +225,7 @@ def test_network_known_counter_with_another_kind_within_window_is_counter_reused
 def test_duplicate_check_comes_after_the_signature() -> None:
     """A forged copy of a stored press must not be acknowledged as that press."""
     known = KnownPress(press_id=77, kind=PressKind.PANIC, received_at=NOW - 5)
-    assert _verify(_signed(key=b"\x03" * 32), state=_state(10), known=known) == Reject("bad_tag")
+    assert _reason(_verify(_signed(key=b"\x03" * 32), state=_state(10), known=known)) == "bad_tag"
 
 
 # --- counters -------------------------------------------------------------------------
@@ -354,7 +382,7 @@ def test_truncated_tag_with_a_flipped_bit_is_invalid() -> None:
 def test_tag_shorter_than_minimum_is_never_valid(size: int) -> None:
     frame = _truncated(size)
     assert not tag_valid(frame, KEY)
-    assert _verify(frame) == Reject("bad_tag")
+    assert _reason(_verify(frame)) == "bad_tag"
 
 
 def test_missing_tag_or_signed_bytes_is_not_valid() -> None:
