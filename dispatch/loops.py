@@ -9,7 +9,12 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from gateway.backoff import Backoff, Jitter
+
 log = structlog.get_logger("panicd.dispatch")
+
+# 1 s after the first failure, doubling to 30 s.
+LOOP_BACKOFF = Backoff(0.5, 30.0, Jitter.NONE)
 
 
 async def resilient(name: str, body: Callable[[], Awaitable[None]]) -> None:
@@ -25,7 +30,7 @@ async def resilient(name: str, body: Callable[[], Awaitable[None]]) -> None:
             failures = 0
         except Exception as exc:  # noqa: BLE001 -- logged, retried; the rows persist
             failures += 1
-            delay = min(30.0, 0.5 * 2.0 ** min(failures, 6))
+            delay = LOOP_BACKOFF.delay_s(failures, 0.0)
             log.error(  # noqa: TRY400 -- one journal line, not a traceback
                 "dispatch.loop_failed", loop=name, error=repr(exc), failures=failures,
                 retry_in_s=delay,

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from gateway.backoff import Backoff, Jitter
+
 
 class FailureKind(StrEnum):
     """Why one attempt failed, as far as retrying is concerned."""
@@ -64,8 +66,8 @@ class RetryPolicy:
 
     def backoff_s(self, attempt: int, rand: float) -> float:
         """Return the full-jitter delay after failed attempt number ``attempt`` (from 1)."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2.0 ** (attempt - 1))
-        return ceiling * rand
+        return Backoff(self.base_delay_s, self.max_delay_s, Jitter.FULL).delay_s(
+            attempt - 1, rand)
 
     def delay_before_retry(
         self, failure: AttemptFailure, attempt: int, elapsed_s: float, rand: float
@@ -107,8 +109,8 @@ class RequeuePolicy:
 
     def delay_s(self, failures: int, retry_after_s: float | None, rand: float) -> float:
         """Seconds until the next send after ``failures`` (from 1) transient failures."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2.0 ** min(max(failures, 1) - 1, 30))
-        delay = ceiling / 2 + ceiling / 2 * rand
+        delay = Backoff(self.base_delay_s, self.max_delay_s, Jitter.EQUAL).delay_s(
+            failures - 1, rand)
         if retry_after_s is not None:
             floor = min(max(0.0, retry_after_s), self.max_retry_after_s)
             delay = max(delay, floor + self.base_delay_s * rand)

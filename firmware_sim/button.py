@@ -22,6 +22,7 @@ from typing import Any
 import aiomqtt
 
 from firmware_sim.fleet import SimDevice
+from gateway.backoff import Backoff, Jitter
 from gateway.formats import native, payload_bytes
 from gateway.model import GeoFix, PressKind
 
@@ -56,8 +57,8 @@ class RetransmitPolicy:
 
     def delay(self, attempt: int, rand: float) -> float:
         """The wait after attempt ``attempt`` (0 = the first send); ``rand`` in [0, 1)."""
-        base = min(self.cap_s, self.first_s * 2.0 ** min(attempt, 32))
-        return base * (1.0 - self.jitter + 2.0 * self.jitter * rand)
+        return Backoff(self.first_s, self.cap_s, Jitter.SPREAD, self.jitter).delay_s(
+            attempt, rand)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,10 @@
 
 aiomqtt does not expose manual acknowledgement, so we switch its paho client to
 ``manual_ack_set(True)`` and call ``ack(mid, qos)`` from the ingest pipeline's commit
-callback, through the one checked seam of gateway/sources/mqtt_seam.py (MQTT 3.1.1 §4.3.2: the receiver owns the message once it sends PUBACK). A
-message that was never acknowledged is redelivered by the broker when we reconnect with
-the same client id and ``clean_session=False``.
+callback, through the one checked seam of gateway/sources/mqtt_seam.py (MQTT 3.1.1
+§4.3.2: the receiver owns the message once it sends PUBACK). A message that was never
+acknowledged is redelivered by the broker when we reconnect with the same client id and
+``clean_session=False``.
 
 That session is only as safe as the client id: whoever connects with it disconnects us
 (MQTT 3.1.1 §3.1.4), and with a clean session wipes what was queued for us. The shipped
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import socket
 import ssl
 import time
@@ -28,6 +28,7 @@ from functools import partial
 import aiomqtt
 import structlog
 
+from gateway.backoff import Attempts, Backoff, Jitter
 from gateway.config import MqttSourceConfig
 from gateway.errors import DecodeError
 from gateway.formats import native, payload_bytes
@@ -37,26 +38,6 @@ from gateway.sources.decoding import decoder_for
 from gateway.sources.mqtt_seam import Seam, open_seam
 
 log = structlog.get_logger("panicd.mqtt")
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (AWS architecture blog's variant)."""
-
-    def __init__(self, low: float, high: float, rand: Callable[[], float] = random.random) -> None:
-        self._low = low
-        self._high = high
-        self._rand = rand
-        self._attempt = 0
-
-    def reset(self) -> None:
-        """Start again from the shortest delay."""
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        """The next delay in seconds."""
-        cap = min(self._high, self._low * 2.0**self._attempt)
-        self._attempt = min(self._attempt + 1, 32)
-        return self._low + (cap - self._low) * self._rand()
 
 
 SESSION_LOST = "session_lost"
@@ -200,7 +181,7 @@ class MqttSource:
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, receive and reconnect until ``stop``; then drain and disconnect."""
         cfg = self._config
-        backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        backoff = Attempts(Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s, Jitter.ABOVE_BASE))
         while not stop.is_set():
             client = self._make_client()
             try:

@@ -27,13 +27,13 @@ from typing import Self
 import serial
 import structlog
 
+from gateway.backoff import Attempts, Backoff, Jitter
 from gateway.config import SerialSourceConfig
 from gateway.errors import DecodeError
 from gateway.formats import lora_ack, lora_frame, native, serial_lines
 from gateway.formats.serial_lines import Err, Ok, Ready, Received, RxData, RxMeta
 from gateway.ingest import Inbound, Ingestor, Outcome, Repeated, Stored
 from gateway.model import Device, Frame, Reception
-from gateway.sources.mqtt import Backoff
 
 log = structlog.get_logger("panicd.serial")
 
@@ -344,7 +344,7 @@ class SerialSource:
     async def run(self, stop: asyncio.Event) -> None:
         """Open, read and reopen the port until ``stop``; then drain, send ACKs and close."""
         cfg = self._config
-        backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        backoff = Attempts(Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s, Jitter.ABOVE_BASE))
         while not stop.is_set():
             try:
                 port = SerialPort.open(cfg.port, cfg.baud)
@@ -367,7 +367,7 @@ class SerialSource:
                 await self._pause(stop, backoff, "serial.disconnected", error)
         log.info("serial.stopped", source=self.name, received=self.received, acked=self.acked)
 
-    async def _pause(self, stop: asyncio.Event, backoff: Backoff, event: str, error: str) -> None:
+    async def _pause(self, stop: asyncio.Event, backoff: Attempts, event: str, error: str) -> None:
         delay = backoff.next_delay()
         log.warning(
             event, source=self.name, port=self._config.port, error=error, retry_in_s=round(delay, 2)
