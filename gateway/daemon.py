@@ -54,6 +54,8 @@ log = structlog.get_logger("panicd")
 
 DEFAULT_CONFIG = Path("/etc/panicd/panicd.toml")
 STATUS_EVERY_S = 10.0
+# How many keyless device ids the start-up warning names (the count is always whole).
+KEYLESS_NAMED = 10
 # How long a restart with overdue escalation steps waits for the provider to accept the
 # first one before loading the rest (and so before READY); Twilio answers well within it.
 CATCH_UP_HEAD_START_S = 0.5
@@ -416,6 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices=len(config.devices),
         sources=[s.name for s in config.mqtt] + [s.name for s in config.serial],
     )
+    # A device with no key and no third-party id can only be heard through signed frames,
+    # and every one of them is refused (dead letter no_key): say so, but keep running,
+    # since the other devices are heard.
+    keyless = sorted(d.id for d in config.devices.values() if d.key is None and not d.external_ids)
+    if keyless:
+        log.warning("daemon.devices_without_key", count=len(keyless), of=len(config.devices),
+                    devices=keyless[:KEYLESS_NAMED], refused="every signed press (no_key)")
     return asyncio.run(serve(loaded))
 
 

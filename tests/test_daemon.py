@@ -128,6 +128,7 @@ def test_sigterm_after_ready_exits_0_and_notifies_ready_before_stopping(
     ]
     assert states == ["READY=1", "STOPPING=1"], messages
     events = [e["event"] for e in _events(daemon)]
+    assert "daemon.devices_without_key" not in events  # every device has its key
     assert events.index("daemon.ready") < events.index("daemon.stopping")
     assert events.index("daemon.stopping") < events.index("daemon.stopped")
 
@@ -221,6 +222,29 @@ def test_a_receiver_missing_at_boot_gives_a_degraded_ready_instead_of_a_restart_
     assert [e["down"] for e in degraded] == [["rx1"]]
     ready = next(e for e in _events(daemon) if e["event"] == "daemon.ready")
     assert ready["up"] == ["local"]
+
+
+def test_devices_no_frame_of_theirs_can_pass_are_warned_of_at_start(
+    mosquitto: Mosquitto, tmp_path: Path, client_id: str
+) -> None:
+    config, keys, _ = write_fleet(
+        tmp_path / "cfg", devices=3, mqtt_port=mosquitto.port, client_id=client_id
+    )
+    keys.write_text(keys.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    registry = tmp_path / "cfg" / "devices.toml"
+    # A third-party button is heard unsigned, through its own network: not keyless news.
+    registry.write_text(registry.read_text(encoding="utf-8")
+                        + '\n[[device]]\nid = "ZB-SOS-1"\nhardware = "zigbee-sos"\n'
+                        "location = { lat = -7.61364, lon = 111.53369 }\n"
+                        'external_ids = { zigbee2mqtt = "sos_button_1" }\n', encoding="utf-8")
+    daemon = NotifiedDaemon(config, keys, tmp_path / "run")
+    with daemon:
+        assert daemon.terminate() == 0  # a warning, not a refusal to run
+    (warning,) = [e for e in _events(daemon) if e["event"] == "daemon.devices_without_key"]
+    assert warning["log_level"] == "warning"
+    assert (warning["count"], warning["of"]) == (2, 4)
+    assert warning["devices"] == ["SIM-00001", "SIM-00002"]
+    assert any(e["event"] == "daemon.ready" for e in _events(daemon))
 
 
 def test_network_availability_maps_to_the_registered_device_and_clears_on_return(
