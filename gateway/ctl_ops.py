@@ -21,7 +21,14 @@ from typing import Any
 import aiohttp
 import aiomqtt
 
-from dispatch.health import Condition, DeviceView, HealthSettings, device_findings
+from dispatch.health import (
+    Condition,
+    DeviceView,
+    HealthSettings,
+    Key,
+    device_findings,
+    device_subject,
+)
 from dispatch.observe import (
     OPEN_INCIDENTS_SQL,
     PENDING_OUTBOX_SQL,
@@ -51,6 +58,10 @@ async def _control(socket_path: Path, method: str, path: str,
                             timeout=aiohttp.ClientTimeout(total=15)) as response,
         ):
             text = await response.text()
+    except aiohttp.ClientConnectorError as exc:
+        # Its str() is written for TCP ("Cannot connect to unix socket … ssl:default
+        # [Errno]"); on a Unix socket only the OS error says anything.
+        raise ControlError(f"{socket_path}: {exc.os_error.strerror or exc.os_error}") from None
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise ControlError(f"{socket_path}: {exc}") from None
     try:
@@ -73,8 +84,7 @@ def _db_status(config: Config) -> dict[str, Any]:
                        "outbox": conn.execute(PENDING_OUTBOX_SQL).fetchone()[0],
                        "escalation": conn.execute(PENDING_STEPS_SQL).fetchone()[0]},
             "open_incidents": [dict(r) for r in conn.execute(OPEN_INCIDENTS_SQL)],
-            "unhealthy": [{"subject": r[0], "condition": r[1], "raised_at": r[2]}
-                          for r in conn.execute(UNHEALTHY_SQL)],
+            "unhealthy": unhealthy(config, conn, time.time()),
         }
 
 
@@ -96,6 +106,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if snapshot is None:
         err(f"daemon not reachable ({reason}); showing the database only")
         snapshot = _db_status(config)
+    else:
+        # The daemon lists the conditions its monitor has raised so far; `devices` reads
+        # the devices' state now. Both show :func:`unhealthy`, so they cannot disagree.
+        with queries.read_only(config.database) as conn:
+            snapshot["unhealthy"] = unhealthy(config, conn, time.time())
     if args.json:
         print_json(snapshot)
     else:
@@ -116,25 +131,49 @@ def _print_status(snap: dict[str, Any]) -> None:
     q = snap["queues"]
     ingest = "?" if q["ingest"] is None else q["ingest"]
     out("", f"Queues: ingest {ingest}, outbox {q['outbox']}, pending steps {q['escalation']}")
-    incidents = [{**r, "opened": when(r["opened_at"]), "flags": "TES" if r["test"] else ""}
+    incidents = [{**r, "opened": when(r["opened_at"]), "flags": incident_flags(r)}
                  for r in snap["open_incidents"]]
     out("", f"Open incidents: {len(incidents)}")
     if incidents:
         out(*table(incidents, [("id", "ID"), ("status", "STATUS"), ("flags", "FLAGS"),
                                  ("opened", "OPENED"), ("device_id", "DEVICE"),
                                  ("kelurahan", "KELURAHAN")]))
-    unhealthy = [{**r, "raised": when(r["raised_at"])} for r in snap["unhealthy"]]
-    out("", f"Unhealthy: {len(unhealthy)}")
-    if unhealthy:
-        out(*table(unhealthy, [("subject", "SUBJECT"), ("condition", "CONDITION"),
-                                 ("raised", "RAISED")]))
+    rows = [{**r, "raised": when(r["raised_at"])} for r in snap["unhealthy"]]
+    out("", f"Unhealthy: {len(rows)}")
+    if rows:
+        out(*table(rows, [("subject", "SUBJECT"), ("condition", "CONDITION"),
+                            ("raised", "RAISED")]))
 
 
-# -- devices ---------------------------------------------------------------------------
+def incident_flags(row: dict[str, Any]) -> str:
+    """The FLAGS column of ``incidents`` and ``status``: TES (test) and URGENT."""
+    return ",".join(flag for flag, on in (("TES", row["test"]), ("URGENT", row["urgent"]))
+                    if on)
 
 
-def device_rows(config: Config, conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
-    """Every registered device with what was last heard and its health state."""
+# -- devices and health ------------------------------------------------------------------
+
+
+def _raised(conn: sqlite3.Connection) -> dict[tuple[str, str], float]:
+    """The conditions the daemon's health monitor has raised and not cleared, with when."""
+    return {(r[0], r[1]): r[2] for r in conn.execute(UNHEALTHY_SQL)}
+
+
+_CONDITIONS = frozenset(c.value for c in Condition)
+
+
+def device_rows(config: Config, conn: sqlite3.Connection, now: float,
+                raised: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
+    """Every registered device with what was last heard and its health state.
+
+    ``conditions`` is the one definition of an unhealthy device, for ``devices`` and
+    ``status`` alike: never heard, or offline / low battery by :func:`device_findings`
+    with the thresholds of ``[health]`` and the monitor's raised conditions (so a battery
+    alert clears with the same margin the monitor uses).
+    """
+    if raised is None:
+        raised = _raised(conn)
+    keys: set[Key] = {(s, Condition(c)) for s, c in raised if c in _CONDITIONS}
     seen = {r[0]: r for r in conn.execute(
         "SELECT id, last_seen_at, battery, last_kind, last_path FROM devices")}
     settings = HealthSettings.from_config(config.health)
@@ -142,7 +181,8 @@ def device_rows(config: Config, conn: sqlite3.Connection, now: float) -> list[di
     for device in sorted(config.devices.values(), key=lambda d: d.id):
         _, last_seen, battery, kind, path = seen.get(device.id, (None, None, None, None, None))
         view = DeviceView(device.id, device.heartbeat_interval_s, last_seen, battery)
-        found = {f.condition for f in device_findings(view, settings, now, baseline=None)}
+        found = {f.condition for f in device_findings(view, settings, now, baseline=None,
+                                                      raised=keys)}
         states = [c.value for c in (Condition.OFFLINE, Condition.LOW_BATTERY) if c in found]
         if last_seen is None:
             states.insert(0, "never_seen")
@@ -151,10 +191,27 @@ def device_rows(config: Config, conn: sqlite3.Connection, now: float) -> list[di
             "landmark": device.landmark, "last_seen_at": last_seen, "battery": battery,
             "last_kind": kind, "last_path": path, "heartbeat_interval_s":
             device.heartbeat_interval_s, "state": ",".join(states) or "ok",
+            "conditions": states,
             "offline": last_seen is None or Condition.OFFLINE in found,
             "low_battery": Condition.LOW_BATTERY in found,
         })
     return out
+
+
+def unhealthy(config: Config, conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+    """``status``'s Unhealthy list: each condition of each device whose ``devices`` state is
+    not ok, then the source and provider conditions the daemon has raised."""
+    raised = _raised(conn)
+    rows = []
+    for device in device_rows(config, conn, now, raised):
+        subject = device_subject(device["id"])
+        rows += [{"subject": subject, "condition": condition,
+                  "raised_at": raised.get((subject, condition))}
+                 for condition in device["conditions"]]
+    rows += [{"subject": subject, "condition": condition, "raised_at": at}
+             for (subject, condition), at in sorted(raised.items())
+             if not subject.startswith(device_subject(""))]
+    return rows
 
 
 def cmd_devices(args: argparse.Namespace) -> int:

@@ -79,11 +79,71 @@ def test_status_without_the_daemon_shows_the_database_and_exits_1(
     assert snap["daemon"]["reachable"] is False
     assert [i["id"] for i in snap["open_incidents"]] == [1]
     assert snap["sources"] == [{"name": "local", "kind": "mqtt", "connected": None,
-                                "since": None}]
+                                "since": None, "since_epoch": None}]
     code, out, _ = _run(capsys, fleet, "status")
     assert code == 1
     assert "NOT REACHABLE" in out
     assert "Open incidents: 1" in out
+
+
+def test_status_without_the_daemon_says_why_in_plain_words(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet
+) -> None:
+    code, _, err = _run(capsys, fleet, "status")
+    assert code == 1
+    # Not aiohttp's TCP wording ("Cannot connect to unix socket … ssl:default […]").
+    socket_path = fleet.config_path.parent / "control.sock"
+    assert err == (f"panicctl: daemon not reachable ({socket_path}: No such file or "
+                   "directory); showing the database only\n")
+
+
+def test_status_flags_urgent_incidents_as_incidents_does(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet
+) -> None:
+    with sqlite3.connect(fleet.database) as conn:
+        conn.execute("UPDATE incidents SET urgent = 1 WHERE id = 1")
+    _, listed, _ = _run(capsys, fleet, "incidents", "--open")
+    _, out, _ = _run(capsys, fleet, "status")
+    lines = out.splitlines()
+    header = lines.index("Open incidents: 1") + 1
+    assert lines[header].split()[:3] == ["ID", "STATUS", "FLAGS"]
+    assert lines[header + 1].split()[:3] == ["1", "open", "URGENT"]
+    assert listed.splitlines()[1].split()[:3] == ["1", "open", "URGENT"]
+
+
+def test_status_and_devices_agree_on_what_is_unhealthy(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet
+) -> None:
+    # SIM-00000 reported 12 % (low battery, and silent since T0), SIM-00001 is silent,
+    # SIM-00002 was never heard; the health monitor (no daemon here) raised nothing.
+    _, out, _ = _run(capsys, fleet, "devices", "--json")
+    expected = sorted((f"device:{d['id']}", c) for d in json.loads(out)
+                      for c in d["state"].split(",") if d["state"] != "ok")
+    _, out, _ = _run(capsys, fleet, "status", "--json")
+    unhealthy = json.loads(out)["unhealthy"]
+    assert sorted((u["subject"], u["condition"]) for u in unhealthy) == expected
+    assert ("device:SIM-00000", "low_battery") in expected
+    _, out, _ = _run(capsys, fleet, "status")
+    assert f"Unhealthy: {len(expected)}" in out.splitlines()
+
+
+def test_unhealthy_keeps_a_raised_battery_alert_until_the_monitor_would_clear_it(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet
+) -> None:
+    # 22 % is above the 20 % threshold but within the 5-point clearing margin: once the
+    # monitor raised low_battery, both views keep showing it (and the source alert too).
+    with sqlite3.connect(fleet.database) as conn:
+        conn.execute("UPDATE devices SET battery = 22 WHERE id = 'SIM-00000'")
+        conn.execute("INSERT INTO device_health (subject, condition, raised_at)"
+                     " VALUES ('device:SIM-00000', 'low_battery', ?),"
+                     " ('source:local', 'source_down', ?)", (T0, T0 + 5))
+    _, out, _ = _run(capsys, fleet, "devices", "--json")
+    assert "low_battery" in {d["id"]: d for d in json.loads(out)}["SIM-00000"]["state"]
+    _, out, _ = _run(capsys, fleet, "status", "--json")
+    by_key = {(u["subject"], u["condition"]): u for u in json.loads(out)["unhealthy"]}
+    assert by_key["device:SIM-00000", "low_battery"]["raised_at_epoch"] == T0
+    assert by_key["source:local", "source_down"]["raised_at_epoch"] == T0 + 5
+    assert by_key["device:SIM-00001", "offline"]["raised_at"] is None
 
 
 def test_devices_shows_last_seen_battery_and_filters(
@@ -93,7 +153,8 @@ def test_devices_shows_last_seen_battery_and_filters(
     assert code == 0
     by_id = {d["id"]: d for d in json.loads(out)}
     assert by_id["SIM-00000"]["battery"] == 12
-    assert by_id["SIM-00000"]["last_seen_at"] == T0
+    assert by_id["SIM-00000"]["last_seen_at_epoch"] == T0
+    assert by_id["SIM-00000"]["last_seen_at"] == "2025-06-15T22:06:40.000+07:00"
     assert "low_battery" in by_id["SIM-00000"]["state"]
     assert by_id["SIM-00002"]["state"] == "never_seen"
     # T0 is long past: every heard device is silent beyond 1.5 x its hour now.
