@@ -30,12 +30,29 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
+def config_warnings(config: Config) -> list[str]:
+    """What loads but will not work as an operator expects (``check-config``'s warnings)."""
+    warnings = []
+    keyless = sorted(d.id for d in config.devices.values() if d.key is None)
+    if keyless:
+        warnings.append(
+            f"{len(keyless)} of {len(config.devices)} devices have no key (device-keys "
+            f"credential or PANICD_DEVICE_KEYS_FILE): signed presses from them will be "
+            f"refused: {', '.join(keyless)}"
+        )
+    return warnings
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the configuration and every data file it names."""
+    """Validate the configuration and every data file it names.
+
+    Exit 0 when it loads (1 with ``--strict`` if there are warnings), 2 when it does not.
+    """
     loaded = load(args.config)
     config, locator = loaded.config, loaded.locator
     keyless = sorted(d.id for d in config.devices.values() if d.key is None)
-    summary = {
+    warnings = config_warnings(config)
+    summary: dict[str, object] = {
         "config": str(config.path),
         "database": str(config.database),
         "devices": len(config.devices),
@@ -44,14 +61,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "kelurahan": len(locator.kelurahan),
         "mqtt_sources": [s.name for s in config.mqtt],
         "serial_sources": [f"{s.name} ({s.mode} on {s.port})" for s in config.serial],
+        "warnings": warnings,
     }
     if args.json:
         print_json(summary)
     else:
-        out(f"{config.path}: OK")
+        verdict = f"OK with {len(warnings)} warning(s)" if warnings else "OK"
+        out(f"{config.path}: {verdict}")
         for key, value in summary.items():
-            out(f"  {key}: {value}")
-    return 0
+            if key != "warnings":
+                out(f"  {key}: {value}")
+        if warnings:
+            out("warnings:", *(f"  warning: {w}" for w in warnings))
+    return 1 if args.strict and warnings else 0
 
 
 def cmd_incidents(args: argparse.Namespace) -> int:
@@ -73,9 +95,7 @@ def cmd_incidents(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         row["opened"] = when(row["opened_at"])
-        row["flags"] = ",".join(
-            flag for flag, on in (("TES", row["test"]), ("URGENT", row["urgent"])) if on
-        )
+        row["flags"] = ctl_ops.incident_flags(row)
     out(
         *table(
             rows,
@@ -99,7 +119,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(row)
         return 0
-    flags = " TES" if row["test"] else ""
+    flags = "".join(f" {flag}" for flag in ctl_ops.incident_flags(row).split(",") if flag)
     out(f"Incident {row['id']}{flags}  status={row['status']}  presses={row['press_count']}")
     out(f"  device     {row['device_id']}")
     out(f"  opened     {when(row['opened_at'])}")
@@ -143,6 +163,12 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 def cmd_locate(args: argparse.Namespace) -> int:
     """Which kelurahan/kecamatan a position falls in, as JSON."""
+    # `not low <= x <= high` also refuses nan, which argparse's float() accepts.
+    for name, value, limit in (("latitude", args.lat, 90), ("longitude", args.lon, 180)):
+        if not -limit <= value <= limit:
+            err(f"locate: {name} {value:g} is outside -{limit}..{limit} (give LAT LON in "
+                f"decimal degrees, latitude first)")
+            return 2
     if args.config.exists():
         config = _config(args)
         locator = Locator.from_geojson(
@@ -200,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    add("check-config", cmd_check_config, "validate the configuration and its data files")
+    p = add("check-config", cmd_check_config, "validate the configuration and its data files")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when there are warnings (devices without a key, ...)")
     p = add("incidents", cmd_incidents, "list incidents, newest first")
     p.add_argument("--open", action="store_true", help="only open or acknowledged incidents")
     p.add_argument("--kelurahan", help="only this kelurahan (name or kode)")

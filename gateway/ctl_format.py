@@ -118,6 +118,42 @@ def json_text(value: object, *, indent: int | None = 2) -> str:
     return "".join(_json_escape(c) if c != "\n" and _unsafe(c) else c for c in text)
 
 
+# SQLite stores these flags as 0/1 and every time as Unix seconds; scripts reading
+# panicctl's JSON get booleans and RFC 3339 times (the epoch kept under KEY_epoch).
+BOOLEAN_KEYS = frozenset({"test", "urgent"})
+_TIME_NAMES = frozenset({"at", "since", "now", "cutoff"})
+
+
+def _is_time_key(key: str) -> bool:
+    return key in _TIME_NAMES or key.endswith("_at")
+
+
+def rfc3339(ts: float) -> str:
+    """A Unix time as RFC 3339 local Madiun time with its offset (``…T10:15:00.250+07:00``)."""
+    return datetime.fromtimestamp(ts, tz=UTC).astimezone(WIB).isoformat(timespec="milliseconds")
+
+
+def json_ready(value: object) -> object:
+    """``value`` with 0/1 flags as JSON booleans and each time ``k`` as RFC 3339 plus
+    ``k_epoch`` (the Unix seconds as stored), in every nested object."""
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    ready: dict[object, object] = {}
+    for key, item in value.items():
+        is_number = isinstance(item, int | float) and not isinstance(item, bool)
+        if key in BOOLEAN_KEYS and is_number and item in (0, 1):
+            ready[key] = bool(item)
+        elif isinstance(key, str) and _is_time_key(key) and (is_number or item is None):
+            ready[key] = None if item is None else rfc3339(float(item))
+            ready[f"{key}_epoch"] = item
+        else:
+            ready[key] = json_ready(item)
+    return ready
+
+
 def print_json(value: object) -> None:
-    """Pretty, stable JSON on stdout (UTF-8 kept readable, control characters escaped)."""
-    sys.stdout.write(json_text(value) + "\n")
+    """Pretty, stable JSON on stdout (UTF-8 kept readable, control characters escaped;
+    flags as booleans and times as RFC 3339, see :func:`json_ready`)."""
+    sys.stdout.write(json_text(json_ready(value)) + "\n")

@@ -10,6 +10,7 @@ import ast
 import json
 import re
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,9 @@ def test_incidents_json_and_filters(capsys: pytest.CaptureFixture[str], fleet: F
     assert code == 0
     rows = _json(out)
     assert [(r["id"], r["status"], r["test"], r["kelurahan"]) for r in rows] == [
-        (3, "open", 1, "Klegen"),
-        (2, "cancelled", 0, "Sukosari"),
-        (1, "open", 0, "Oro-oro Ombo"),
+        (3, "open", True, "Klegen"),
+        (2, "cancelled", False, "Sukosari"),
+        (1, "open", False, "Oro-oro Ombo"),
     ]
     assert rows[2]["press_count"] == 1
     assert rows[2]["kelurahan_kode"] == "35.77.01.1001"
@@ -104,6 +105,31 @@ def test_incidents_json_and_filters(capsys: pytest.CaptureFixture[str], fleet: F
     assert [r["id"] for r in _json(out)] == [1]
     code, out, _ = _run(capsys, fleet, "incidents", "--kelurahan", "Josenan", "--json")
     assert (code, _json(out)) == (0, [])
+
+
+def test_json_flags_are_booleans_and_times_rfc3339_with_the_epoch_beside(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet
+) -> None:
+    _, out, _ = _run(capsys, fleet, "incidents", "--json")
+    oldest = _json(out)[-1]
+    assert (oldest["test"], oldest["urgent"]) == (False, False)
+    assert all(type(r[k]) is bool for r in _json(out) for k in ("test", "urgent"))
+    # T0 = 2025-06-15 15:06:40 UTC, 22:06:40 in Madiun (WIB, UTC+7).
+    assert oldest["opened_at"] == "2025-06-15T22:06:40.000+07:00"
+    assert oldest["opened_at_epoch"] == T0
+    assert datetime.fromisoformat(oldest["opened_at"]).timestamp() == T0
+    assert (oldest["closed_at"], oldest["closed_at_epoch"]) == (None, None)
+    _, out, _ = _run(capsys, fleet, "show", "1", "--json")
+    shown = _json(out)
+    (press,) = shown["presses"]
+    assert press["received_at"] == "2025-06-15T22:06:40.000+07:00"
+    assert press["paths"][0]["first_heard_at_epoch"] == T0
+    assert shown["timeline"][0]["at_epoch"] == T0
+    assert shown["timeline"][0]["at"].endswith("+07:00")
+    _, out, _ = _run(capsys, fleet, "dead-letters", "--json")
+    (dead,) = _json(out)
+    assert (dead["received_at"], dead["received_at_epoch"]) == (
+        "2025-06-15T22:07:20.000+07:00", T0 + 40)
 
 
 def test_listing_the_open_incidents_reads_no_whole_table(fleet: Fleet) -> None:
@@ -180,6 +206,32 @@ def test_locate_names_the_kelurahan_of_a_verified_point(
     assert found["distance_m"] == 0.0
 
 
+@pytest.mark.parametrize(
+    ("lat", "lon", "problem"),
+    [
+        ("10", "200", "longitude 200 is outside -180..180"),
+        ("10", "-180.5", "longitude -180.5 is outside -180..180"),
+        ("91", "111.5", "latitude 91 is outside -90..90"),
+        ("nan", "111.5", "latitude nan is outside -90..90"),
+    ],
+)
+def test_locate_refuses_coordinates_off_the_globe_with_exit_2(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet, lat: str, lon: str, problem: str
+) -> None:
+    code, out, err = _run(capsys, fleet, "locate", "--", lat, lon)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"panicctl: locate: {problem} (")
+    assert len(err.splitlines()) == 1
+
+
+def test_locate_accepts_the_edges_of_the_globe(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet
+) -> None:
+    code, out, _ = _run(capsys, fleet, "locate", "--", "-90", "180")
+    assert code == 1  # valid, and far outside Kota Madiun
+    assert _json(out)["match"] == "none"
+
+
 def test_locate_outside_the_city_exits_1(
     capsys: pytest.CaptureFixture[str], fleet: Fleet
 ) -> None:
@@ -203,6 +255,31 @@ def test_check_config_reports_ok_with_a_summary(
         3, [], 27,
     )
     assert summary["mqtt_sources"] == ["local"]
+    assert summary["warnings"] == []
+    assert _run(capsys, fleet, "check-config", "--strict")[0] == 0
+
+
+def test_check_config_says_devices_without_a_key_are_a_warning_and_strict_fails(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PANICD_DEVICE_KEYS_FILE", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    code, out, err = _run(capsys, fleet, "check-config")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"{fleet.config_path}: OK with 1 warning(s)"
+    warning = (
+        "3 of 3 devices have no key (device-keys credential or PANICD_DEVICE_KEYS_FILE): "
+        "signed presses from them will be refused: SIM-00000, SIM-00001, SIM-00002"
+    )
+    assert lines[-2:] == ["warnings:", f"  warning: {warning}"]
+    _, out, _ = _run(capsys, fleet, "check-config", "--json")
+    summary = _json(out)
+    assert summary["warnings"] == [warning]
+    assert summary["devices_without_key"] == ["SIM-00000", "SIM-00001", "SIM-00002"]
+    code, out, err = _run(capsys, fleet, "check-config", "--strict")
+    assert (code, err) == (1, "")
+    assert f"  warning: {warning}" in out.splitlines()
 
 
 def test_check_config_of_a_broken_file_exits_2_with_one_line(
