@@ -146,6 +146,23 @@ async def open_dispatch(
                            credentials.auth_token if credentials else None, secret, overdue)
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino
+
+
+def remove_own_socket(path: Path, identity: tuple[int, int]) -> bool:
+    """Remove the control socket file at a clean stop, unless it is no longer the one
+    this process bound (another panicd started on the same path meanwhile)."""
+    try:
+        if _identity(path) != identity:
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 @asynccontextmanager
 async def serve_dispatch_web(
     running: OpenDispatch,
@@ -201,8 +218,10 @@ async def serve_dispatch_web(
         await control.setup()
         stack.push_async_callback(control.cleanup)
         cfg.control_socket.parent.mkdir(parents=True, exist_ok=True)
-        cfg.control_socket.unlink(missing_ok=True)
+        cfg.control_socket.unlink(missing_ok=True)  # a crashed run's socket file
         await web.UnixSite(control, str(cfg.control_socket)).start()
+        # Runs before control.cleanup (LIFO): no new client connects while it drains.
+        stack.callback(remove_own_socket, cfg.control_socket, _identity(cfg.control_socket))
         # Only the service user (and root) may ack or resolve through the socket.
         cfg.control_socket.chmod(0o660)
         log.info("web.listening", host=cfg.listen_host, port=cfg.listen_port,

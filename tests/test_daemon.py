@@ -10,6 +10,7 @@ import asyncio
 import gc
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from gateway.daemon import GC_YOUNG_THRESHOLD, settle_gc
 from tests.daemon_proc import DaemonProcess, count_rows, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "config" / "demo"
 
 
 class NotifiedDaemon(DaemonProcess):
@@ -245,6 +247,50 @@ def test_devices_no_frame_of_theirs_can_pass_are_warned_of_at_start(
     assert (warning["count"], warning["of"]) == (2, 4)
     assert warning["devices"] == ["SIM-00001", "SIM-00002"]
     assert any(e["event"] == "daemon.ready" for e in _events(daemon))
+
+
+def _bind_and_leave(path: Path) -> None:
+    """Leave a socket file at ``path`` as a killed process does: bound, then closed."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(path))
+
+
+def test_a_clean_stop_removes_the_control_socket_and_a_stale_one_does_not_stop_a_start(
+    mosquitto: Mosquitto, tmp_path: Path, client_id: str
+) -> None:
+    directory = tmp_path / "cfg"
+    control = directory / "control.sock"
+    config, keys, _ = write_fleet(
+        directory, devices=1, mqtt_port=mosquitto.port, client_id=client_id,
+        extra_toml=f'\n[dispatch]\nresponders = "{DEMO / "responders.toml"}"\n'
+        f'policies = "{DEMO / "policies.toml"}"\npublic_base_url = "http://127.0.0.1:9"\n'
+        f'listen_host = "127.0.0.1"\nlisten_port = 0\ncontrol_socket = "{control}"\n',
+    )
+    _bind_and_leave(control)  # a crash's leftover
+    daemon = NotifiedDaemon(config, keys, tmp_path / "run")
+    with daemon:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(control))  # the new daemon's socket, listening
+        assert daemon.terminate() == 0
+    assert not control.exists(), daemon.log()
+
+
+def test_a_stop_leaves_a_socket_another_process_bound_since(tmp_path: Path) -> None:
+    from dispatch.service import remove_own_socket  # noqa: PLC0415 -- only this test
+
+    path = tmp_path / "control.sock"
+    _bind_and_leave(path)
+    ours = (path.stat().st_dev, path.stat().st_ino)
+    # A second panicd on the same path (bound while the first file exists, so the two
+    # cannot share an inode number).
+    _bind_and_leave(tmp_path / "other.sock")
+    (tmp_path / "other.sock").replace(path)
+    assert remove_own_socket(path, ours) is False
+    assert path.exists()
+    theirs = (path.stat().st_dev, path.stat().st_ino)
+    assert remove_own_socket(path, theirs) is True
+    assert not path.exists()
+    assert remove_own_socket(path, theirs) is False
 
 
 def test_network_availability_maps_to_the_registered_device_and_clears_on_return(
