@@ -1,17 +1,24 @@
-"""Prometheus text exposition format 0.0.4, without a client library.
+"""``/metrics`` rendered by prometheus_client, the ecosystem's exposition code.
 
-Format rules followed (prometheus.io/docs/instrumenting/exposition_formats): one
-``# HELP`` and one ``# TYPE`` line per family before its samples; label values escape
-backslash, double quote and newline; HELP text escapes backslash and newline; histogram
-buckets are cumulative, end with ``le="+Inf"`` and come with ``_sum`` and ``_count``.
+panicd's figures are read fresh from the database at each scrape (incidents, messages,
+health conditions) or kept in process (presses, escalation lateness), so a scrape builds
+its :class:`Family` list and :func:`render` hands it to prometheus_client as a one-shot
+custom collector: the library writes HELP/TYPE, escaping, histogram buckets and ``_sum``
+/``_count``, and negotiates the format by ``Accept`` — Prometheus text 0.0.4 by default,
+OpenMetrics 1.0 for a scraper that asks for it (issue 18: this was hand-rendered; the
+library is what Prometheus' own tooling is tested against, and it brings OpenMetrics).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -19,16 +26,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # seconds mean a stalled loop or a locked database.
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                                          60.0)
-
-
-def escape_label(value: str) -> str:
-    """A label value escaped for the text format."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def escape_help(text: str) -> str:
-    """A HELP text escaped for the text format."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def format_value(value: float) -> str:
@@ -40,13 +37,6 @@ def format_value(value: float) -> str:
     if float(value).is_integer() and abs(value) < 2**53:
         return str(int(value))
     return repr(float(value))
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
-    return "{" + inner + "}"
 
 
 @dataclass(slots=True)
@@ -91,18 +81,45 @@ class Family:
     histogram: Histogram | None = None
 
 
-def render(families: Iterable[Family]) -> str:
-    """The families in the text exposition format, ending with a newline."""
-    lines: list[str] = []
-    for family in families:
-        lines.append(f"# HELP {family.name} {escape_help(family.help)}")
-        lines.append(f"# TYPE {family.name} {family.kind}")
-        if family.histogram is not None:
-            hist = family.histogram
-            for le, count in hist.cumulative():
-                lines.append(f'{family.name}_bucket{{le="{le}"}} {count}')
-            lines.append(f"{family.name}_sum {format_value(hist.total)}")
-            lines.append(f"{family.name}_count {hist.count}")
-        for labels, value in family.samples:
-            lines.append(f"{family.name}{_labels(labels)} {format_value(value)}")
-    return "\n".join(lines) + "\n"
+def _metric(family: Family) -> Metric:
+    """One family as prometheus_client's metric family."""
+    # Imported at the first scrape, not at start: dispatch.engine imports this module and
+    # start-up sends overdue steps before loading what it does not need (PERFORMANCE.md).
+    from prometheus_client.core import (  # noqa: PLC0415
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    if family.histogram is not None:
+        hist = family.histogram
+        return HistogramMetricFamily(family.name, family.help, buckets=hist.cumulative(),
+                                     sum_value=hist.total)
+    names = sorted({key for labels, _ in family.samples for key in labels})
+    kind = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+    metric = kind(family.name, family.help, labels=names)
+    for labels, value in family.samples:
+        metric.add_metric([labels.get(name, "") for name in names], value)
+    return metric
+
+
+class _Scrape:
+    """A collector that yields one scrape's families once (registered per scrape)."""
+
+    def __init__(self, families: Iterable[Family]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        """The families, as prometheus_client reads them."""
+        return (_metric(family) for family in self._families)
+
+
+def render(families: Iterable[Family], accept: str = "") -> tuple[bytes, str]:
+    """The families encoded for a scraper's ``Accept`` header: (body, content type)."""
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415 -- see _metric
+    from prometheus_client.exposition import choose_encoder  # noqa: PLC0415
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Scrape(families))
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from dispatch.engine import Dispatcher
 from dispatch.health import Condition, SourceState
-from dispatch.metrics import CONTENT_TYPE, Family, render
+from dispatch.metrics import Family, render
 from dispatch.store import DispatchStore
 
 INCIDENT_STATUSES = ("open", "acknowledged", "resolved", "cancelled")
@@ -92,8 +92,9 @@ async def _grouped(db: aiosqlite.Connection, sql: str) -> dict[tuple[str, ...], 
             await db.execute_fetchall(sql)}
 
 
-async def collect(runtime: Runtime, dispatcher: Dispatcher, db: aiosqlite.Connection) -> str:
-    """Every metric family, rendered in the text format."""
+async def collect(runtime: Runtime, dispatcher: Dispatcher, db: aiosqlite.Connection,
+                  accept: str = "") -> tuple[bytes, str]:
+    """Every metric family, encoded for ``accept``: (body, content type)."""
     incidents = await _grouped(db, INCIDENTS_BY_STATUS_SQL)
     outbox = await _grouped(db, NOTIFICATIONS_BY_STATE_SQL)
     health = await _grouped(db, "SELECT condition, COUNT(*) FROM device_health"
@@ -124,14 +125,15 @@ async def collect(runtime: Runtime, dispatcher: Dispatcher, db: aiosqlite.Connec
                [({"source": s.name, "kind": s.kind}, int(s.connected))
                 for s in runtime.source_states()]),
     ]
-    return render(families)
+    return render(families, accept)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``."""
+    """``GET /metrics``: Prometheus text 0.0.4, or OpenMetrics when the scraper asks."""
     app = request.app
-    body = await collect(app[RUNTIME], app[OBS_DISPATCHER], app[OBS_STORE].db)
-    return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
+    body, content_type = await collect(app[RUNTIME], app[OBS_DISPATCHER], app[OBS_STORE].db,
+                                       request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def status_snapshot(runtime: Runtime, db: aiosqlite.Connection) -> dict[str, Any]:

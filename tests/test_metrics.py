@@ -70,27 +70,37 @@ def test_render_escapes_labels_and_help_and_writes_cumulative_buckets() -> None:
     hist = Histogram(buckets=(0.1, 1.0))
     for value in (0.05, 0.1, 0.5, 7.0):
         hist.observe(value)
-    text = render([
+    families = [
         Family("x_total", "counter", 'help with \\ and\nnewline',
                [({"path": 'a"b\\c\nd'}, 3)]),
         Family("lat_seconds", "histogram", "h", histogram=hist),
-    ])
+    ]
+    body, content_type = render(families)
+    text = body.decode()
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
     assert text.splitlines() == [
         "# HELP x_total help with \\\\ and\\nnewline",
         "# TYPE x_total counter",
-        'x_total{path="a\\"b\\\\c\\nd"} 3',
+        'x_total{path="a\\"b\\\\c\\nd"} 3.0',
         "# HELP lat_seconds h",
         "# TYPE lat_seconds histogram",
-        'lat_seconds_bucket{le="0.1"} 2',
-        'lat_seconds_bucket{le="1"} 3',
-        'lat_seconds_bucket{le="+Inf"} 4',
+        'lat_seconds_bucket{le="0.1"} 2.0',
+        'lat_seconds_bucket{le="1"} 3.0',
+        'lat_seconds_bucket{le="+Inf"} 4.0',
+        "lat_seconds_count 4.0",
         "lat_seconds_sum 7.65",
-        "lat_seconds_count 4",
     ]
     assert text.endswith("\n")
     assert parse(text)["x_total", frozenset({("path", 'a"b\\c\nd')})] == 3
     assert [format_value(v) for v in (1.0, 0.25, float("inf"), float("nan"))] == [
         "1", "0.25", "+Inf", "NaN"]
+
+
+def test_a_scraper_asking_for_openmetrics_gets_it() -> None:
+    body, content_type = render([Family("up", "gauge", "u", [({"s": "a"}, 1)])],
+                                "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert body.decode().splitlines()[-1] == "# EOF"
 
 
 @dataclass
