@@ -90,7 +90,7 @@ def test_an_unknown_key_exits_2_with_one_line_naming_the_file_and_key(tmp_path: 
     result = _run_panicd(config, keys)
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
-    assert line == f"panicd: {config}: mqtt[0].topcis: unknown key (misspelt?)"
+    assert line == f"panicd: {config}: mqtt[0].topcis: unknown key (did you mean 'topics'?)"
     assert result.stdout == ""
 
 
@@ -100,7 +100,7 @@ def test_invalid_toml_exits_2_with_one_line_naming_the_file(tmp_path: Path) -> N
     result = _run_panicd(config, keys)
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"panicd: {config}: -: not valid TOML")
+    assert line.startswith(f"panicd: {config}: not valid TOML")
 
 
 def test_a_missing_registry_file_exits_2_with_one_line_naming_that_file(tmp_path: Path) -> None:
@@ -109,7 +109,8 @@ def test_a_missing_registry_file_exits_2_with_one_line_naming_that_file(tmp_path
     result = _run_panicd(config, keys)
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
-    assert line == f"panicd: {tmp_path / 'devices.toml'}: -: file not found"
+    assert line == (f"panicd: {config}: devices.registry: "
+                    f"{tmp_path / 'devices.toml'} does not exist")
 
 
 def test_sigterm_after_ready_exits_0_and_notifies_ready_before_stopping(
