@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dispatch import ctl as dispatch_ctl
 from gateway import ctl_ops, queries
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, unheard_devices
 from gateway.ctl_format import WIB, err, out, print_json, table, when
 from gateway.daemon import DEFAULT_CONFIG, load
 from gateway.errors import ConfigError
@@ -33,12 +33,12 @@ def _config(args: argparse.Namespace) -> Config:
 def config_warnings(config: Config) -> list[str]:
     """What loads but will not work as an operator expects (``check-config``'s warnings)."""
     warnings = []
-    keyless = sorted(d.id for d in config.devices.values() if d.key is None)
+    keyless = unheard_devices(config)
     if keyless:
         warnings.append(
             f"{len(keyless)} of {len(config.devices)} devices have no key (device-keys "
-            f"credential or PANICD_DEVICE_KEYS_FILE): signed presses from them will be "
-            f"refused: {', '.join(keyless)}"
+            f"credential or PANICD_DEVICE_KEYS_FILE) and no third-party id: every press "
+            f"from them will be refused: {', '.join(keyless)}"
         )
     return warnings
 

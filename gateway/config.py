@@ -655,3 +655,10 @@ def _load(path: Path, environ: Mapping[str, str] | None, asked: set[str]) -> Con
             for fmt, ref in device.external_ids.items()
         },
     )
+
+
+def unheard_devices(config: Config) -> list[str]:
+    """Devices no frame of theirs can pass: no key (every signed frame is refused,
+    dead letter ``no_key``) and no third-party id (no network-trusted frame names them).
+    The one rule for panicd's start-up warning and ``check-config``'s."""
+    return sorted(d.id for d in config.devices.values() if d.key is None and not d.external_ids)

@@ -32,7 +32,7 @@ from dispatch.service import (
     serve_dispatch_web,
 )
 from gateway.checkpoint import WalCheckpointer
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, unheard_devices
 from gateway.dedup import DedupPolicy
 from gateway.errors import ConfigError
 from gateway.ingest import Ingestor
@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A device with no key and no third-party id can only be heard through signed frames,
     # and every one of them is refused (dead letter no_key): say so, but keep running,
     # since the other devices are heard.
-    keyless = sorted(d.id for d in config.devices.values() if d.key is None and not d.external_ids)
+    keyless = unheard_devices(config)
     if keyless:
         log.warning("daemon.devices_without_key", count=len(keyless), of=len(config.devices),
                     devices=keyless[:KEYLESS_NAMED], refused="every signed press (no_key)")

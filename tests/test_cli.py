@@ -269,8 +269,9 @@ def test_check_config_says_devices_without_a_key_are_a_warning_and_strict_fails(
     lines = out.splitlines()
     assert lines[0] == f"{fleet.config_path}: OK with 1 warning(s)"
     warning = (
-        "3 of 3 devices have no key (device-keys credential or PANICD_DEVICE_KEYS_FILE): "
-        "signed presses from them will be refused: SIM-00000, SIM-00001, SIM-00002"
+        "3 of 3 devices have no key (device-keys credential or PANICD_DEVICE_KEYS_FILE) and"
+        " no third-party id: every press from them will be refused: SIM-00000, SIM-00001,"
+        " SIM-00002"
     )
     assert lines[-2:] == ["warnings:", f"  warning: {warning}"]
     _, out, _ = _run(capsys, fleet, "check-config", "--json")
