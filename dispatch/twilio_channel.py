@@ -434,35 +434,25 @@ class TwilioChannel:
         newest first, read until a record older than ``since`` (client-side: the API's
         date filters are by day and skip messages not yet sent)."""
         found: list[ProviderRecord] = []
+        resource = self._client.messages if kind == "sms" else self._client.calls
         try:
-            if kind == "sms":
-                async for message in await self._client.messages.stream_async(
-                    to=to, from_=self.from_number, page_size=LOOKUP_PAGE_SIZE,
-                    limit=LOOKUP_LIMIT,
-                ):
-                    created = _timestamp(message.date_created)
-                    if created < since:
-                        break
-                    found.append(ProviderRecord(str(message.sid), str(message.status),
-                                                created, str(message.body or "")))
-            else:
-                async for call in await self._client.calls.stream_async(
-                    to=to, from_=self.from_number, page_size=LOOKUP_PAGE_SIZE,
-                    limit=LOOKUP_LIMIT,
-                ):
-                    created = _timestamp(call.date_created)
-                    if created < since:
-                        break
-                    found.append(ProviderRecord(str(call.sid), str(call.status), created))
+            async for item in await resource.stream_async(
+                to=to, from_=self.from_number, page_size=LOOKUP_PAGE_SIZE, limit=LOOKUP_LIMIT,
+            ):
+                created = _timestamp(item.date_created)
+                if created < since:
+                    break
+                body = str(getattr(item, "body", None) or "") if kind == "sms" else None
+                found.append(ProviderRecord(str(item.sid), str(item.status), created, body))
         except (TwilioRestException, TwilioServiceException) as exc:
             failure = _library_failure(exc)
             raise ProviderLookupError(f"HTTP {failure.http_status}: {failure.message}",
-                               permanent=failure.kind is FailureKind.PERMANENT) from exc
+                                      permanent=failure.kind is FailureKind.PERMANENT) from exc
         except TwilioRetryableHttpError as exc:
             raise ProviderLookupError(str(exc), permanent=False) from exc
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             raise ProviderLookupError(f"{type(exc).__name__}: {exc}".rstrip(": "),
-                               permanent=False) from exc
+                                      permanent=False) from exc
         return found
 
     def _give_up(
