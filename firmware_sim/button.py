@@ -5,6 +5,8 @@ at the broker's PUBACK (DESIGN §2 Durability, docs/FRAMES.md): a broker acknowl
 from memory, so a broker crash can lose a press it has already PUBACKed. The button
 keeps each press and retransmits the same bytes, with backoff, across reconnects, until
 that feedback arrives (:func:`deliver`, over a :class:`BrokerLink` that reconnects).
+Given fallback brokers, the link moves to the next broker when one is gone, as panicd's
+own source does (docs/OPERATIONS.md, "Broker failover").
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,9 @@ from gateway.model import GeoFix, PressKind
 
 # How long one publish may wait for its PUBACK when the press's duty ends there.
 PUBACK_TIMEOUT_S = 30.0
+
+# A broker as (host, port).
+Address = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +164,10 @@ class BrokerLink:
 
     The first connect must succeed (a wrong port fails at once); a later loss only makes
     :meth:`connection` wait for the next one. ``subscribe`` is renewed on every connect
-    (clean sessions: the broker may have forgotten it, or restarted empty).
+    (clean sessions: the broker may have forgotten it, or restarted empty). With
+    ``fallback_brokers`` a failed connect or a loss moves on to the next broker of
+    ``[(host, port), *fallback_brokers]``, round robin, and the backoff is waited once per
+    full round of failures; the first connect fails only when every broker refused it.
     """
 
     def __init__(
@@ -173,9 +181,9 @@ class BrokerLink:
         max_inflight: int | None = None,
         reconnect: RetransmitPolicy | None = None,
         rand: Callable[[], float] = random.random,
+        fallback_brokers: Sequence[Address] = (),
     ) -> None:
-        self._host = host
-        self._port = port
+        self._brokers: tuple[Address, ...] = ((host, port), *fallback_brokers)
         self.identifier = identifier
         self._subscribe = subscribe
         self._on_message = on_message
@@ -186,6 +194,8 @@ class BrokerLink:
         self._up = asyncio.Event()
         self._first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.reconnects = 0
+        # The broker of the live connection (or of the last one).
+        self.broker: Address = self._brokers[0]
 
     async def connection(self) -> Connection:
         """The live connection, waiting for the next one while the broker is away."""
@@ -200,9 +210,12 @@ class BrokerLink:
     async def keep(self) -> None:
         """Connect, subscribe, hand messages over; on a loss reconnect, until cancelled."""
         attempt = 0
+        index = 0
+        failures = 0  # failed connects and losses since the round began
         while True:
+            host, port = self._brokers[index]
             client = aiomqtt.Client(
-                self._host, self._port, identifier=self.identifier, clean_session=True,
+                host, port, identifier=self.identifier, clean_session=True,
                 max_inflight_messages=self._max_inflight,
             )
             # A storm has up to max_inflight publishes awaiting PUBACK by design.
@@ -212,11 +225,19 @@ class BrokerLink:
                     if self._subscribe is not None:
                         await client.subscribe(self._subscribe, qos=1)
                     attempt = 0
+                    failures = 0
+                    self.broker = (host, port)
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
-                if not self._first.done():
+                if not self._first.done() and failures + 1 >= len(self._brokers):
                     self._first.set_exception(exc)
                     return
+            # The next broker at once; the backoff only once every broker has failed.
+            index = (index + 1) % len(self._brokers)
+            failures += 1
+            if failures < len(self._brokers):
+                continue
+            failures = 0
             delay = self._reconnect.delay(attempt, self._rand())
             attempt = min(attempt + 1, 32)
             await asyncio.sleep(delay)
@@ -250,10 +271,11 @@ async def broker_link(
     on_message: Callable[[aiomqtt.Message], None] | None = None,
     max_inflight: int | None = None,
     rand: Callable[[], float] = random.random,
+    fallback_brokers: Sequence[Address] = (),
 ) -> AsyncIterator[BrokerLink]:
     """A :class:`BrokerLink` whose keeper task lives as long as the ``async with``."""
     link = BrokerLink(host, port, identifier, subscribe=subscribe, on_message=on_message,
-                      max_inflight=max_inflight, rand=rand)
+                      max_inflight=max_inflight, rand=rand, fallback_brokers=fallback_brokers)
     async with asyncio.TaskGroup() as group:
         keeper = group.create_task(link.keep(), name=f"link.{identifier}")
         await link.wait_first()
@@ -356,12 +378,14 @@ async def press(
     feedback_timeout_s: float = 0.0,
     retransmit: bool = True,
     policy: RetransmitPolicy = BUTTON_BACKOFF,
+    fallback_brokers: Sequence[Address] = (),
 ) -> tuple[SentPress, dict[str, Any] | None]:
     """Publish one press (``repeat`` copies) and, given a timeout, await its feedback.
 
     While waiting for feedback the button retransmits the press (``retransmit``), across
-    broker reconnects, until "received" arrives or ``feedback_timeout_s`` has passed.
-    Without a timeout the press ends at the broker's PUBACK, as before.
+    broker reconnects (to the next of ``fallback_brokers`` when one is gone), until
+    "received" arrives or ``feedback_timeout_s`` has passed. Without a timeout the press
+    ends at the broker's PUBACK, as before.
     """
     payload = build_frame(device, kind, counter, battery=battery, gps=gps, tamper=tamper)
     topic = topic_for(device, via_gateway)
@@ -384,7 +408,7 @@ async def press(
     async with broker_link(
         host, port, f"sim-{device.id}",
         subscribe=native.command_topic(device.id) if waiting else None,
-        on_message=on_message,
+        on_message=on_message, fallback_brokers=fallback_brokers,
     ) as link:
         published_at = time.time()
         for _ in range(repeat - 1 if waiting else repeat):

@@ -27,6 +27,7 @@ import aiomqtt
 from firmware_sim.button import (
     BUTTON_BACKOFF,
     PUBACK_TIMEOUT_S,
+    Address,
     BrokerLink,
     RetransmitPolicy,
     broker_link,
@@ -235,6 +236,7 @@ async def storm(
     policy: RetransmitPolicy = BUTTON_BACKOFF,
     client_id: str | None = None,
     kinds: Sequence[PressKind] = (),
+    fallback_brokers: Sequence[Address] = (),
 ) -> StormResult:
     """Publish ``count`` distinct presses round-robin over ``devices`` at ``rate`` per second.
 
@@ -244,7 +246,8 @@ async def storm(
     ``watch_feedback``) keeps every press until its feedback, for at most
     ``feedback_grace_s`` after the last press was made; without it a press is done at
     its PUBACK (waited for at most PUBACK_TIMEOUT_S after the last press). ``kinds`` mixes
-    press kinds: a device's n-th press is ``kinds[n % len(kinds)]``.
+    press kinds: a device's n-th press is ``kinds[n % len(kinds)]``. With
+    ``fallback_brokers`` the buttons move to the next broker when one is gone.
     """
     plan = StormPlan(count, rate, counter_base, duplicate_ratio, via_gateway, kind,
                      tuple(kinds))
@@ -254,13 +257,15 @@ async def storm(
     client_id = client_id or f"panic-sim-storm-{os.getpid()}"
     async with contextlib.AsyncExitStack() as stack:
         link = await stack.enter_async_context(
-            broker_link(host, port, client_id, max_inflight=max_in_flight, rand=run.rng.random)
+            broker_link(host, port, client_id, max_inflight=max_in_flight, rand=run.rng.random,
+                        fallback_brokers=fallback_brokers)
         )
         links = [link]
         if watch_feedback or retransmit:
             links.append(await stack.enter_async_context(broker_link(
                 host, port, f"{client_id}-fb", subscribe=f"{native.TOPIC_PREFIX}dev/+/cmd",
                 on_message=run.on_feedback, rand=run.rng.random,
+                fallback_brokers=fallback_brokers,
             )))
         async with asyncio.TaskGroup() as group:
             await run.press_all(link, plan, group)

@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,47 @@ _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KODE = re.compile(r"\d\d\.\d\d\.\d\d\.\d{4}")
 _SIGNED_FORMATS = frozenset({"native", "lora-frame"})
 _HEX_KEY = re.compile(r"(?:[0-9a-fA-F]{2}){16,64}")
+# A DNS name or an IPv4 literal; an IPv6 literal is written in brackets ("[::1]:1883").
+_BROKER_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """One broker a source may connect to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        # RFC 3986 §3.2.2: an IPv6 literal is bracketed, so its colons are not the port's.
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_broker(text: str) -> BrokerAddress:
+    """``host:port`` or ``[ipv6]:port`` as a :class:`BrokerAddress`; ValueError says why."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not port_text.isdigit() or not port_text.isascii():
+        raise ValueError(f"{text!r} is not host:port (an IPv6 address as \"[::1]:1883\")")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: the port must be between 1 and 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            host = str(IPv6Address(host[1:-1]))
+        except ValueError:
+            raise ValueError(f"{text!r}: {host} is not an IPv6 address") from None
+    elif not _BROKER_HOST.fullmatch(host):
+        raise ValueError(f"{text!r}: {host!r} is not a host name or address"
+                         " (an IPv6 address goes in brackets: \"[::1]:1883\")")
+    return BrokerAddress(host, port)
 
 
 @dataclass(frozen=True, slots=True)
 class MqttSourceConfig:
-    """One MQTT subscription set on one broker."""
+    """One MQTT subscription set on one or more brokers (the first preferred)."""
 
     name: str
-    host: str
+    host: str  # the preferred broker (``host``/``port``, or the first of ``brokers``)
     port: int
     client_id: str
     topics: tuple[str, ...]
@@ -48,6 +81,13 @@ class MqttSourceConfig:
     reconnect_min_s: float
     reconnect_max_s: float
     format_options: Mapping[str, object] = field(default_factory=dict)
+    # The rest of ``brokers``, in failover order after the preferred one.
+    fallback_brokers: tuple[BrokerAddress, ...] = ()
+
+    @property
+    def brokers(self) -> tuple[BrokerAddress, ...]:
+        """Every broker of the source, the preferred first."""
+        return (BrokerAddress(self.host, self.port), *self.fallback_brokers)
 
 
 SERIAL_MODES = ("rylr", "rak3172", "jsonl")
@@ -423,10 +463,11 @@ def _mqtt(row: _Table, environ: Mapping[str, str], base: Path) -> MqttSourceConf
     client_id = row.get("client_id", str, username)
     if client_id is None:
         raise row.error("client_id", "is required (or set username: it is the default)")
+    preferred, *fallbacks = _brokers(row)
     cfg = MqttSourceConfig(
         name=name,
-        host=row.get("host", str, "127.0.0.1"),
-        port=row.integer("port", 1883, 1, 65535),
+        host=preferred.host,
+        port=preferred.port,
         client_id=client_id,
         topics=tuple(topics),
         format=fmt,
@@ -439,9 +480,35 @@ def _mqtt(row: _Table, environ: Mapping[str, str], base: Path) -> MqttSourceConf
         reconnect_min_s=low,
         reconnect_max_s=row.number("reconnect_max_s", 30, low, 3600),
         format_options=dict(options),
+        fallback_brokers=tuple(fallbacks),
     )
     row.check_unknown()
     return cfg
+
+
+def _brokers(row: _Table) -> tuple[BrokerAddress, ...]:
+    """``host``/``port`` (one broker), or ``brokers = ["host:port", …]`` (failover order)."""
+    single = BrokerAddress(row.get("host", str, "127.0.0.1"), row.integer("port", 1883, 1, 65535))
+    raw = row.get("brokers", list)
+    if raw is None:
+        return (single,)
+    if "host" in row.data or "port" in row.data:
+        raise row.error("brokers", "set either brokers or host/port, not both")
+    if not raw:
+        raise row.error("brokers", "must name at least one broker as \"host:port\"")
+    brokers: list[BrokerAddress] = []
+    for index, value in enumerate(raw):
+        where = f"{row.key('brokers')}[{index}]"
+        if not isinstance(value, str):
+            raise ConfigError(row.file, where, "expected a string like \"mqtt1.example:1883\"")
+        try:
+            broker = parse_broker(value)
+        except ValueError as exc:
+            raise ConfigError(row.file, where, str(exc)) from None
+        if broker in brokers:
+            raise ConfigError(row.file, where, f"{broker} is listed twice")
+        brokers.append(broker)
+    return tuple(brokers)
 
 
 def _serial(row: _Table) -> SerialSourceConfig:

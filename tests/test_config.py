@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Config, load_config
+from gateway.config import BrokerAddress, Config, load_config
 from gateway.errors import WHOLE_FILE, ConfigError
 from gateway.model import Frame, GeoFix, PressKind, Trust
 
@@ -280,6 +280,65 @@ def test_mqtt_client_id_defaults_to_the_username_the_broker_binds_it_to(tmp_path
     main = BASE_MAIN.replace('client_id = "panicd-test"\n', 'username = "panicd"\n')
     (source,) = load_config(_write(tmp_path, main=main), {}).mqtt
     assert (source.username, source.client_id) == ("panicd", "panicd")
+
+
+def test_a_source_without_brokers_has_its_host_and_port_as_its_only_broker(
+    tmp_path: Path,
+) -> None:
+    main = BASE_MAIN + 'host = "mqtt.local"\nport = 18830\n'
+    (source,) = load_config(_write(tmp_path, main=main), {}).mqtt
+    assert source.brokers == (BrokerAddress("mqtt.local", 18830),)
+    assert source.fallback_brokers == ()
+
+
+def test_brokers_are_read_in_failover_order_the_first_preferred(tmp_path: Path) -> None:
+    main = BASE_MAIN + 'brokers = ["mqtt1.local:1883", "10.0.0.2:18830", "[::1]:1884"]\n'
+    (source,) = load_config(_write(tmp_path, main=main), {}).mqtt
+    assert source.brokers == (
+        BrokerAddress("mqtt1.local", 1883),
+        BrokerAddress("10.0.0.2", 18830),
+        BrokerAddress("::1", 1884),
+    )
+    assert (source.host, source.port) == ("mqtt1.local", 1883)
+    assert [str(broker) for broker in source.brokers] == [
+        "mqtt1.local:1883", "10.0.0.2:18830", "[::1]:1884"
+    ]
+
+
+@pytest.mark.parametrize("single", ['host = "mqtt.local"', "port = 1883"])
+def test_brokers_and_host_or_port_together_are_refused(tmp_path: Path, single: str) -> None:
+    path = _write(tmp_path, main=BASE_MAIN + f'{single}\nbrokers = ["a.local:1883"]\n')
+    error = _error(path, {})
+    _assert_names(error, path, "mqtt[0].brokers")
+    assert error.problem == "set either brokers or host/port, not both"
+    assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "problem"),
+    [
+        ("[]", "mqtt[0].brokers", "at least one broker"),
+        ('"a.local:1883"', "mqtt[0].brokers", "expected an array"),
+        ('["a.local"]', "mqtt[0].brokers[0]", "is not host:port"),
+        ('["a.local:1883", "b.local:"]', "mqtt[0].brokers[1]", "is not host:port"),
+        ('["a.local:http"]', "mqtt[0].brokers[0]", "is not host:port"),
+        ('["a.local:70000"]', "mqtt[0].brokers[0]", "between 1 and 65535"),
+        ('["a.local:0"]', "mqtt[0].brokers[0]", "between 1 and 65535"),
+        ('["::1:1883"]', "mqtt[0].brokers[0]", "IPv6 address goes in brackets"),
+        ('["[::g]:1883"]', "mqtt[0].brokers[0]", "is not an IPv6 address"),
+        ('[":1883"]', "mqtt[0].brokers[0]", "is not a host name"),
+        ('["a b:1883"]', "mqtt[0].brokers[0]", "is not a host name"),
+        ("[1883]", "mqtt[0].brokers[0]", "expected a string"),
+        ('["a.local:1883", "a.local:1883"]', "mqtt[0].brokers[1]", "a.local:1883 is listed twice"),
+    ],
+)
+def test_a_bad_broker_address_names_the_file_and_key(
+    tmp_path: Path, value: str, key: str, problem: str
+) -> None:
+    path = _write(tmp_path, main=BASE_MAIN + f"brokers = {value}\n")
+    error = _error(path, {})
+    _assert_names(error, path, key)
+    assert problem in error.problem
 
 
 def test_password_in_toml_is_refused_without_echoing_it(tmp_path: Path) -> None:

@@ -11,6 +11,11 @@ That session is only as safe as the client id: whoever connects with it disconne
 (MQTT 3.1.1 §3.1.4), and with a clean session wipes what was queued for us. The shipped
 broker binds client ids to accounts (config/mosquitto.conf); :class:`SessionGuard` is
 the second line, alerting operations when the session is nevertheless lost or fought over.
+
+A source may name several brokers (``brokers``, the first preferred): a failed connect
+or a lost connection sends the next attempt to the next broker, round robin, and the
+reconnect backoff is waited once per full round, so a dead broker does not delay
+reaching the next one (docs/OPERATIONS.md, "Broker failover").
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import aiomqtt
 import structlog
 
 from gateway.backoff import Attempts, Backoff, Jitter
-from gateway.config import MqttSourceConfig
+from gateway.config import BrokerAddress, MqttSourceConfig
 from gateway.errors import DecodeError
 from gateway.formats import native, payload_bytes
 from gateway.ingest import Inbound, Ingestor, Outcome, Repeated, Stored
@@ -56,18 +61,21 @@ class SessionGuard:
     """Reads a persistent session's connection history for signs of trouble (pure).
 
     * A reconnect whose CONNACK says session present = 0 (MQTT 3.1.1 §3.2.2.2) although
-      this process already had a session: the broker forgot it (a clean-session connect
-      with our client id, a broker restart without persistence, expiry), and whatever
-      was queued in it is gone.
+      this process already had a session on that broker: the broker forgot it (a
+      clean-session connect with our client id, a broker restart without persistence,
+      expiry), and whatever was queued in it is gone. Sessions are per broker: the first
+      connect to another broker of the list finds none, which is expected, not an alarm.
     * In MQTT 3.1.1 being taken over (§3.1.4) is only a socket the broker closes. Two
       clients with one id keep kicking each other off, so the signature is a connection
-      dropped while the very next connect succeeds (a bounce), ``bounces`` times within
-      ``window_s``. A broker restart or an outage fails the next connect: not a bounce.
+      dropped while the very next connect, to the same broker, succeeds (a bounce),
+      ``bounces`` times within ``window_s``. A broker restart or an outage fails the next
+      connect, and a failover connects to another broker: neither is a bounce.
     """
 
     def __init__(self, *, bounces: int = 3, window_s: float = 60.0) -> None:
-        self._had_session = False
+        self._had_session: set[str] = set()
         self._dropped = False
+        self._last_broker: str | None = None
         self._bounces: deque[float] = deque(maxlen=bounces)
         self._window_s = window_s
 
@@ -79,24 +87,59 @@ class SessionGuard:
         """A connect attempt failed: the drop before it was an outage, not a bounce."""
         self._dropped = False
 
-    def connected(self, session_present: bool, now: float) -> list[SessionAlarm]:
-        """A connect succeeded (and subscribed); the alarms it reveals, if any."""
+    def connected(self, session_present: bool, now: float, broker: str = "") -> list[SessionAlarm]:
+        """A connect to ``broker`` succeeded (and subscribed); the alarms it reveals."""
         alarms = []
-        if self._had_session and not session_present:
+        if broker in self._had_session and not session_present:
             alarms.append(SessionAlarm(SESSION_LOST, now))
-        self._had_session = True
-        if self._dropped:
+        self._had_session.add(broker)
+        if self._dropped and broker == self._last_broker:
             self._bounces.append(now)
             if (len(self._bounces) == self._bounces.maxlen
                     and now - self._bounces[0] <= self._window_s):
                 alarms.append(SessionAlarm(TAKEN_OVER, now))
                 self._bounces.clear()  # one alarm per run of bounces, not one per bounce
         self._dropped = False
+        self._last_broker = broker
         return alarms
 
 
+class BrokerRotation:
+    """Which broker to try next, and whether a full round has failed (pure).
+
+    A failed connect or a lost connection moves on to the next broker; only when every
+    broker of the list has failed since the last success (or since the round began) is
+    the caller told to back off, so one dead broker costs no delay before the next.
+    """
+
+    def __init__(self, brokers: tuple[BrokerAddress, ...]) -> None:
+        if not brokers:
+            raise ValueError("a source needs at least one broker")
+        self._brokers = brokers
+        self._index = 0
+        self._failures = 0
+
+    @property
+    def current(self) -> BrokerAddress:
+        """The broker to connect to now."""
+        return self._brokers[self._index]
+
+    def succeeded(self) -> None:
+        """Connected to :attr:`current`: a new round starts from it."""
+        self._failures = 0
+
+    def failed(self) -> bool:
+        """:attr:`current` failed or was lost; move on. True when a full round has failed."""
+        self._index = (self._index + 1) % len(self._brokers)
+        self._failures += 1
+        if self._failures >= len(self._brokers):
+            self._failures = 0
+            return True
+        return False
+
+
 class MqttSource:
-    """One broker connection feeding the ingest pipeline."""
+    """One broker connection (to one of the source's brokers) feeding the ingest pipeline."""
 
     def __init__(
         self,
@@ -125,6 +168,9 @@ class MqttSource:
         self._connections = 0
         self._connection_made = asyncio.Condition()
         self._guard = SessionGuard()
+        self._rotation = BrokerRotation(config.brokers)
+        # The broker of the live connection (or of the last one), for logs and status.
+        self.broker: BrokerAddress | None = None
         self._session_present = False
         # The latest session alarm, for the health monitor (an operations alert).
         self.alarm: SessionAlarm | None = None
@@ -150,7 +196,7 @@ class MqttSource:
         """The live client, for publishing presser feedback on the same connection."""
         return self._client if self._connected else None
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self, broker: BrokerAddress) -> aiomqtt.Client:
         cfg = self._config
         tls_context = None
         if cfg.tls:
@@ -158,8 +204,8 @@ class MqttSource:
                 cafile=str(cfg.ca_file) if cfg.ca_file else None
             )
         client = aiomqtt.Client(
-            cfg.host,
-            cfg.port,
+            broker.host,
+            broker.port,
             identifier=cfg.client_id,
             clean_session=False,
             keepalive=cfg.keepalive_s,
@@ -182,8 +228,10 @@ class MqttSource:
         """Connect, receive and reconnect until ``stop``; then drain and disconnect."""
         cfg = self._config
         backoff = Attempts(Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s, Jitter.ABOVE_BASE))
+        rotation = self._rotation
         while not stop.is_set():
-            client = self._make_client()
+            broker = rotation.current
+            client = self._make_client(broker)
             try:
                 async with client:
                     self._generation += 1
@@ -191,18 +239,23 @@ class MqttSource:
                     for topic in cfg.topics:
                         await client.subscribe(topic, qos=1)
                     self._connected = True
+                    self.broker = broker
                     self._first_connect.set()
                     backoff.reset()
+                    rotation.succeeded()
                     log.info(
                         "mqtt.connected",
                         source=self.name,
-                        host=cfg.host,
-                        port=cfg.port,
+                        broker=str(broker),
+                        host=broker.host,
+                        port=broker.port,
                         client_id=cfg.client_id,
                         topics=list(cfg.topics),
                         session_present=self._session_present,
                     )
-                    for alarm in self._guard.connected(self._session_present, self._clock()):
+                    alarms = self._guard.connected(self._session_present, self._clock(),
+                                                   str(broker))
+                    for alarm in alarms:
                         self._raise_alarm(alarm)
                     async with self._connection_made:
                         self._connections += 1
@@ -219,20 +272,24 @@ class MqttSource:
                     self._guard.dropped()
                 else:
                     self._guard.connect_failed()
-                delay = backoff.next_delay()
+                # The next broker at once; the backoff only once every broker has failed.
+                delay = backoff.next_delay() if rotation.failed() else 0.0
                 log.warning(
                     "mqtt.disconnected" if was_connected else "mqtt.connect_failed",
                     source=self.name,
-                    host=cfg.host,
-                    port=cfg.port,
+                    broker=str(broker),
+                    host=broker.host,
+                    port=broker.port,
                     error=str(exc),
+                    next_broker=str(rotation.current),
                     retry_in_s=round(delay, 2),
                 )
-                try:
-                    async with asyncio.timeout(delay):
-                        await stop.wait()
-                except TimeoutError:
-                    pass
+                if delay > 0:
+                    try:
+                        async with asyncio.timeout(delay):
+                            await stop.wait()
+                    except TimeoutError:
+                        pass
             finally:
                 self._connected = False
                 self._client = None
@@ -243,13 +300,14 @@ class MqttSource:
         """Log the alarm at error level and hold it for the health monitor."""
         self.alarm = alarm
         cfg = self._config
+        broker = self.broker or cfg.brokers[0]
+        where = {"source": self.name, "broker": str(broker), "host": broker.host,
+                 "port": broker.port, "client_id": cfg.client_id}
         if alarm.reason == SESSION_LOST:
-            log.error("mqtt.session_lost", source=self.name, host=cfg.host, port=cfg.port,
-                      client_id=cfg.client_id,
+            log.error("mqtt.session_lost", **where,
                       hint="presses queued for panicd may be lost; check who used its client id")
         else:
-            log.error("mqtt.taken_over", source=self.name, host=cfg.host, port=cfg.port,
-                      client_id=cfg.client_id,
+            log.error("mqtt.taken_over", **where,
                       hint="another client connects with panicd's client id; bind ids to accounts")
 
     async def _receive_until(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
