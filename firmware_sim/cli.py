@@ -42,6 +42,14 @@ def _broker(config: Config, args: argparse.Namespace) -> tuple[str, int]:
     return host, port
 
 
+def _fallbacks(config: Config, args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The first source's other brokers (``[[mqtt]] brokers``), which the buttons move to
+    when theirs is gone, as panicd does; none when ``--host``/``--port`` name one."""
+    if args.host or args.port or not config.mqtt:
+        return []
+    return [(b.host, b.port) for b in config.mqtt[0].fallback_brokers]
+
+
 def _keys_file(args: argparse.Namespace) -> Path:
     path = args.keys or os.environ.get("PANICD_DEVICE_KEYS_FILE")
     if not path:
@@ -76,7 +84,7 @@ def cmd_button(args: argparse.Namespace) -> int:
             host, port, device, PressKind(args.kind), counter,
             battery=args.battery, gps=args.gps, via_gateway=args.via_gateway,
             tamper=args.tamper, repeat=args.repeat, feedback_timeout_s=args.wait,
-            retransmit=args.retransmit,
+            retransmit=args.retransmit, fallback_brokers=_fallbacks(config, args),
         )
     )
     print(json.dumps({"device": sent.device_id, "counter": sent.counter, "kind": sent.kind.value,
@@ -153,7 +161,7 @@ def cmd_storm(args: argparse.Namespace) -> int:
         storm(host, port, fleet, count=args.count - lora_count, rate=args.rate,
               counter_base=base, duplicate_ratio=args.duplicates, via_gateway=args.via_gateway,
               watch_feedback=args.feedback, retransmit=args.retransmit,
-              feedback_grace_s=args.grace)
+              feedback_grace_s=args.grace, fallback_brokers=_fallbacks(config, args))
     )
     # Persist the highest counter used per device, so the next run starts above it.
     for device_id, counter in result.sent:
@@ -195,7 +203,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     """Options every MQTT-publishing command takes."""
     p.add_argument("--config", type=Path, required=True, help="panicd's TOML configuration")
     p.add_argument("--keys", help="device keys (default: $PANICD_DEVICE_KEYS_FILE)")
-    p.add_argument("--host", help="broker host (default: the config's first source)")
+    p.add_argument("--host", help="broker host (default: the config's first source, moving"
+                   " on to its other brokers when one is gone)")
     p.add_argument("--port", type=int, help="broker port (default: the config's)")
     p.add_argument("--state", type=Path, default=default_state_path(),
                    help="counter state file (default: %(default)s)")
