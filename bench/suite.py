@@ -15,7 +15,9 @@ The benchmarks (docs/PERFORMANCE.md has their latest figures):
   registered, every incident paged (the provider answered by the proxy): latency, lost
   pages and panicd's peak memory with 100,000 devices and 10,000 open incidents;
 * ``restart``: process start → the request of an escalation step that fell due while
-  panicd was down.
+  panicd was down;
+* ``pgdriver``: asyncpg against psycopg 3 on a private PostgreSQL: group commits,
+  ``SKIP LOCKED`` claims and LISTEN/NOTIFY wakes (issue 13's driver choice, docs/STORE.md).
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ BENCHMARKS: dict[str, list[str]] = {
     "city": ["bench.dispatch", "--peer", "self", "--rate", "1000", "--duration", "10",
              "--registered", "100000", "--timeout", "300", "--grace", "120"],
     "restart": ["bench.restart"],
+    "pgdriver": ["bench.pgdriver"],
 }
 # Runs per benchmark unless --runs says otherwise: restart is short and noisy.
-DEFAULT_RUNS = {"ingest": 1, "dispatch": 1, "city": 1, "restart": 5}
+# None: the benchmark repeats nothing (it takes no --runs).
+DEFAULT_RUNS: dict[str, int | None] = {"ingest": 1, "dispatch": 1, "city": 1, "restart": 5,
+                                       "pgdriver": None}
 
 
 def run_one(name: str, argv: Sequence[str], extra: Sequence[str]) -> dict[str, object]:
@@ -83,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "load": round(os.getloadavg()[0], 2)}}), flush=True)
     failed = 0
     for name in names:
-        runs = args.runs if args.runs is not None else DEFAULT_RUNS[name]
-        result = run_one(name, BENCHMARKS[name], ["--runs", str(runs)])
+        default = DEFAULT_RUNS[name]
+        runs = default if args.runs is None or default is None else args.runs
+        result = run_one(name, BENCHMARKS[name], [] if runs is None else ["--runs", str(runs)])
         failed += "error" in result
         print(json.dumps(result), flush=True)
     return 1 if failed else 0
