@@ -22,6 +22,7 @@ deps:
 	scripts/ensure-mosquitto.sh
 	scripts/ensure-peers.sh
 	scripts/ensure-postgres.sh
+	scripts/ensure-rabbitmq.sh
 
 demo: $(STAMP)
 	scripts/ensure-mosquitto.sh
