@@ -333,7 +333,7 @@ async def test_a_persistent_session_and_its_queued_messages_survive_the_node_bei
     received = []
     async with client, asyncio.timeout(DEADLINE_S):
         async for message in client.messages:
-            received.append(bytes(message.payload))  # type: ignore[arg-type]
+            received.append(bytes(message.payload))
             if len(received) == 20:
                 break
     assert present == [True]
