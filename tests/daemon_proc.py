@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 
 class DaemonProcess:
@@ -70,6 +71,18 @@ class DaemonProcess:
         """The daemon's output so far."""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines so far (``--log-format json``), only ``name``'s if given."""
+        found = []
+        for line in self.log().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and (name is None or entry.get("event") == name):
+                found.append(entry)
+        return found
+
     def kill9(self) -> None:
         """SIGKILL: no chance to flush, drain or say goodbye."""
         assert self.process is not None
@@ -99,6 +112,20 @@ class DaemonProcess:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def stored_presses(database: Path) -> dict[tuple[str, int], int]:
+    """Rows in ``presses`` per (device, counter), read beside a running daemon."""
+    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return {
+            (str(device), int(counter)): int(rows)
+            for device, counter, rows in conn.execute(
+                "SELECT device_id, counter, COUNT(*) FROM presses GROUP BY device_id, counter"
+            )
+        }
+    finally:
+        conn.close()
 
 
 def count_rows(database: Path, sql: str, params: tuple[object, ...] = ()) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import socket
 import sqlite3
@@ -17,7 +16,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import pytest
@@ -49,16 +47,6 @@ class NotifiedDaemon(DaemonProcess):
         return self.messages
 
 
-def _events(daemon: DaemonProcess) -> list[dict[str, Any]]:
-    out = []
-    for line in daemon.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            out.append(entry)
-    return out
 
 
 def _run_panicd(config: Path, keys: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -130,7 +118,7 @@ def test_sigterm_after_ready_exits_0_and_notifies_ready_before_stopping(
         if assignment in ("READY=1", "STOPPING=1")
     ]
     assert states == ["READY=1", "STOPPING=1"], messages
-    events = [e["event"] for e in _events(daemon)]
+    events = [e["event"] for e in daemon.events()]
     assert "daemon.devices_without_key" not in events  # every device has its key
     assert events.index("daemon.ready") < events.index("daemon.stopping")
     assert events.index("daemon.stopping") < events.index("daemon.stopped")
@@ -152,7 +140,7 @@ def test_presses_received_before_sigterm_are_committed_before_exit(
         assert len(result.sent) == 200
         assert wait_until("SELECT COUNT(*) FROM presses", database, 1, 30) >= 1, daemon.log()
         assert daemon.terminate() == 0
-    events = _events(daemon)
+    events = daemon.events()
     (drained,) = [e for e in events if e["event"] == "mqtt.draining_done"]
     assert drained["drained"] is True
     (stopped,) = [e for e in events if e["event"] == "daemon.stopped"]
@@ -193,7 +181,7 @@ def test_a_database_from_a_newer_schema_exits_1_with_store_unusable(
     finally:
         daemon.__exit__(None, None, None)
     assert not any(b"READY=1" in m for m in messages)
-    (unusable,) = [e for e in _events(daemon) if e["event"] == "store.unusable"]
+    (unusable,) = daemon.events("store.unusable")
     assert "newer" in unusable["error"]
     assert unusable["database"] == str(database)
     # The file was left as it was: panicd never downgrades a schema.
@@ -221,9 +209,9 @@ def test_a_receiver_missing_at_boot_gives_a_degraded_ready_instead_of_a_restart_
         # READY comes although rx1 never connects; the MQTT source is up and ingesting.
         daemon.wait_for(b"READY=1", 30)
         assert daemon.terminate() == 0
-    degraded = [e for e in _events(daemon) if e["event"] == "daemon.ready_degraded"]
+    degraded = daemon.events("daemon.ready_degraded")
     assert [e["down"] for e in degraded] == [["rx1"]]
-    ready = next(e for e in _events(daemon) if e["event"] == "daemon.ready")
+    ready = next(e for e in daemon.events() if e["event"] == "daemon.ready")
     assert ready["up"] == ["local"]
 
 
@@ -243,11 +231,11 @@ def test_devices_no_frame_of_theirs_can_pass_are_warned_of_at_start(
     daemon = NotifiedDaemon(config, keys, tmp_path / "run")
     with daemon:
         assert daemon.terminate() == 0  # a warning, not a refusal to run
-    (warning,) = [e for e in _events(daemon) if e["event"] == "daemon.devices_without_key"]
+    (warning,) = daemon.events("daemon.devices_without_key")
     assert warning["log_level"] == "warning"
     assert (warning["count"], warning["of"]) == (2, 4)
     assert warning["devices"] == ["SIM-00001", "SIM-00002"]
-    assert any(e["event"] == "daemon.ready" for e in _events(daemon))
+    assert any(e["event"] == "daemon.ready" for e in daemon.events())
 
 
 def _bind_and_leave(path: Path) -> None:

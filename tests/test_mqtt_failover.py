@@ -11,8 +11,6 @@ the second broker by itself.
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
 import threading
 import time
 import uuid
@@ -26,7 +24,7 @@ import structlog
 from firmware_sim.broker import free_port
 from firmware_sim.button import broker_link
 from firmware_sim.fleet import write_fleet
-from firmware_sim.storm import Key, StormResult, storm
+from firmware_sim.storm import StormResult, storm
 from gateway.config import BrokerAddress, load_config
 from gateway.dedup import DedupPolicy
 from gateway.ingest import Ingestor
@@ -39,7 +37,7 @@ from gateway.sources.mqtt import (
     SessionGuard,
 )
 from gateway.store import SqliteStore
-from tests.daemon_proc import DaemonProcess, count_rows, wait_until
+from tests.daemon_proc import DaemonProcess, count_rows, stored_presses, wait_until
 from tests.faults.conftest import KillableMosquitto
 from tests.pipeline import CountingStore, make_fleet
 
@@ -218,29 +216,8 @@ PRESSES = 1200
 COUNTER_BASE = 1000
 
 
-def _stored(database: Path) -> dict[Key, int]:
-    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        return {
-            (str(device), int(counter)): int(rows)
-            for device, counter, rows in conn.execute(
-                "SELECT device_id, counter, COUNT(*) FROM presses GROUP BY device_id, counter"
-            )
-        }
-    finally:
-        conn.close()
 
 
-def _events(daemon: DaemonProcess, name: str) -> list[dict[str, object]]:
-    found = []
-    for line in daemon.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == name:
-            found.append(entry)
-    return found
 
 
 @pytest.mark.slow
@@ -286,13 +263,13 @@ def test_first_broker_killed_mid_storm_panicd_and_buttons_fail_over_and_nothing_
             (result,) = results
             wait_until("SELECT COUNT(*) FROM presses", database, len(result.sent), 5.0)
             survived = daemon.process.poll() is None and daemon.process.pid == pid
-            connected = _events(daemon, "mqtt.connected")
-            dropped = _events(daemon, "mqtt.disconnected")
-            lost_alarms = _events(daemon, "mqtt.session_lost")
+            connected = daemon.events("mqtt.connected")
+            dropped = daemon.events("mqtt.disconnected")
+            lost_alarms = daemon.events("mqtt.session_lost")
             assert daemon.terminate() == 0, daemon.log()[-3000:]
     finally:
         first.stop()
-    stored = _stored(database)
+    stored = stored_presses(database)
     lost = sorted(key for key in result.sent if key not in stored)
     twice = sorted(key for key, rows in stored.items() if rows > 1)
     figures = (f"{result.summary()} stored={len(stored)} lost={len(lost)} twice={len(twice)}"

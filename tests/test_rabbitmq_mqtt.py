@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sqlite3
 import struct
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,9 +34,9 @@ import pytest
 
 from firmware_sim.fleet import write_fleet
 from firmware_sim.rabbitmq import RabbitMQ, RabbitMQNotInstalledError
-from firmware_sim.storm import Key, storm
+from firmware_sim.storm import storm
 from gateway.sources.mqtt_seam import open_seam
-from tests.daemon_proc import DaemonProcess, count_rows, wait_until
+from tests.daemon_proc import DaemonProcess, count_rows, stored_presses, wait_until
 
 # Generous deadlines: they bound a hang, they do not time anything.
 DEADLINE_S = 20.0
@@ -251,17 +250,6 @@ RATE = 250.0
 COUNTER_BASE = 1000
 
 
-def _stored(database: Path) -> dict[Key, int]:
-    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        return {
-            (str(device), int(counter)): int(rows)
-            for device, counter, rows in conn.execute(
-                "SELECT device_id, counter, COUNT(*) FROM presses GROUP BY device_id, counter"
-            )
-        }
-    finally:
-        conn.close()
 
 
 @pytest.mark.slow
@@ -287,7 +275,7 @@ def test_panicd_ingests_a_storm_through_rabbitmq_every_press_stored_once_and_con
         wait_until("SELECT COUNT(*) FROM presses", database, len(result.sent), 5.0)
         log = daemon.log()
         assert daemon.terminate() == 0, log[-3000:]
-    stored = _stored(database)
+    stored = stored_presses(database)
     lost = sorted(key for key in result.sent if key not in stored)
     twice = sorted(key for key, rows in stored.items() if rows > 1)
     figures = f"{result.summary()} stored={len(stored)} lost={len(lost)} twice={len(twice)}"

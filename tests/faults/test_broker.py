@@ -16,8 +16,6 @@ makes the first test mean something.
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +26,7 @@ import pytest
 
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import Key, StormResult, storm
-from tests.daemon_proc import DaemonProcess, count_rows, wait_until
+from tests.daemon_proc import DaemonProcess, count_rows, stored_presses, wait_until
 from tests.faults.conftest import KillableMosquitto
 
 BUTTONS = 100
@@ -74,29 +72,8 @@ class Outcome:
         )
 
 
-def _connects(daemon: DaemonProcess) -> int:
-    count = 0
-    for line in daemon.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == "mqtt.connected":
-            count += 1
-    return count
 
 
-def _stored(database: Path) -> dict[Key, int]:
-    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        return {
-            (str(device), int(counter)): int(rows)
-            for device, counter, rows in conn.execute(
-                "SELECT device_id, counter, COUNT(*) FROM presses GROUP BY device_id, counter"
-            )
-        }
-    finally:
-        conn.close()
 
 
 def storm_under_broker_kills(
@@ -151,11 +128,11 @@ def storm_under_broker_kills(
         # What reached panicd is committed within milliseconds; give stragglers a moment.
         wait_until("SELECT COUNT(*) FROM presses", database, len(result.sent), 5.0)
         survived = daemon.process.poll() is None and daemon.process.pid == pid
-        connects = _connects(daemon)
+        connects = len(daemon.events("mqtt.connected"))
         assert daemon.terminate() == 0, daemon.log()[-3000:]
     return Outcome(
         result=result,
-        stored=_stored(database),
+        stored=stored_presses(database),
         kills=KILLS,
         panicd_connects=connects,
         panicd_survived=survived,

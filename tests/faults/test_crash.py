@@ -14,7 +14,6 @@ no escalation step fired twice.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import threading
 import time
@@ -129,9 +128,8 @@ def test_every_press_stored_once_and_every_incident_paged_once_across_random_kil
     pages_never = sum(1 for key in callbacks if key not in accepted)
     due_lines: dict[tuple[object, object], int] = {}
     for daemon in daemons:
-        for line in daemon.log().splitlines():
-            if line.startswith("{") and (entry := json.loads(line)).get("event") == \
-                    "escalation.step_due" and entry.get("incident") is not None:
+        for entry in daemon.events("escalation.step_due"):
+            if entry.get("incident") is not None:
                 key = (entry["incident"], entry["level"])
                 due_lines[key] = due_lines.get(key, 0) + 1
     steps_twice = sum(1 for n in due_lines.values() if n > 1)

@@ -12,7 +12,6 @@ fired once.
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -80,9 +79,6 @@ def wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def log_events(*daemons: DaemonProcess) -> list[dict[str, object]]:
-    return [json.loads(line) for d in daemons for line in d.log().splitlines()
-            if line.startswith("{")]
 
 
 @pytest.mark.usefixtures("twilio_env")
@@ -128,7 +124,7 @@ def test_no_page_is_sent_twice_or_lost_when_panicd_is_killed_with_pages_in_fligh
     never = sum(1 for key in callbacks if key not in accepted)
     sids = [sid for *_, sid in alerts]
     held_sids = {str(d["sid"]) for d in twilio_peer.accepted}
-    found = sum(1 for e in log_events(*daemons) if e.get("event") == "outbox.found")
+    found = sum(len(d.events("outbox.found")) for d in daemons)
     fault_report(
         f"panicd SIGKILL x{KILLS} with pages in flight, provider slow on 20%:"
         f" incidents {INCIDENTS}, pages {len(alerts)}, found at the provider after a"

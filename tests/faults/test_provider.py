@@ -16,7 +16,6 @@ pages fared.
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 from collections.abc import Callable, Mapping
@@ -131,8 +130,7 @@ def test_every_page_is_accepted_once_and_refusals_are_never_retried_under_a_flak
     retried_refusals = sum(1 for statuses in refused if len(statuses) != 1)
     steps = rows(site.database, "SELECT fired_at - due_at FROM escalation_steps")
     late = max(float(str(lag)) for (lag,) in steps)
-    found = sum(1 for line in daemon.log().splitlines()
-                if line.startswith("{") and json.loads(line).get("event") == "outbox.found")
+    found = len(daemon.events("outbox.found"))
     fault_report(
         f"flaky provider ({', '.join(f'{k} x{n}' for k, n in sorted(provider.injected.items()))}):"
         f" incidents {INCIDENTS}, pages {len(alerts)}, accepted once {accepted_once} of"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,13 +120,6 @@ async def _press_all(air: Air, counter: int) -> list[int | None]:
     return [task.result() for task in tasks]
 
 
-def _events(daemon: DaemonProcess, name: str) -> int:
-    count = 0
-    for line in daemon.log().splitlines():
-        with contextlib.suppress(ValueError):
-            if json.loads(line).get("event") == name:
-                count += 1
-    return count
 
 
 async def test_receiver_unplugged_mid_stream_loses_nothing_and_reconnects(
@@ -171,7 +163,7 @@ async def test_receiver_unplugged_mid_stream_loses_nothing_and_reconnects(
     assert count_rows(database, "SELECT COUNT(*) FROM dead_letters"
                       " WHERE reason != 'partial_line'") == 0
     assert air.unheard > 0, "no button pressed while the receiver was away"
-    assert _events(daemon, "serial.connected") == 2
-    assert _events(daemon, "serial.disconnected") == 1
+    assert len(daemon.events("serial.connected")) == 2
+    assert len(daemon.events("serial.disconnected")) == 1
     print(f"serial: presses={3 * len(BUTTONS)} unheard_while_unplugged={air.unheard} "  # noqa: T201
           f"lost=0 twice=0 acked_after_replug_s={recovered_s:.2f}")

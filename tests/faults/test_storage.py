@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import os
 import sqlite3
 import subprocess
@@ -100,7 +99,7 @@ def _publish_until_failing(broker: Mosquitto, devices: list[SimDevice], daemon: 
                            base: int) -> set[tuple[str, int]]:
     """Publish batches until commits fail (a full disk still takes commits into WAL pages
     a checkpoint freed), then one batch more; the keys sent."""
-    failures = len(_events(daemon, "store.commit_failed"))
+    failures = len(daemon.events("store.commit_failed"))
     sent: set[tuple[str, int]] = set()
     for round_ in range(30):
         sent |= _publish(broker, devices, 100, base + 100 * round_)
@@ -118,19 +117,11 @@ def _stored(database: Path) -> list[tuple[str, int]]:
         conn.close()
 
 
-def _events(daemon: DaemonProcess, name: str) -> list[dict[str, object]]:
-    out = []
-    for line in daemon.log().splitlines():
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and entry.get("event") == name:
-                out.append(entry)
-    return out
 
 
 def _wait_event(daemon: DaemonProcess, name: str, count: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while len(_events(daemon, name)) < count:
+    while len(daemon.events(name)) < count:
         assert daemon.process is not None and daemon.process.poll() is None, daemon.log()
         assert time.monotonic() < deadline, f"no {name} x{count} in {timeout_s} s:\n{daemon.log()}"
         time.sleep(0.1)  # a log file offers nothing to wait on
@@ -167,7 +158,7 @@ def test_disk_full_holds_presses_unacked_alerts_and_recovers_by_itself(
             assert wait_until("SELECT COUNT(*) FROM presses", database, total, 30) == total
             recovered_s = time.monotonic() - freed_at
             _wait_event(daemon, "store.recovered", 1, 10)
-            assert len(_events(daemon, "store.unavailable")) == 1  # one alert per outage
+            assert len(daemon.events("store.unavailable")) == 1  # one alert per outage
 
             # Full again, and panicd dies while it is: what it held was never PUBACKed,
             # so the broker delivers it again to the restarted panicd.
