@@ -152,7 +152,6 @@ class Outbox:
         # on it to give the first overdue page a head start (gateway/daemon.py).
         self.accepted = asyncio.Event()
         self.retries_scheduled = 0
-        self.pages_found = 0
 
     def wake(self) -> None:
         """New rows may be due: look now."""
@@ -301,7 +300,6 @@ class Outbox:
             log.info("outbox.not_found", incident=row.incident_id, person=row.person_id,
                      to=row.phone, channel=row.channel, checked=len(records))
             return None
-        self.pages_found += 1
         log.warning("outbox.found", incident=row.incident_id, person=row.person_id,
                     to=row.phone, channel=row.channel, sid=mine[0].sid,
                     provider_status=mine[0].status, candidates=len(mine))
