@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from gateway.schema import migrate
+from store.sqlite_schema import migrate
 
 HISTORIC_DEVICES = 1_000
 PRESSES_PER_INCIDENT = 20

@@ -29,8 +29,8 @@ from dispatch.outbox import Outbox
 from dispatch.policy import Level, Medium, Policy, Routing
 from dispatch.responders import Responders
 from dispatch.responses import AckResult, DispatchSettings, Feedback, Responses, alert_body
-from dispatch.store import DispatchStore, IncidentInfo, NewMessage, StepRow
 from gateway.ingest import IncidentEvent
+from store.dispatch import DispatchStore, IncidentInfo, NewMessage, StepRow
 
 __all__ = ["AckResult", "DispatchSettings", "Dispatcher", "Feedback"]
 

@@ -45,9 +45,9 @@ from dispatch.health import (
     summary_text,
     transitions,
 )
-from dispatch.store import DispatchStore
 from gateway.model import Device
-from gateway.store import Writers
+from store.dispatch import DispatchStore
+from store.sqlite import Writers
 
 log = structlog.get_logger("panicd.health")
 

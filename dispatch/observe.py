@@ -19,7 +19,7 @@ from aiohttp import web
 from dispatch.engine import Dispatcher
 from dispatch.health import Condition, SourceState
 from dispatch.metrics import Family, render
-from dispatch.store import DispatchStore
+from store.dispatch import DispatchStore
 
 INCIDENT_STATUSES = ("open", "acknowledged", "resolved", "cancelled")
 OUTBOX_STATES = ("pending", "sending", "sent", "delivered", "failed", "no_answer", "cancelled")

@@ -56,7 +56,7 @@ from dispatch.channel import (
 from dispatch.loops import resilient, wait_until
 from dispatch.policy import Medium
 from dispatch.retry import Outcome, ProviderChange, ProviderWatch, RequeuePolicy
-from dispatch.store import Delivery, DispatchStore, OutboxRow
+from store.dispatch import Delivery, DispatchStore, OutboxRow
 
 log = structlog.get_logger("panicd.dispatch")
 

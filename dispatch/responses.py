@@ -21,8 +21,8 @@ from dispatch.messages import build_alert_sms, build_cancelled_sms, build_handle
 from dispatch.outbox import Outbox
 from dispatch.policy import Medium, Routing
 from dispatch.responders import Responders
-from dispatch.store import DispatchStore, IncidentInfo, NewMessage
 from dispatch.webhook_auth import make_ack_token
+from store.dispatch import DispatchStore, IncidentInfo, NewMessage
 
 log = structlog.get_logger("panicd.dispatch")
 

@@ -20,11 +20,11 @@ from dispatch.channel import Channel, ConsoleChannel
 from dispatch.engine import Dispatcher, DispatchSettings, Feedback
 from dispatch.policy import Routing, load_policies
 from dispatch.responders import Responders, load_responders
-from dispatch.store import DispatchStore
 from dispatch.twilio_channel import TwilioChannel, twilio_credentials_from_env
 from gateway.config import Config, DispatchConfig
 from gateway.errors import ConfigError
-from gateway.store import Writers
+from store.dispatch import DispatchStore
+from store.sqlite import Writers
 
 if TYPE_CHECKING:
     from aiohttp import web

@@ -57,7 +57,6 @@ from dispatch.messages import (
     build_machine_hangup_twiml,
     build_voice_message,
 )
-from dispatch.store import DispatchStore, OutboxRow
 from dispatch.webhook_auth import (
     SIGNATURE_HEADER,
     AckTokenError,
@@ -69,6 +68,7 @@ from dispatch.webhook_auth import (
 )
 from gateway.locate import map_link
 from gateway.model import GeoFix
+from store.dispatch import DispatchStore, OutboxRow
 
 log = structlog.get_logger("panicd.web")
 

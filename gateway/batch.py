@@ -25,7 +25,16 @@ from gateway.dedup import (
 from gateway.errors import DecodeError
 from gateway.locate import Locator, locate
 from gateway.model import Device, Frame, Gateway, PressKind, Reception, Trust
-from gateway.store import (
+from gateway.verify import (
+    Accept,
+    DeviceState,
+    Duplicate,
+    KnownPress,
+    Reject,
+    seen_state,
+    verify,
+)
+from store.ingest import (
     BatchState,
     BatchWrites,
     DeadLetterRow,
@@ -35,15 +44,6 @@ from gateway.store import (
     PathRow,
     PressRow,
     TimelineRow,
-)
-from gateway.verify import (
-    Accept,
-    DeviceState,
-    Duplicate,
-    KnownPress,
-    Reject,
-    seen_state,
-    verify,
 )
 
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dispatch import ctl as dispatch_ctl
-from gateway import ctl_ops, queries
+from gateway import ctl_ops
 from gateway.config import Config, load_config, unheard_devices
 from gateway.ctl_format import WIB, err, out, print_json, table, when
 from gateway.daemon import DEFAULT_CONFIG, load
@@ -24,6 +24,7 @@ from gateway.errors import ConfigError
 from gateway.explain import FORMATS, UnsupportedFormatError, explain
 from gateway.locate import Locator, map_link
 from gateway.model import GeoFix
+from store import queries
 
 
 def _config(args: argparse.Namespace) -> Config:

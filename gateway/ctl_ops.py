@@ -37,11 +37,11 @@ from dispatch.observe import (
 )
 from firmware_sim.button import build_frame, topic_for
 from firmware_sim.fleet import SimDevice
-from gateway import queries
 from gateway.config import Config, MqttSourceConfig, load_config
 from gateway.ctl_format import err, out, print_json, table, when
 from gateway.formats import native
 from gateway.model import PressKind
+from store import queries
 
 
 class ControlError(Exception):

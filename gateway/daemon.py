@@ -31,7 +31,6 @@ from dispatch.service import (
     open_dispatch,
     serve_dispatch_web,
 )
-from gateway.checkpoint import WalCheckpointer
 from gateway.config import Config, load_config, unheard_devices
 from gateway.dedup import DedupPolicy
 from gateway.errors import ConfigError
@@ -40,7 +39,8 @@ from gateway.locate import Locator
 from gateway.logs import configure_logging
 from gateway.sdnotify import Notifier, watchdog_loop
 from gateway.sources import Source
-from gateway.store import SqliteStore, StoreError, Writers
+from store.checkpoint import WalCheckpointer
+from store.sqlite import SqliteStore, StoreError, Writers
 
 if TYPE_CHECKING:
     from aiohttp import web

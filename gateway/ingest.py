@@ -39,7 +39,7 @@ from gateway.batch import (
 )
 from gateway.dedup import DedupPolicy
 from gateway.locate import Locator
-from gateway.store import BatchWrites, DeadLetterRow, IngestStore
+from store.ingest import BatchWrites, DeadLetterRow, IngestStore
 
 # Sources and dispatch import these names from here.
 __all__ = [

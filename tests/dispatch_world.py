@@ -23,8 +23,9 @@ from dispatch.channel import Channel, DeliveryResult, DeliveryStatus, ProviderRe
 from dispatch.engine import Dispatcher, DispatchSettings
 from dispatch.policy import CommandCentre, Level, Medium, Policy, Routing, Targets
 from dispatch.responders import Group, Person, Responders, Roster, Shift
-from dispatch.store import Delivery, DispatchStore
-from gateway.store import BatchWrites, IncidentChange, IncidentRow, SqliteStore
+from store.dispatch import Delivery, DispatchStore
+from store.ingest import BatchWrites, IncidentChange, IncidentRow
+from store.sqlite import SqliteStore
 
 PUBLIC_URL = "https://panicd.madiunkota.go.id"
 ACK_SECRET = b"test-ack-secret-0123456789abcdef"

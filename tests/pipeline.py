@@ -20,7 +20,8 @@ from gateway.formats import native
 from gateway.ingest import Inbound, Ingestor, Outcome
 from gateway.locate import Locator
 from gateway.model import Frame, GeoFix, PressKind, Reception, Trust
-from gateway.store import BatchState, BatchWrites, SqliteStore
+from store.ingest import BatchState, BatchWrites
+from store.sqlite import SqliteStore
 
 T0 = 1_750_000_000.0
 

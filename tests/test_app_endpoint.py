@@ -22,7 +22,7 @@ from gateway.sources.app import (
     app_api,
     client_address,
 )
-from gateway.store import SqliteStore
+from store.sqlite import SqliteStore
 from tests.pipeline import BlockingStore, Fleet, frame_bytes, make_fleet, scalar
 
 JSON = {"Content-Type": "application/json"}

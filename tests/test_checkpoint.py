@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gateway.checkpoint import WalCheckpointer
-from gateway.schema import StoreError
-from gateway.store import BatchWrites, DeadLetterRow, SqliteStore, Writers
+from store.checkpoint import WalCheckpointer
+from store.ingest import BatchWrites, DeadLetterRow
+from store.sqlite import SqliteStore, Writers
+from store.sqlite_schema import StoreError
 
 T0 = 1_700_000_000.0
 

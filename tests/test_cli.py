@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import structlog
 
-from gateway import queries
 from gateway.cli import main
 from gateway.dedup import DedupPolicy
 from gateway.formats import native, ttn
 from gateway.ingest import Ingestor
 from gateway.model import Frame, PressKind, Trust
-from gateway.store import SqliteStore
+from store import queries
+from store.sqlite import SqliteStore
 from tests.pipeline import T0, Collector, Fleet, frame_bytes, make_fleet
 from tests.query_plans import whole_reads
 

@@ -22,7 +22,7 @@ from gateway.cli import main
 from gateway.dedup import DedupPolicy
 from gateway.ingest import Ingestor
 from gateway.model import PressKind
-from gateway.store import SqliteStore
+from store.sqlite import SqliteStore
 from tests.daemon_proc import DaemonProcess
 from tests.pipeline import T0, Collector, Fleet, frame_bytes, make_fleet, rows
 

@@ -9,7 +9,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from dispatch.store import Delivery, DispatchStore
+from store.dispatch import Delivery, DispatchStore
 from tests.query_plans import plan, traced, whole_reads
 
 T0 = 1_780_000_000.0

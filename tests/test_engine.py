@@ -17,9 +17,9 @@ import structlog
 
 from dispatch.channel import ConsoleChannel
 from dispatch.messages import SMS_LIMIT, is_single_segment
-from dispatch.store import DispatchStore, IncidentInfo
 from dispatch.webhook_auth import verify_ack_token
 from gateway.ingest import IncidentEvent
+from store.dispatch import DispatchStore, IncidentInfo
 from tests.dispatch_world import (
     ACK_SECRET,
     KODE_GAP,

@@ -28,7 +28,7 @@ from gateway.errors import DecodeError
 from gateway.formats import lora_ack
 from gateway.ingest import DeadLettered, Ingestor
 from gateway.model import Frame, Ignored, Trust
-from gateway.store import SqliteStore
+from store.sqlite import SqliteStore
 from tests.formats_fuzz import (
     Target,
     check_outcome,

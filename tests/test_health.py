@@ -44,7 +44,7 @@ from dispatch.messages import is_single_segment
 from gateway.dedup import DedupPolicy
 from gateway.ingest import Ingestor
 from gateway.model import PressKind
-from gateway.store import SqliteStore
+from store.sqlite import SqliteStore
 from tests.pipeline import Collector, Fleet, frame_bytes, make_fleet, rows
 from tests.query_plans import traced, whole_reads
 

@@ -32,8 +32,8 @@ from gateway.ingest import (
     Stored,
 )
 from gateway.model import Frame, GeoFix, PressKind, Reception, Trust
-from gateway.store import SqliteStore
 from gateway.verify import REPLAY_WINDOW
+from store.sqlite import SqliteStore
 from tests.pipeline import (
     T0,
     BlockingStore,

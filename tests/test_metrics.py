@@ -29,11 +29,11 @@ from dispatch.observe import (
     install,
     status_snapshot,
 )
-from dispatch.store import DispatchStore
 from gateway.dedup import DedupPolicy
 from gateway.ingest import Ingestor
 from gateway.model import PressKind
-from gateway.store import SqliteStore
+from store.dispatch import DispatchStore
+from store.sqlite import SqliteStore
 from tests import dispatch_world as dw
 from tests.pipeline import T0, Collector, Fleet, frame_bytes, make_fleet, rows
 from tests.query_plans import traced, whole_reads

@@ -36,7 +36,7 @@ from gateway.sources.mqtt import (
     SessionAlarm,
     SessionGuard,
 )
-from gateway.store import SqliteStore
+from store.sqlite import SqliteStore
 from tests.daemon_proc import DaemonProcess, count_rows, stored_presses, wait_until
 from tests.faults.conftest import KillableMosquitto
 from tests.pipeline import CountingStore, make_fleet

@@ -32,7 +32,7 @@ from gateway.sources.mqtt import (
     SessionAlarm,
     SessionGuard,
 )
-from gateway.store import SqliteStore
+from store.sqlite import SqliteStore
 from tests.pipeline import BlockingStore, CountingStore, Fleet, make_fleet, rows, scalar
 
 # Generous deadlines: they bound a hang, they do not time anything.

@@ -20,8 +20,8 @@ from structlog.testing import capture_logs
 
 from dispatch.channel import ProviderLookupError, ProviderRecord
 from dispatch.outbox import IN_DOUBT_MAX_S
-from dispatch.store import Delivery, DispatchStore
 from dispatch.twilio_channel import TwilioApiHttpClient, TwilioChannel, TwilioCredentials
+from store.dispatch import Delivery, DispatchStore
 from tests.dispatch_e2e import Fault, RecordingPeer
 from tests.dispatch_world import (
     KODE_LADDER,

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from dispatch.channel import DeliveryResult, DeliveryStatus
 from dispatch.health import HealthSettings
 from dispatch.health_monitor import HealthMonitor
-from dispatch.store import DispatchStore
+from store.dispatch import DispatchStore
 from tests.dispatch_world import (
     KODE_LADDER,
     KODE_TOGETHER,

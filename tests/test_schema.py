@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from gateway.schema import MIGRATIONS, SCHEMA_VERSION, migrate
+from store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 
 
 async def test_a_version_3_database_gains_the_partial_indexes_and_keeps_its_rows(

@@ -25,7 +25,7 @@ from gateway.dedup import DedupPolicy
 from gateway.formats import native, payload_bytes
 from gateway.ingest import Ingestor
 from gateway.sources.mqtt import MqttSource
-from gateway.store import SqliteStore
+from store.sqlite import SqliteStore
 from tests.conftest import SECURE_ACCOUNTS
 from tests.pipeline import CountingStore, Fleet, frame_bytes, make_fleet, rows, scalar
 

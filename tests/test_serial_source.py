@@ -33,7 +33,7 @@ from gateway.locate import Locator
 from gateway.model import GeoFix, PressKind
 from gateway.sources.mqtt import MqttSource
 from gateway.sources.serial import LineInterpreter, LineSplitter, SerialSource, Uplink
-from gateway.store import SqliteStore
+from store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 GEO = REPO / "config" / "geo" / "kelurahan.geojson"

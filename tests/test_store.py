@@ -12,8 +12,8 @@ import pytest
 
 from gateway.dedup import ActiveIncident
 from gateway.model import PressKind
-from gateway.store import (
-    SCHEMA_VERSION,
+from gateway.verify import DeviceState, KnownPress
+from store.ingest import (
     BatchWrites,
     DeadLetterRow,
     DeviceSeen,
@@ -21,11 +21,9 @@ from gateway.store import (
     IncidentRow,
     PathRow,
     PressRow,
-    SqliteStore,
-    StoreError,
     TimelineRow,
 )
-from gateway.verify import DeviceState, KnownPress
+from store.sqlite import SCHEMA_VERSION, SqliteStore, StoreError
 
 T0 = 1_700_000_000.0
 

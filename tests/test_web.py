@@ -22,9 +22,9 @@ from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
 from dispatch.engine import Dispatcher
-from dispatch.store import DispatchStore
 from dispatch.web import WebSettings, public_app
 from dispatch.webhook_auth import make_ack_token
+from store.dispatch import DispatchStore
 from tests.dispatch_world import (
     ACK_SECRET,
     KODE_LADDER,

@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
-from dispatch.store import DispatchStore
 from dispatch.web import WebSettings, public_app
+from store.dispatch import DispatchStore
 from tests.dispatch_world import (
     ACK_SECRET,
     KODE_LADDER,

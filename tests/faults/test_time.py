@@ -24,7 +24,7 @@ from dispatch.channel import DeliveryResult
 from dispatch.engine import Dispatcher, DispatchSettings
 from dispatch.loops import SteadyClock
 from dispatch.policy import Level, Medium, Policy, Routing, Targets
-from dispatch.store import DispatchStore
+from store.dispatch import DispatchStore
 from tests.dispatch_world import (
     ACK_SECRET,
     CENTRE,

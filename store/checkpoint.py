@@ -6,7 +6,7 @@ fsyncs it before returning. On an empty database that is a few milliseconds; on 
 a million stored presses the pages a batch touches are scattered through big indexes, and
 such a commit took up to 262 ms — a panic press (or a page going out) waiting on
 housekeeping. panicd's connections therefore switch the automatic checkpoint off
-(:class:`gateway.store.Writers`) and this component, on a connection and thread of its
+(:class:`store.sqlite.Writers`) and this component, on a connection and thread of its
 own, runs a PASSIVE checkpoint every ``every_s``: it copies what it can without waiting
 for, or blocking, any reader or writer (https://www.sqlite.org/c3ref/wal_checkpoint_v2.html).
 """

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import aiosqlite
 
-from gateway.store import SqliteDatabase, Writers
+from store.sqlite import SqliteDatabase, Writers
 
 
 @dataclass(frozen=True, slots=True)

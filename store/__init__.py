@@ -1,0 +1,1 @@
+"""panicd's storage: one place both halves (gateway/, dispatch/) keep their state."""
