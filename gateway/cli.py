@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dispatch import ctl as dispatch_ctl
-from gateway import ctl_ops
+from gateway import ctl_migrate, ctl_ops
 from gateway.config import Config, load_config, unheard_devices
 from gateway.ctl_format import WIB, err, out, print_json, table, when
 from gateway.daemon import DEFAULT_CONFIG, load
@@ -55,6 +55,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     warnings = config_warnings(config)
     summary: dict[str, object] = {
         "config": str(config.path),
+        "store": str(config.store),
         "database": str(config.database),
         "devices": len(config.devices),
         "devices_without_key": keyless,
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     dispatch_ctl.register(add)
     ctl_ops.register(add)
+    ctl_migrate.register(add)
     p = add("decode", cmd_decode, "decode and verify one frame; print press and verdict",
             json_flag=False)
     p.add_argument("--format", required=True, choices=FORMATS)

@@ -31,7 +31,7 @@ from dispatch.service import (
     open_dispatch,
     serve_dispatch_web,
 )
-from gateway.config import Config, load_config, unheard_devices
+from gateway.config import Config, load_config, refuse_unsupported_store, unheard_devices
 from gateway.dedup import DedupPolicy
 from gateway.errors import ConfigError
 from gateway.ingest import Ingestor
@@ -78,6 +78,7 @@ def load(path: Path, *, defer_geometry: bool = False) -> Loaded:
     web server can take a press; everything else is still validated here.
     """
     config = load_config(path)
+    refuse_unsupported_store(config)
     from_file = Locator.deferred if defer_geometry else Locator.from_geojson
     locator = from_file(config.kelurahan_file, nearest_within_m=config.nearest_within_m)
     for device in config.devices.values():
@@ -415,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info(
         "daemon.starting",
         config=str(config.path),
+        store=str(config.store),
         devices=len(config.devices),
         sources=[s.name for s in config.mqtt] + [s.name for s in config.serial],
     )

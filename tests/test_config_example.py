@@ -48,6 +48,9 @@ def test_the_example_loads_as_installed(tmp_path: Path) -> None:
     config = load_config(_install(tmp_path, EXAMPLE.read_text(encoding="utf-8")), {})
     assert config.dispatch is not None
     assert config.mqtt[0].port == 8883
+    # Under the unit's StateDirectory=panicd, whatever directory the file is installed in.
+    assert config.store.backend == "sqlite"
+    assert config.database == Path("/var/lib/panicd/panicd.sqlite3")
 
 
 def test_every_key_the_loader_knows_is_in_the_example(tmp_path: Path) -> None:

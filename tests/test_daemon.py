@@ -24,6 +24,7 @@ from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import storm
 from gateway.daemon import GC_YOUNG_THRESHOLD, settle_gc
+from store.sqlite_schema import SCHEMA_VERSION
 from tests.daemon_proc import DaemonProcess, count_rows, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,11 +50,13 @@ class NotifiedDaemon(DaemonProcess):
 
 
 
-def _run_panicd(config: Path, keys: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _run_panicd(config: Path, keys: Path | None = None,
+                **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
     if keys is not None:
         env["PANICD_DEVICE_KEYS_FILE"] = str(keys)
+    env.update(extra_env)
     return subprocess.run(
         [sys.executable, "-m", "gateway.daemon", "--config", str(config), "--log-format", "json"],
         env=env, capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
@@ -99,6 +102,23 @@ def test_a_missing_registry_file_exits_2_with_one_line_naming_that_file(tmp_path
     (line,) = result.stderr.splitlines()
     assert line == (f"panicd: {config}: devices.registry: "
                     f"{tmp_path / 'devices.toml'} does not exist")
+
+
+def test_a_postgresql_store_exits_2_with_one_line_naming_the_file_and_key(
+    tmp_path: Path,
+) -> None:
+    config, keys, _ = write_fleet(tmp_path, devices=1, mqtt_port=1)
+    text = config.read_text(encoding="utf-8")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("database = "))
+    config.write_text('[store]\nurl = "postgresql://panicd@db1,db2/panicd"\n' + text,
+                      encoding="utf-8")
+    result = _run_panicd(config, keys, PANICD_STORE_PASSWORD="pg-Secret-4711")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line == (f"panicd: {config}: store.url: postgresql is not yet supported by this "
+                    "panicd (issue 13); use sqlite:///PATH")
+    assert "pg-Secret-4711" not in result.stdout + result.stderr
+    assert not (tmp_path / "panicd.sqlite3").exists()
 
 
 def test_sigterm_after_ready_exits_0_and_notifies_ready_before_stopping(
@@ -182,8 +202,14 @@ def test_a_database_from_a_newer_schema_exits_1_with_store_unusable(
         daemon.__exit__(None, None, None)
     assert not any(b"READY=1" in m for m in messages)
     (unusable,) = daemon.events("store.unusable")
-    assert "newer" in unusable["error"]
+    assert unusable["error"] == (
+        f"database schema version 99 is newer than this panicd ({SCHEMA_VERSION})"
+    )
     assert unusable["database"] == str(database)
+    # That is the one thing said about it: no traceback, no second error line.
+    assert "Traceback" not in daemon.log()
+    problems = [e for e in daemon.events() if e["log_level"] in ("error", "critical")]
+    assert problems == [unusable]
     # The file was left as it was: panicd never downgrades a schema.
     conn = sqlite3.connect(database)
     try:

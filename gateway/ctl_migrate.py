@@ -1,0 +1,117 @@
+"""``panicctl migrate [--check]``: bring the store's schema to this panicd's version.
+
+One function per backend (:data:`_BACKENDS`): each reports the schema version it found
+and the one it reached. The daemon migrates at start anyway; this lets an operator do it
+(or check for it) before a start, e.g. ahead of rolling out several instances. Exit 0
+up to date (or migrated), 1 with ``--check`` when migrations are pending, 2 for a
+database from a newer panicd (or a bad configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from gateway.config import Config, load_config, refuse_unsupported_store
+from gateway.ctl_format import err, out, print_json
+from gateway.errors import ConfigError
+from store.sqlite_schema import SCHEMA_VERSION, StoreError, migrate
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """What one ``migrate`` run found and did."""
+
+    found: int  # the schema version before
+    target: int  # this panicd's version
+    applied: int  # migrations run (0 with --check)
+
+    @property
+    def pending(self) -> int:
+        """Migrations still to run after this one."""
+        return self.target - self.found - self.applied
+
+    def line(self) -> str:
+        """``schema 4 -> 6 (2 applied)``, ``(2 pending)`` or ``(up to date)``."""
+        if self.applied:
+            state = f"{self.applied} applied"
+        elif self.pending:
+            state = f"{self.pending} pending"
+        else:
+            state = "up to date"
+        return f"schema {self.found} -> {self.target} ({state})"
+
+
+def newer_schema(found: int, known: int) -> StoreError:
+    """The error for a database from a newer panicd, worded as the store's own migrate."""
+    return StoreError(f"database schema version {found} is newer than this panicd ({known})")
+
+
+async def _sqlite_version(db: aiosqlite.Connection) -> int:
+    rows = list(await db.execute_fetchall("PRAGMA user_version"))
+    return int(rows[0][0])
+
+
+async def _migrate_sqlite(config: Config, check: bool) -> Migration:
+    path = config.database
+    if check:
+        if not path.exists():
+            # No file is schema 0; checking must not create one.
+            return Migration(0, SCHEMA_VERSION, 0)
+        async with aiosqlite.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+            found = await _sqlite_version(db)
+        if found > SCHEMA_VERSION:
+            raise newer_schema(found, SCHEMA_VERSION)
+        return Migration(found, SCHEMA_VERSION, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    async with aiosqlite.connect(path, isolation_level=None) as db:
+        found = await _sqlite_version(db)
+        # The store's own migrate: the same transactions and the same refusal of a newer
+        # schema as the daemon's start.
+        reached = await migrate(db)
+    return Migration(found, reached, reached - found)
+
+
+async def _migrate_postgresql(config: Config, check: bool) -> Migration:
+    del check  # the PostgreSQL branch arrives with the PostgreSQL store (issue 13)
+    # Until then, the same one line as panicd's own start gives.
+    refuse_unsupported_store(config)
+    raise ConfigError(config.path, "store.url", "panicctl migrate cannot migrate postgresql yet")
+
+
+_BACKENDS: dict[str, Callable[[Config, bool], Coroutine[Any, Any, Migration]]] = {
+    "sqlite": _migrate_sqlite,
+    "postgresql": _migrate_postgresql,
+}
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply pending migrations (or, with ``--check``, only say whether any are pending)."""
+    config = load_config(args.config)
+    try:
+        done = asyncio.run(_BACKENDS[config.store.backend](config, args.check))
+    except StoreError as exc:
+        err(exc)
+        return 2
+    except sqlite3.DatabaseError as exc:
+        err(f"database error: {exc}")
+        return 1
+    if args.json:
+        print_json({"store": str(config.store), "from": done.found, "to": done.target,
+                    "applied": done.applied, "pending": done.pending})
+    else:
+        out(done.line())
+    return 1 if done.pending else 0
+
+
+def register(add: Any) -> None:
+    """Add ``migrate`` to panicctl's subcommands (``add`` as in gateway.cli)."""
+    p = add("migrate", cmd_migrate, "apply the store's schema migrations")
+    p.add_argument("--check", action="store_true",
+                   help="apply nothing; exit 1 when migrations are pending")
