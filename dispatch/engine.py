@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-import aiosqlite
 import structlog
 
 from dispatch.channel import Channel
@@ -30,7 +30,7 @@ from dispatch.policy import Level, Medium, Policy, Routing
 from dispatch.responders import Responders
 from dispatch.responses import AckResult, DispatchSettings, Feedback, Responses, alert_body
 from gateway.ingest import IncidentEvent
-from store.dispatch import DispatchStore, IncidentInfo, NewMessage, StepRow
+from store.dispatch import DispatchStore, Fired, Firing, IncidentInfo, NewMessage, Plan, StepRow
 
 __all__ = ["AckResult", "DispatchSettings", "Dispatcher", "Feedback"]
 
@@ -189,35 +189,12 @@ class Dispatcher:
             self._planned_through = max(self._planned_through, committed_through)
             return 0
         now = self._clock()
-        fired: list[_Fired] = []
-        # One commit for every incident found: in a storm, a transaction per incident
-        # queued behind the scheduler's and the senders' (measured with bench/dispatch.py).
-        async with self._store.transaction() as db:
-            for incident, policy, route, steps in plans:
-                await db.execute(
-                    "INSERT OR IGNORE INTO incident_dispatch (incident_id, policy_id, route,"
-                    " planned_at) VALUES (?, ?, ?, ?)",
-                    (incident.id, policy.id, route.value, now),
-                )
-                await db.executemany(
-                    "INSERT OR IGNORE INTO escalation_steps (key, incident_id, round, level,"
-                    " due_at, state) VALUES (?, ?, ?, ?, ?, 'pending')",
-                    [(s.key, incident.id, s.round, s.level, s.due_at) for s in steps],
-                )
-                await DispatchStore.timeline(
-                    db,
-                    incident.id,
-                    now,
-                    "escalation.planned",
-                    route.value,
-                    detail={
-                        "policy": policy.id,
-                        "levels": len(policy.levels),
-                        "repeat": policy.repeat,
-                    },
-                )
-                if fire_now:
-                    fired += await self._fire_planned(db, incident, policy.id, steps, now)
+        stored = [self._plan(incident, policy, route.value, steps, now, fire_now=fire_now)
+                  for incident, policy, route, steps in plans]
+        incidents = {incident.id: incident for incident, *_ in plans}
+        firings = [(firing, incidents[plan.incident_id]) for plan in stored
+                   for firing in plan.fire]
+        fired = self._outcomes(await self._store.plan_incidents(stored, now), firings)
         for outcome in fired:
             self._log_fired(outcome, now)
         if fired:
@@ -236,6 +213,16 @@ class Dispatcher:
             )
         self._step_wake.set()
         return len(plans)
+
+    def _plan(self, incident: IncidentInfo, policy: Policy, route: str,
+              steps: Sequence[EscalationStep], now: float, *, fire_now: bool) -> Plan:
+        rows = tuple(StepRow(s.key, incident.id, s.round, s.level, s.due_at, policy.id)
+                     for s in steps)
+        # plan_steps orders them by due time: those due already fire in the planning commit.
+        due = itertools.takewhile(lambda row: row.due_at <= now, rows) if fire_now else ()
+        return Plan(incident.id, policy.id, route, rows,
+                    {"policy": policy.id, "levels": len(policy.levels), "repeat": policy.repeat},
+                    tuple(self._firing(row, incident, now) for row in due))
 
     async def _event_loop(self) -> None:
         await resilient("events", self._event_once)
@@ -266,26 +253,10 @@ class Dispatcher:
             self._events.put_nowait(event)
             raise
 
-    @staticmethod
-    async def _bring_next_forward(db: aiosqlite.Connection, incident_id: int, now: float) -> bool:
-        """Make the incident's next pending level due now; False if none was later."""
-        cursor = await db.execute(
-            "UPDATE escalation_steps SET due_at = ? WHERE key = (SELECT key FROM"
-            " escalation_steps WHERE incident_id = ? AND state = 'pending'"
-            " ORDER BY due_at, round, level LIMIT 1) AND due_at > ?",
-            (now, incident_id, now),
-        )
-        return cursor.rowcount > 0
-
     async def _hasten(self, incident_id: int, reason: str = "repeated_presses") -> None:
         """Bring the next pending level forward to now (repeated presses, or a level at
         which nobody could be reached)."""
-        now = self._clock()
-        async with self._store.transaction() as db:
-            moved = await self._bring_next_forward(db, incident_id, now)
-            if moved:
-                await DispatchStore.timeline(db, incident_id, now, "escalation.hastened", reason)
-        if moved:
+        if await self._store.hasten(incident_id, self._clock(), reason):
             log.info("escalation.hastened", incident=incident_id, reason=reason)
             self._step_wake.set()
 
@@ -314,36 +285,14 @@ class Dispatcher:
         steady = self._steady
         if steady is None or not steady.step():
             return 0.0
-        followed = 0.0
-        try:
-            async with self._store.transaction() as db:
-                delta = steady.step()  # again, under the write lock: each step applied once
-                if not delta:
-                    return 0.0
-                steps = await db.execute(
-                    "UPDATE escalation_steps SET due_at = due_at + ? WHERE state = 'pending'",
-                    (delta,),
-                )
-                # Pending messages wait for their due time (retry backoff, Retry-After); one
-                # in flight is judged stale by how long ago it was claimed (updated_at).
-                messages = await db.execute(
-                    "UPDATE outbox SET due_at = due_at + ? WHERE state = 'pending'", (delta,)
-                )
-                await db.execute(
-                    "UPDATE outbox SET updated_at = updated_at + ? WHERE state = 'sending'",
-                    (delta,),
-                )
-                # Before COMMIT: what this connection reads from now on is shifted.
-                steady.follow(delta)
-                followed = delta
-        except BaseException:
-            steady.follow(-followed)  # rolled back: the rows are in the old frame again
-            raise
-        log.warning("clock.stepped", step_s=round(delta, 3), steps_shifted=steps.rowcount,
-                    messages_shifted=messages.rowcount)
+        shift = await self._store.follow_clock_step(steady)
+        if shift is None:
+            return 0.0
+        log.warning("clock.stepped", step_s=round(shift.delta, 3), steps_shifted=shift.steps,
+                    messages_shifted=shift.messages)
         self._step_wake.set()
         self._outbox.wake()
-        return delta
+        return shift.delta
 
     # -- the scheduler ------------------------------------------------------------------
 
@@ -381,69 +330,22 @@ class Dispatcher:
     async def _fire_all(self, steps: Sequence[StepRow]) -> int:
         """Fire steps in one commit; returns how many fired (the others were stale)."""
         now = self._clock()
-        prepared = []
+        firings = []
         for step in steps:
             incident = await self._store.incident(step.incident_id)
-            level = self._level(step)
-            people = resolve_targets_via(level, self._responders, now)
-            prepared.append((step, incident, level, people))
-        # One commit per scheduler pass, not per step: in a storm each step's transaction
-        # queued behind the senders' (bench/dispatch.py measured fire lag of seconds).
-        fired = []
-        async with self._store.transaction() as db:
-            for step, incident, level, people in prepared:
-                outcome = await self._fire_in(
-                    db, step, incident, level=level, people=people, now=now
-                )
-                if outcome is not None:
-                    fired.append(outcome)
+            firings.append((self._firing(step, incident, now), incident))
+        fired = self._outcomes(await self._store.fire_steps([f for f, _ in firings], now),
+                               firings)
         for outcome in fired:
             self._log_fired(outcome, now)
         return len(fired)
 
-    async def _fire_planned(
-        self,
-        db: aiosqlite.Connection,
-        incident: IncidentInfo,
-        policy_id: str,
-        steps: Sequence[EscalationStep],
-        now: float,
-    ) -> list[_Fired]:
-        """Fire, inside the planning commit, the steps that are already due."""
-        fired = []
-        for step in steps:
-            if step.due_at > now:
-                break  # plan_steps orders them by due time
-            row = StepRow(step.key, incident.id, step.round, step.level, step.due_at, policy_id)
-            level = self._level(row)
-            people = resolve_targets_via(level, self._responders, now)
-            outcome = await self._fire_in(db, row, incident, level=level, people=people, now=now)
-            if outcome is not None:
-                fired.append(outcome)
-        return fired
-
-    async def _fire_in(
-        self,
-        db: aiosqlite.Connection,
-        step: StepRow,
-        incident: IncidentInfo | None,
-        *,
-        level: Level,
-        people: Sequence[tuple[str, str]],
-        now: float,
-    ) -> _Fired | None:
-        cursor = await db.execute(
-            "UPDATE escalation_steps SET state = 'fired', fired_at = ?"
-            " WHERE key = ? AND state = 'pending'",
-            (now, step.key),
-        )
-        if cursor.rowcount != 1:
-            return None  # an ack, a closure or another wake-up got there first
+    def _firing(self, step: StepRow, incident: IncidentInfo | None, now: float) -> Firing:
+        """What firing ``step`` queues: its level's people now, each on each channel."""
+        level = self._level(step)
+        people = resolve_targets_via(level, self._responders, now)
         if incident is None or incident.status != "open":
-            await db.execute(
-                "UPDATE escalation_steps SET state = 'cancelled' WHERE key = ?", (step.key,)
-            )
-            return None
+            return Firing(step, live=False, messages=(), people=(), via=())
         messages = []
         for channel in level.channels:
             for person_id, _via in people:
@@ -463,37 +365,22 @@ class Dispatcher:
                         level=step.level,
                     )
                 )
-        queued = await DispatchStore.insert_messages(db, messages, now)
-        await DispatchStore.timeline(
-            db,
-            incident.id,
-            now,
-            "escalation.step_fired",
-            f"level {step.level + 1}",
-            detail={
-                "round": step.round + 1,
-                "level": step.level + 1,
-                "people": [p for p, _ in people],
-                "via": [v for _, v in people],
-                "messages": queued,
-            },
-        )
-        if not people:
-            await self._pull_next_forward(db, step, now)
-        remaining = next(
-            iter(
-                await db.execute_fetchall(
-                    "SELECT COUNT(*) FROM escalation_steps"
-                    " WHERE incident_id = ? AND state = 'pending'",
-                    (incident.id,),
-                )
-            )
-        )[0]
-        if remaining == 0:
-            await DispatchStore.timeline(
-                db, incident.id, now, "escalation.exhausted", "no_ack_after_last_level"
-            )
-        return _Fired(step, incident.id, len(people), queued, remaining, incident.test)
+        return Firing(step, live=True, messages=tuple(messages),
+                      people=tuple(p for p, _ in people), via=tuple(v for _, v in people))
+
+    def _outcomes(self, fired: Sequence[Fired],
+                  firings: Sequence[tuple[Firing, IncidentInfo | None]]) -> list[_Fired]:
+        """The steps the store fired, joined with what was asked of it, for the log."""
+        asked = {firing.step.key: (firing, incident) for firing, incident in firings}
+        outcomes = []
+        for done in fired:
+            firing, incident = asked[done.key]
+            if not firing.people:
+                self._step_wake.set()  # the store brought the next level forward
+            outcomes.append(_Fired(firing.step, firing.step.incident_id, len(firing.people),
+                                   done.queued, done.remaining,
+                                   incident is not None and incident.test))
+        return outcomes
 
     def _log_fired(self, fired: _Fired, now: float) -> None:
         step = fired.step
@@ -514,19 +401,6 @@ class Dispatcher:
             # A test press pages only operations (one level): running out is its normal end.
             exhausted = log.info if fired.test else log.warning
             exhausted("escalation.exhausted", incident=fired.incident_id, test=fired.test)
-
-    async def _pull_next_forward(self, db: aiosqlite.Connection, step: StepRow, now: float) -> None:
-        """A level that paged nobody (roster gap) must not keep the next level waiting."""
-        await self._bring_next_forward(db, step.incident_id, now)
-        await DispatchStore.timeline(
-            db,
-            step.incident_id,
-            now,
-            "escalation.level_empty",
-            "nobody_on_call",
-            detail={"level": step.level + 1},
-        )
-        self._step_wake.set()
 
     # -- the outbox ----------------------------------------------------------------------
 

@@ -15,12 +15,12 @@ Two kinds of rows, both keyed for idempotency:
 What the scheduler must do to never double-fire:
 
 1. Sleep until ``next_due_at(pending steps)``; after a restart overdue steps fire at once.
-2. For each step from ``due_steps(steps, now)``, in ONE transaction: claim it with
-   ``UPDATE … SET state='fired' WHERE key=? AND state='pending'`` (rowcount 0 means an
-   ack or another worker got there first: do nothing), and ``INSERT OR IGNORE`` the
-   outbox rows from ``expand_step``. A crash before the commit leaves the step pending
-   and nothing queued; a crash after it leaves the pages in the outbox, which the
-   channel workers resume — the step is never expanded twice.
+2. For each step from ``due_steps(steps, now)``, in ONE transaction (the store's
+   ``fire_steps``): claim it only while it is still pending (if it is not, an ack or
+   another worker got there first: do nothing), and insert the outbox rows from
+   ``expand_step``, skipping keys that exist. A crash before the commit leaves the step
+   pending and nothing queued; a crash after it leaves the pages in the outbox, which
+   the channel workers resume — the step is never expanded twice.
 3. If ``expand_step`` returns nothing (a roster gap), apply
    ``reschedule_after_empty_level`` in the same transaction so the next level is not
    kept waiting for a level that paged no one.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
@@ -46,8 +45,9 @@ from dispatch.health import (
     transitions,
 )
 from gateway.model import Device
-from store.dispatch import DispatchStore
+from store.dispatch import HealthRaise
 from store.sqlite import Writers
+from store.sqlite_dispatch import SqliteDispatchStore
 
 log = structlog.get_logger("panicd.health")
 
@@ -86,7 +86,7 @@ class HealthMonitor:
         self._reported_offline = reported_offline
         self._source_alarms = source_alarms
         self._autostart = autostart  # False: the caller drives check() itself (tests)
-        self._store = DispatchStore(database, writers=writers)
+        self._store = SqliteDispatchStore(database, writers=writers)
         self._devices = devices
         self._probe = sources
         self._settings = settings
@@ -153,16 +153,11 @@ class HealthMonitor:
             log.error("health.check_failed", step=step, error=repr(exc))  # noqa: TRY400
 
     async def _raised(self) -> dict[Key, tuple[int, float]]:
-        rows = await self._store.db.execute_fetchall(
-            "SELECT id, subject, condition, raised_at FROM device_health WHERE cleared_at IS NULL"
-        )
-        return {(r[1], Condition(r[2])): (int(r[0]), float(r[3])) for r in rows}
+        return {(r.subject, Condition(r.condition)): (r.id, r.raised_at)
+                for r in await self._store.raised_health()}
 
     async def _device_views(self) -> list[DeviceView]:
-        rows = await self._store.db.execute_fetchall(
-            "SELECT id, last_seen_at, battery FROM devices"
-        )
-        seen = {r[0]: (r[1], r[2]) for r in rows}
+        seen = await self._store.device_sightings()
         offline = self._reported_offline() if self._reported_offline else {}
         return [
             DeviceView(d.id, d.heartbeat_interval_s, *seen.get(d.id, (None, None)),
@@ -182,25 +177,14 @@ class HealthMonitor:
         known = {f"device:{d}" for d in self._devices} | {
             f"source:{s.name}" for s in self.source_states()
         }
-        new_ids: list[tuple[int, Finding]] = []
-        cleared: list[tuple[int, Key, float]] = []
-        async with self._store.transaction() as db:
-            for finding in change.raise_:
-                cursor = await db.execute(
-                    "INSERT INTO device_health (subject, condition, raised_at, detail)"
-                    " VALUES (?, ?, ?, ?)",
-                    (finding.subject, finding.condition.value, now,
-                     json.dumps(dict(finding.detail), sort_keys=True)),
-                )
-                assert cursor.lastrowid is not None
-                new_ids.append((cursor.lastrowid, finding))
-            for key in change.clear:
-                row_id, raised_at = raised[key]
-                await db.execute(
-                    "UPDATE device_health SET cleared_at = ? WHERE id = ?", (now, row_id)
-                )
-                if key[0] in known:  # a device removed from the registry recovers silently
-                    cleared.append((row_id, key, raised_at))
+        ids = await self._store.record_health(
+            [HealthRaise(f.subject, f.condition.value, f.detail) for f in change.raise_],
+            [raised[key][0] for key in change.clear], now,
+        )
+        new_ids = list(zip(ids, change.raise_, strict=True))
+        # A device removed from the registry recovers silently.
+        cleared = [(raised[key][0], key, raised[key][1]) for key in change.clear
+                   if key[0] in known]
         self.active = current
         batteries = {v.id: v.battery for v in views}
         for row_id, finding in new_ids:
@@ -223,18 +207,15 @@ class HealthMonitor:
     async def announce_external(self) -> int:
         """Queue the SMS of conditions other components raised or cleared (the provider's
         outage); each row's alert and recovery once. Returns how many were queued."""
-        marks = ",".join("?" * len(EXTERNAL_CONDITIONS))
-        rows = await self._store.db.execute_fetchall(
-            "SELECT id, subject, condition, raised_at, cleared_at, detail"  # noqa: S608
-            f" FROM device_health WHERE condition IN ({marks}) AND raised_at > ?",  # marks only
-            (*sorted(EXTERNAL_CONDITIONS), self._clock() - 86400.0),
-        )
+        rows = await self._store.health_since(sorted(EXTERNAL_CONDITIONS),
+                                              self._clock() - 86400.0)
         queued = 0
-        for row_id, subject, condition, raised_at, cleared_at, detail in rows:
+        for row in rows:
+            row_id, subject, condition, raised_at, cleared_at = (
+                row.id, row.subject, row.condition, row.raised_at, row.cleared_at)
             key = f"health:{row_id}"
             if key not in self._announced:
-                finding = Finding(subject, Condition(condition), raised_at,
-                                  json.loads(detail or "{}"))
+                finding = Finding(subject, Condition(condition), raised_at, row.detail)
                 log.warning("health.raised", subject=subject, condition=condition,
                             health_id=row_id)
                 await self._send(key, alert_text(finding))
@@ -251,26 +232,15 @@ class HealthMonitor:
 
     async def heal(self) -> int:
         """Queue the SMS of transitions recorded just before a crash; returns how many."""
-        # The keys 'ops:health:<id>:...' (send_ops) as a range on the key's index, ';'
-        # being the character after ':'. SQLite uses an index for LIKE only with a
-        # constant pattern on a NOCASE column (sqlite.org/optoverview.html, "The LIKE
-        # optimization"), so LIKE walked every key per health row: 1.1 s -> 0.08 ms on
-        # 100,000 messages (query-plan audit). LIKE also ignored case; send_ops builds
-        # every key lowercase, so the range admits the same rows.
-        rows = await self._store.db.execute_fetchall(
-            "SELECT h.id, h.subject, h.condition, h.raised_at, h.cleared_at, h.detail"
-            " FROM device_health h WHERE h.raised_at > ? AND NOT EXISTS (SELECT 1 FROM outbox o"
-            " WHERE o.key >= 'ops:health:' || h.id || ':'"
-            " AND o.key < 'ops:health:' || h.id || ';')",
-            (self._clock() - 86400.0,),
-        )
+        rows = await self._store.unannounced_health(self._clock() - 86400.0)
         healed = 0
-        for row_id, subject, condition, raised_at, cleared_at, detail in rows:
-            if cleared_at is None:
-                finding = Finding(subject, Condition(condition), None, json.loads(detail or "{}"))
+        for row in rows:
+            if row.cleared_at is None:
+                finding = Finding(row.subject, Condition(row.condition), None, row.detail)
                 if finding.condition is Condition.SOURCE_DOWN:
-                    finding = Finding(subject, finding.condition, raised_at, finding.detail)
-                await self._send(f"health:{row_id}", alert_text(finding))
+                    finding = Finding(row.subject, finding.condition, row.raised_at,
+                                      finding.detail)
+                await self._send(f"health:{row.id}", alert_text(finding))
                 healed += 1
         return healed
 
@@ -288,12 +258,7 @@ class HealthMonitor:
             self._summary_held_until = settle
             return None
         self._summary_held_until = None
-        rows = list(await self._store.db.execute_fetchall(
-            "SELECT (SELECT COUNT(*) FROM incidents WHERE status IN ('open', 'acknowledged')),"
-            " (SELECT COUNT(*) FROM incidents WHERE opened_at >= ? AND test = 0)",
-            (now - 86400.0,),
-        ))
-        open_incidents, last_day = rows[0]
+        open_incidents, last_day = await self._store.summary_counts(now - 86400.0)
         conditions = [key[1] for key in self.active]
         summary = Summary(
             day=day,
@@ -313,8 +278,4 @@ class HealthMonitor:
 
     async def counts(self) -> tuple[int, int]:
         """Open (or acknowledged) incidents and pending escalation steps, for STATUS=."""
-        rows = list(await self._store.db.execute_fetchall(
-            "SELECT (SELECT COUNT(*) FROM incidents WHERE status IN ('open', 'acknowledged')),"
-            " (SELECT COUNT(*) FROM escalation_steps WHERE state = 'pending')"
-        ))
-        return int(rows[0][0]), int(rows[0][1])
+        return await self._store.open_counts()

@@ -13,7 +13,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-import aiosqlite
 from aiohttp import web
 
 from dispatch.engine import Dispatcher
@@ -23,44 +22,6 @@ from store.dispatch import DispatchStore
 
 INCIDENT_STATUSES = ("open", "acknowledged", "resolved", "cancelled")
 OUTBOX_STATES = ("pending", "sending", "sent", "delivered", "failed", "no_answer", "cancelled")
-
-# Shared with panicctl's database fallback (gateway/ctl_ops.py), so both agree. By id,
-# SQLite 3.40 (no ANALYZE) walked every incident in rowid order; +id lets it read the few
-# open ones from incidents_active and sort them: 4.1 -> 0.07 ms on 50,000 incidents
-# (query-plan audit).
-OPEN_INCIDENTS_SQL = (
-    "SELECT id, status, test, urgent, device_id, opened_at, kelurahan, kecamatan FROM incidents"
-    " WHERE status IN ('open', 'acknowledged') ORDER BY +id"
-)
-PENDING_STEPS_SQL = "SELECT COUNT(*) FROM escalation_steps WHERE state = 'pending'"
-# The counts below read one partial index per branch (outbox_pending, outbox_sending,
-# incidents_active, and schema 4's incidents_closed and outbox_final) instead of scanning
-# the tables, which keep every incident and message. On 50,000 incidents and 100,000
-# messages (query-plan audit, SQLite 3.40 without ANALYZE): queued messages 12.9 -> 0.01
-# ms, incidents by status 9.5 -> 3.0 ms, messages by state 71 -> 8.9 ms. The branches
-# together name every value the schema's CHECK constraints allow, so the counts equal a
-# plain GROUP BY (tests/test_metrics.py).
-PENDING_OUTBOX_SQL = (
-    "SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'pending')"
-    " + (SELECT COUNT(*) FROM outbox WHERE state = 'sending')"
-)
-INCIDENTS_BY_STATUS_SQL = (
-    "SELECT status, COUNT(*) FROM incidents WHERE status IN ('open', 'acknowledged')"
-    " GROUP BY status"
-    " UNION ALL SELECT status, COUNT(*) FROM incidents"
-    " WHERE status IN ('resolved', 'cancelled') GROUP BY status"
-)
-NOTIFICATIONS_BY_STATE_SQL = (
-    "SELECT channel, state, COUNT(*) FROM outbox"
-    " WHERE state IN ('sent', 'delivered', 'failed', 'no_answer', 'cancelled') GROUP BY 1, 2"
-    " UNION ALL SELECT channel, state, COUNT(*) FROM outbox WHERE state = 'pending' GROUP BY 1"
-    " UNION ALL SELECT channel, state, COUNT(*) FROM outbox WHERE state = 'sending' GROUP BY 1"
-)
-UNHEALTHY_SQL = (
-    "SELECT subject, condition, raised_at, detail FROM device_health WHERE cleared_at IS NULL"
-    " ORDER BY subject, condition"
-)
-
 
 class Runtime(Protocol):
     """The daemon's in-process state that the database does not hold."""
@@ -83,29 +44,20 @@ OBS_DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("obs_dispatcher", Dispatcher
 OBS_STORE: web.AppKey[DispatchStore] = web.AppKey("obs_store", DispatchStore)
 
 
-async def _count(db: aiosqlite.Connection, sql: str) -> int:
-    return int(next(iter(await db.execute_fetchall(sql)))[0])
-
-
-async def _grouped(db: aiosqlite.Connection, sql: str) -> dict[tuple[str, ...], int]:
-    return {tuple(str(v) for v in row[:-1]): int(row[-1]) for row in
-            await db.execute_fetchall(sql)}
-
-
-async def collect(runtime: Runtime, dispatcher: Dispatcher, db: aiosqlite.Connection,
+async def collect(runtime: Runtime, dispatcher: Dispatcher, store: DispatchStore,
                   accept: str = "") -> tuple[bytes, str]:
     """Every metric family, encoded for ``accept``: (body, content type)."""
-    incidents = await _grouped(db, INCIDENTS_BY_STATUS_SQL)
-    outbox = await _grouped(db, NOTIFICATIONS_BY_STATE_SQL)
-    health = await _grouped(db, "SELECT condition, COUNT(*) FROM device_health"
-                                " WHERE cleared_at IS NULL GROUP BY condition")
+    incidents = await store.incident_counts()
+    outbox = await store.notification_counts()
+    health = await store.raised_counts()
+    depths = await store.queue_depths()
     families = [
         Family("panicd_presses_total", "counter",
                "Frames committed by ingest since start, by source and outcome.",
                [({"source": s, "outcome": o}, n)
                 for (s, o), n in sorted(runtime.press_counts().items())]),
         Family("panicd_incidents", "gauge", "Incidents in the database by status.",
-               [({"status": s}, incidents.get((s,), 0)) for s in INCIDENT_STATUSES]),
+               [({"status": s}, incidents.get(s, 0)) for s in INCIDENT_STATUSES]),
         Family("panicd_notifications", "gauge",
                "Outbox messages (SMS, voice calls) by channel and state.",
                [({"channel": c, "state": s}, outbox.get((c, s), 0))
@@ -116,11 +68,11 @@ async def collect(runtime: Runtime, dispatcher: Dispatcher, db: aiosqlite.Connec
         Family("panicd_queue_depth", "gauge",
                "Work waiting: ingest items, outbox messages, escalation steps.",
                [({"queue": "ingest"}, runtime.ingest_depth()),
-                ({"queue": "outbox"}, await _count(db, PENDING_OUTBOX_SQL)),
-                ({"queue": "escalation"}, await _count(db, PENDING_STEPS_SQL))]),
+                ({"queue": "outbox"}, depths.outbox),
+                ({"queue": "escalation"}, depths.escalation)]),
         Family("panicd_device_health_conditions", "gauge",
                "Raised health conditions (offline, low battery, source down).",
-               [({"condition": c.value}, health.get((c.value,), 0)) for c in Condition]),
+               [({"condition": c.value}, health.get(c.value, 0)) for c in Condition]),
         Family("panicd_source_up", "gauge", "1 if the source is connected.",
                [({"source": s.name, "kind": s.kind}, int(s.connected))
                 for s in runtime.source_states()]),
@@ -131,26 +83,28 @@ async def collect(runtime: Runtime, dispatcher: Dispatcher, db: aiosqlite.Connec
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text 0.0.4, or OpenMetrics when the scraper asks."""
     app = request.app
-    body, content_type = await collect(app[RUNTIME], app[OBS_DISPATCHER], app[OBS_STORE].db,
+    body, content_type = await collect(app[RUNTIME], app[OBS_DISPATCHER], app[OBS_STORE],
                                        request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def status_snapshot(runtime: Runtime, db: aiosqlite.Connection) -> dict[str, Any]:
+async def status_snapshot(runtime: Runtime, store: DispatchStore) -> dict[str, Any]:
     """The daemon's view for ``panicctl status``."""
-    columns = ("id", "status", "test", "urgent", "device_id", "opened_at", "kelurahan",
-               "kecamatan")
-    open_rows = [dict(zip(columns, row, strict=True))
-                 for row in await db.execute_fetchall(OPEN_INCIDENTS_SQL)]
-    unhealthy = [{"subject": r[0], "condition": r[1], "raised_at": r[2]}
-                 for r in await db.execute_fetchall(UNHEALTHY_SQL)]
+    # Booleans as 0/1, as panicctl's database fallback (gateway/ctl_ops.py) shows them.
+    open_rows = [{"id": i.id, "status": i.status, "test": int(i.test), "urgent": int(i.urgent),
+                  "device_id": i.device_id, "opened_at": i.opened_at,
+                  "kelurahan": i.kelurahan, "kecamatan": i.kecamatan}
+                 for i in await store.open_incidents()]
+    unhealthy = [{"subject": u.subject, "condition": u.condition, "raised_at": u.raised_at}
+                 for u in await store.unhealthy()]
+    depths = await store.queue_depths()
     return {
         "daemon": {"reachable": True, "pid": os.getpid(), "now": time.time()},
         "sources": [{"name": s.name, "kind": s.kind, "connected": s.connected,
                      "since": s.since} for s in runtime.source_states()],
         "queues": {"ingest": runtime.ingest_depth(),
-                   "outbox": await _count(db, PENDING_OUTBOX_SQL),
-                   "escalation": await _count(db, PENDING_STEPS_SQL)},
+                   "outbox": depths.outbox,
+                   "escalation": depths.escalation},
         "open_incidents": open_rows,
         "unhealthy": unhealthy,
     }
@@ -158,7 +112,7 @@ async def status_snapshot(runtime: Runtime, db: aiosqlite.Connection) -> dict[st
 
 async def ops_status(request: web.Request) -> web.Response:
     """``GET /ops/status``."""
-    snapshot = await status_snapshot(request.app[RUNTIME], request.app[OBS_STORE].db)
+    snapshot = await status_snapshot(request.app[RUNTIME], request.app[OBS_STORE])
     return web.json_response(snapshot)
 
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiosqlite
 import structlog
 
 from dispatch.escalation import resolve_targets_via
@@ -22,17 +21,9 @@ from dispatch.outbox import Outbox
 from dispatch.policy import Medium, Routing
 from dispatch.responders import Responders
 from dispatch.webhook_auth import make_ack_token
-from store.dispatch import DispatchStore, IncidentInfo, NewMessage
+from store.dispatch import DispatchStore, IncidentInfo, NewMessage, Notice
 
 log = structlog.get_logger("panicd.dispatch")
-
-# People who were (or are being) reached by an alert: they get the follow-up notices.
-_NOTIFIED_SQL = (
-    "SELECT person_id, MIN(phone) FROM outbox WHERE incident_id = ? AND purpose = 'alert'"
-    " AND state IN ('sending', 'sent', 'delivered', 'no_answer') AND person_id IS NOT ?"
-    " GROUP BY person_id ORDER BY MIN(id)"
-)
-
 
 class Feedback(Protocol):
     """Tells a button something about its incident (MQTT command topic, LoRa downlink)."""
@@ -128,8 +119,7 @@ class Responses:
                        purpose="ops", body=body, due_at=now)
             for person_id, _via in people
         ]
-        async with self._store.transaction() as db:
-            queued = await DispatchStore.insert_messages(db, messages, now)
+        queued = await self._store.queue_messages(messages, now)
         if queued:
             self._outbox.wake()
         log.info("ops.alert_queued", key=key, people=len(people), messages=queued)
@@ -155,36 +145,13 @@ class Responses:
                              if c is Medium.SMS else ""))
             for c in channels
         ]
-        async with self._store.transaction() as db:
-            queued = await DispatchStore.insert_messages(db, messages, now)
-            await DispatchStore.timeline(db, incident_id, now, "incident.reassigned", "operator",
-                                         actor=actor, detail={"person": person_id,
-                                                              "messages": queued})
+        queued = await self._store.record_reassign(incident_id, person_id, actor, messages, now)
         self._outbox.wake()
         log.info("incident.reassigned", incident=incident_id, to=person_id, by=actor,
                  messages=queued)
         return queued
 
     # -- acks and closures ----------------------------------------------------------------
-
-    async def _notified(
-        self, db: aiosqlite.Connection, incident_id: int, exclude: str | None
-    ) -> list[tuple[str, str]]:
-        rows = await db.execute_fetchall(_NOTIFIED_SQL, (incident_id, exclude))
-        return [(r[0], r[1]) for r in rows]
-
-    @staticmethod
-    async def _stop_escalation(db: aiosqlite.Connection, incident_id: int) -> None:
-        await db.execute(
-            "UPDATE escalation_steps SET state = 'cancelled'"
-            " WHERE incident_id = ? AND state = 'pending'",
-            (incident_id,),
-        )
-        await db.execute(
-            "UPDATE outbox SET state = 'cancelled' WHERE incident_id = ?"
-            " AND purpose = 'alert' AND state = 'pending'",
-            (incident_id,),
-        )
 
     def person_name(self, person_id: str | None) -> str | None:
         """A responder's display name, if the id is known."""
@@ -200,86 +167,20 @@ class Responses:
         incident = await self._store.incident(incident_id)
         if incident is None:
             return AckResult(incident_id, "unknown", first=False, accepted=False)
-        async with self._store.transaction() as db:
-            status = next(
-                iter(
-                    await db.execute_fetchall(
-                        "SELECT status FROM incidents WHERE id = ?", (incident_id,)
-                    )
-                )
-            )[0]
-            if status in ("resolved", "cancelled"):
-                await DispatchStore.timeline(
-                    db,
-                    incident_id,
-                    now,
-                    "ack.ignored",
-                    f"incident_{status}",
-                    actor=name,
-                    detail={"via": via},
-                )
-                return AckResult(incident_id, status, first=False, accepted=False)
-            if await self._acked_before(db, incident_id, person_id, name):
-                # A replayed link POST, a second key press, the CLI run twice: the same
-                # person is already recorded (first or not), so no second ack row, no
-                # "responder added", and never "handled by another officer" to them.
-                log.info("ack.repeated", incident=incident_id, by=name, via=via)
-                return AckResult(incident_id, status, first=False, accepted=True, repeated=True)
-            first = status == "open"
-            await db.execute(
-                "INSERT INTO acks (incident_id, person_id, actor, via, at, first)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (incident_id, person_id, name, via, now, int(first)),
-            )
-            if first:
-                await db.execute(
-                    "UPDATE incidents SET status = 'acknowledged', updated_at = ? WHERE id = ?",
-                    (now, incident_id),
-                )
-                await db.execute(
-                    "UPDATE incident_dispatch SET handled_by = ? WHERE incident_id = ?",
-                    (name, incident_id),
-                )
-                await self._stop_escalation(db, incident_id)
-                body = build_handled_sms(
-                    incident_code=str(incident_id), responder_name=name, at=now, test=incident.test
-                )
-                await DispatchStore.insert_messages(
-                    db,
-                    [
-                        NewMessage(
-                            key=f"{incident_id}:handled:{pid}",
-                            incident_id=incident_id,
-                            person_id=pid,
-                            phone=phone,
-                            channel="sms",
-                            purpose="handled",
-                            body=body,
-                            due_at=now,
-                        )
-                        for pid, phone in await self._notified(db, incident_id, person_id)
-                    ],
-                    now,
-                )
-                await DispatchStore.timeline(
-                    db,
-                    incident_id,
-                    now,
-                    "incident.acknowledged",
-                    via,
-                    actor=name,
-                    detail={"person": person_id},
-                )
-            else:
-                await DispatchStore.timeline(
-                    db,
-                    incident_id,
-                    now,
-                    "responder.added",
-                    via,
-                    actor=name,
-                    detail={"person": person_id},
-                )
+        body = build_handled_sms(
+            incident_code=str(incident_id), responder_name=name, at=now, test=incident.test
+        )
+        recorded = await self._store.record_ack(
+            incident_id, person_id=person_id, name=name, via=via, now=now,
+            handled=Notice(f"{incident_id}:handled", "handled", body),
+        )
+        if recorded.outcome == "ignored":
+            return AckResult(incident_id, recorded.status, first=False, accepted=False)
+        if recorded.outcome == "repeated":
+            log.info("ack.repeated", incident=incident_id, by=name, via=via)
+            return AckResult(incident_id, recorded.status, first=False, accepted=True,
+                             repeated=True)
+        first = recorded.outcome == "first"
         self._outbox.wake()
         if first:
             log.info("incident.acknowledged", incident=incident_id, by=name, via=via)
@@ -288,18 +189,6 @@ class Responses:
         else:
             log.info("incident.responder_added", incident=incident_id, by=name, via=via)
         return AckResult(incident_id, "acknowledged", first=first, accepted=True)
-
-    @staticmethod
-    async def _acked_before(
-        db: aiosqlite.Connection, incident_id: int, person_id: str | None, name: str
-    ) -> bool:
-        """Whether this person (a known responder by id, anyone else by name) acked it."""
-        rows = await db.execute_fetchall(
-            "SELECT 1 FROM acks WHERE incident_id = ? AND (person_id = ?"
-            " OR (? IS NULL AND person_id IS NULL AND actor = ?)) LIMIT 1",
-            (incident_id, person_id, person_id, name),
-        )
-        return bool(list(rows))
 
     async def close(self, incident_id: int, *, reason: str, actor: str, note: str = "") -> bool:
         """Stop escalation for a cancelled or resolved incident and tell those paged.
@@ -311,77 +200,26 @@ class Responses:
         incident = await self._store.incident(incident_id)
         if incident is None:
             return False
-        async with self._store.transaction() as db:
-            status, closed_at = next(
-                iter(
-                    await db.execute_fetchall(
-                        "SELECT i.status, d.closed_at FROM incidents i"
-                        " LEFT JOIN incident_dispatch d ON d.incident_id = i.id WHERE i.id = ?",
-                        (incident_id,),
-                    )
-                )
+        if reason == "cancelled":
+            body = build_cancelled_sms(
+                incident_code=str(incident_id),
+                kelurahan=incident.kelurahan or "-",
+                at=now,
+                test=incident.test,
             )
-            if closed_at is not None or (reason == "resolved" and status == "resolved"):
-                return False
-            if reason == "resolved":
-                if status == "cancelled":
-                    return False
-                await db.execute(
-                    "UPDATE incidents SET status = 'resolved', closed_at = ?,"
-                    " updated_at = ? WHERE id = ?",
-                    (now, now, incident_id),
-                )
-            await db.execute(
-                "UPDATE incident_dispatch SET closed_at = ?, close_reason = ?"
-                " WHERE incident_id = ?",
-                (now, reason, incident_id),
+        else:
+            body = build_handled_sms(
+                incident_code=str(incident_id),
+                responder_name=actor,
+                at=now,
+                test=incident.test,
             )
-            await self._stop_escalation(db, incident_id)
-            if reason == "cancelled":
-                body = build_cancelled_sms(
-                    incident_code=str(incident_id),
-                    kelurahan=incident.kelurahan or "-",
-                    at=now,
-                    test=incident.test,
-                )
-            else:
-                body = build_handled_sms(
-                    incident_code=str(incident_id),
-                    responder_name=actor,
-                    at=now,
-                    test=incident.test,
-                )
-            notify = await self._notified(db, incident_id, None)
-            if status == "acknowledged":
-                # Those already told "ditangani oleh …" need no second notice.
-                notify = []
-            await DispatchStore.insert_messages(
-                db,
-                [
-                    NewMessage(
-                        key=f"{incident_id}:{reason}:{pid}",
-                        incident_id=incident_id,
-                        person_id=pid,
-                        phone=phone,
-                        channel="sms",
-                        purpose=reason,
-                        body=body,
-                        due_at=now,
-                    )
-                    for pid, phone in notify
-                ],
-                now,
-            )
-            event = "incident.resolved" if reason == "resolved" else "escalation.stopped"
-            await DispatchStore.timeline(
-                db,
-                incident_id,
-                now,
-                event,
-                reason,
-                actor=actor,
-                detail={"note": note, "notified": len(notify)},
-            )
+        notified = await self._store.close_incident(
+            incident_id, reason=reason, actor=actor, note=note, now=now,
+            notice=Notice(f"{incident_id}:{reason}", reason, body),
+        )
+        if notified is None:
+            return False
         self._outbox.wake()
         self._wake_scheduler()
         log.info(
@@ -389,7 +227,7 @@ class Responses:
             incident=incident_id,
             reason=reason,
             by=actor,
-            notified=len(notify),
+            notified=notified,
         )
         if self._feedback is not None:
             self._feedback(incident.device_id, incident_id, reason)

@@ -25,6 +25,7 @@ from gateway.config import Config, DispatchConfig
 from gateway.errors import ConfigError
 from store.dispatch import DispatchStore
 from store.sqlite import Writers
+from store.sqlite_dispatch import SqliteDispatchStore
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -117,7 +118,8 @@ async def open_dispatch(
     cfg = plan.config
     credentials = twilio_credentials_from_env(env)
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(DispatchStore(database, writers=writers))
+        store = await stack.enter_async_context(
+            SqliteDispatchStore(database, writers=writers))
         # Read before the dispatcher starts, which would claim what is due.
         now = time.time()
         overdue = any(due is not None and due <= now

@@ -29,12 +29,6 @@ from dispatch.health import (
     device_findings,
     device_subject,
 )
-from dispatch.observe import (
-    OPEN_INCIDENTS_SQL,
-    PENDING_OUTBOX_SQL,
-    PENDING_STEPS_SQL,
-    UNHEALTHY_SQL,
-)
 from firmware_sim.button import build_frame, topic_for
 from firmware_sim.fleet import SimDevice
 from gateway.config import Config, MqttSourceConfig, load_config
@@ -42,6 +36,12 @@ from gateway.ctl_format import err, out, print_json, table, when
 from gateway.formats import native
 from gateway.model import PressKind
 from store import queries
+from store.sqlite_observe import (
+    OPEN_INCIDENTS_SQL,
+    PENDING_OUTBOX_SQL,
+    PENDING_STEPS_SQL,
+    UNHEALTHY_SQL,
+)
 
 
 class ControlError(Exception):

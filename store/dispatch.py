@@ -1,25 +1,17 @@
-"""Dispatch's view of the database: escalation steps, the outbox, acks and closures.
+"""Dispatch's view of the database: the rows it reads and writes, and the interface a
+backend implements (:class:`DispatchStore`; SQLite: store/sqlite_dispatch.py).
 
-It has its own SQLite connection (SQLite serialises writers with BEGIN IMMEDIATE and the
-busy timeout), so the ingest writer and dispatch never share a transaction. Every state
-change is a conditional UPDATE (``… WHERE state = 'pending'``), so a step fires once and
-an outbox row is claimed once even when two wake-ups race or a restart repeats work.
+Every state change is conditional (``… WHERE state = 'pending'``), so a step fires once
+and an outbox row is claimed once even when two wake-ups race or a restart repeats work.
+Each method that writes is one transaction, inside the store: dispatch/ holds no SQL.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
-
-import aiosqlite
-
-from store.sqlite import SqliteDatabase, Writers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,447 +106,329 @@ class Delivery:
     in_doubt_since: float | None = None
 
 
-# An alert that no longer matters: its incident is resolved or cancelled, or acknowledged
-# and the alert is an escalation page (a reassign page, round NULL, still matters then).
-_ALERT_CLOSED = (
-    "o.purpose = 'alert' AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = o.incident_id"
-    " AND (i.status IN ('resolved', 'cancelled')"
-    " OR (i.status = 'acknowledged' AND o.round IS NOT NULL)))"
-)
+@dataclass(frozen=True, slots=True)
+class Firing:
+    """A due step to fire, with the pages it queues if its incident is still open."""
+
+    step: StepRow
+    # The incident exists and is open (read before the commit): otherwise the claimed
+    # step is cancelled and queues nothing.
+    live: bool
+    messages: tuple[NewMessage, ...]
+    people: tuple[str, ...]
+    via: tuple[str, ...]
 
 
-# A row the outbox may claim now: an SMS, or a call to a number with no other call
-# unsettled — sending, or pending in doubt. A call carries nothing of panicd's at the
-# provider, so with two calls to one number in doubt a lookup could not tell whose a
-# found call is (issue 12 item 3); one at a time, it can. Twilio places calls from one
-# number at about one a second anyway, and one person takes one call at a time.
-_CLAIMABLE = (
-    "(o.channel = 'sms' OR NOT EXISTS (SELECT 1 FROM outbox AS u WHERE u.channel = 'voice'"
-    " AND u.phone = o.phone AND u.id != o.id AND (u.state = 'sending'"
-    " OR (u.state = 'pending' AND u.in_doubt_since IS NOT NULL))))"
-)
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """A step this store claimed and fired: how many pages were new, how many steps wait."""
+
+    key: str
+    queued: int
+    remaining: int
 
 
-_INCIDENT_COLUMNS = (
-    "id, device_id, status, test, urgent, opened_at, kelurahan_kode, kelurahan, kecamatan,"
-    " address, landmark, lat, lon"
-)
-_OUTBOX_COLUMNS = (
-    "id, key, incident_id, person_id, phone, channel, purpose, body, state, attempts,"
-    " provider_sid, in_doubt_since"
-)
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """An incident's escalation plan, and the steps already due to fire in its commit."""
+
+    incident_id: int
+    policy_id: str
+    route: str
+    steps: tuple[StepRow, ...]
+    detail: Mapping[str, Any]
+    fire: tuple[Firing, ...] = ()
 
 
-def _incident(row: Sequence[Any]) -> IncidentInfo:
-    return IncidentInfo(
-        id=row[0],
-        device_id=row[1],
-        status=row[2],
-        test=bool(row[3]),
-        urgent=bool(row[4]),
-        opened_at=row[5],
-        kelurahan_kode=row[6],
-        kelurahan=row[7],
-        kecamatan=row[8],
-        address=row[9],
-        landmark=row[10],
-        lat=row[11],
-        lon=row[12],
-    )
+@dataclass(frozen=True, slots=True)
+class ClockShift:
+    """A wall-clock step applied to the pending due times."""
+
+    delta: float
+    steps: int
+    messages: int
 
 
-def _outbox(row: Sequence[Any]) -> OutboxRow:
-    return OutboxRow(*row)
+class ClockFrame(Protocol):
+    """The frame the stored due times are in (dispatch.loops.SteadyClock)."""
+
+    def step(self) -> float:
+        """How far the wall clock was stepped against the frame; 0.0: not at all."""
+        ...
+
+    def follow(self, delta: float) -> None:
+        """Take ``delta`` into the frame: the due times were shifted by it."""
+        ...
 
 
-class DispatchStore(SqliteDatabase):
-    """Dispatch's SQLite connection; an async context manager."""
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """The SMS told to everyone an incident's alerts reached: key ``{key_prefix}:{person}``."""
 
-    def __init__(self, path: Path, *, writers: Writers | None = None) -> None:
-        # One connection, many tasks (scheduler, outbox senders, webhooks): transactions
-        # on it must not interleave — the write lock (shared with the process's other
-        # connections) also serialises them.
-        super().__init__(path, writers=writers)
+    key_prefix: str
+    purpose: str
+    body: str
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One BEGIN IMMEDIATE … COMMIT; rolled back on any exception."""
-        db = self.db
-        async with self.write_lock:
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                yield db
-                await db.execute("COMMIT")
-            except BaseException:
-                # Also when BEGIN or COMMIT itself was interrupted (a cancelled sender): the
-                # statement still runs on aiosqlite's thread, and a connection left inside a
-                # transaction would refuse every later BEGIN. Statements run in order there,
-                # so this ROLLBACK follows it; "no transaction is active" is fine.
-                with contextlib.suppress(sqlite3.Error):
-                    await db.execute("ROLLBACK")
-                raise
 
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Any] | None:
-        rows = list(await self.db.execute_fetchall(sql, params))
-        return rows[0] if rows else None
+@dataclass(frozen=True, slots=True)
+class AckOutcome:
+    """What recording an ack did, and the incident's status it found."""
 
-    # -- reads ------------------------------------------------------------------------
+    status: str
+    # ignored: the incident is closed; repeated: this person acked it already;
+    # first: it stopped escalation; added: a further responder.
+    outcome: Literal["ignored", "repeated", "first", "added"]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthRow:
+    """One device_health row."""
+
+    id: int
+    subject: str
+    condition: str
+    raised_at: float
+    cleared_at: float | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthRaise:
+    """A health condition to raise."""
+
+    subject: str
+    condition: str
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Unhealthy:
+    """A raised condition as ``panicctl status`` lists it."""
+
+    subject: str
+    condition: str
+    raised_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OpenIncident:
+    """An open or acknowledged incident as ``panicctl status`` lists it."""
+
+    id: int
+    status: str
+    test: bool
+    urgent: bool
+    device_id: str
+    opened_at: float
+    kelurahan: str | None
+    kecamatan: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepths:
+    """Work waiting in the database: outbox messages pending or sending, pending steps."""
+
+    outbox: int
+    escalation: int
+
+
+StatusOutcome = Literal["applied", "replayed", "sid_mismatch", "unknown"]
+
+
+class DispatchStore(Protocol):
+    """What dispatch needs of a database; an async context manager (open, migrated).
+
+    Methods that write are one transaction each; ``now`` is the caller's clock.
+    """
+
+    async def __aenter__(self) -> Self:
+        """Open the connection."""
+        ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close it."""
+        ...
+
+    # -- incidents and steps (store/sqlite_steps.py) ----------------------------------
 
     async def incident(self, incident_id: int) -> IncidentInfo | None:
         """One incident, or None."""
-        row = await self._one(
-            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?",  # noqa: S608
-            (incident_id,),
-        )
-        return None if row is None else _incident(row)
+        ...
 
     async def unplanned_incidents(self, after_id: int = 0) -> list[IncidentInfo]:
-        """Open incidents with no escalation plan yet (e.g. after a crash between commits).
-
-        ``after_id`` skips incidents already known to be planned or closed: ids are
-        allocated and committed in order by the single ingest writer, so a new incident is
-        always above them.
-        """
-        # The unary + keeps SQLite 3.40 (no ANALYZE) from walking the rowid range above
-        # after_id, which at start (after_id 0) is every incident ever stored: through
-        # incidents_active it reads only the open ones, 4.0 -> 0.02 ms on 50,000
-        # incidents (query-plan audit).
-        rows = await self.db.execute_fetchall(
-            f"SELECT {_INCIDENT_COLUMNS} FROM incidents i"  # noqa: S608
-            " WHERE +i.id > ? AND status IN ('open', 'acknowledged')"
-            " AND NOT EXISTS (SELECT 1 FROM incident_dispatch d WHERE d.incident_id = i.id)"
-            " ORDER BY +i.id",
-            (after_id,),
-        )
-        return [_incident(r) for r in rows]
+        """Open incidents above ``after_id`` with no escalation plan yet, by id."""
+        ...
 
     async def newest_incident_id(self) -> int:
         """The highest incident id committed so far; 0 when there is none."""
-        row = await self._one("SELECT COALESCE(MAX(id), 0) FROM incidents")
-        return int(row[0]) if row else 0
+        ...
 
     async def due_steps(self, now: float) -> list[StepRow]:
         """Pending steps due at or before ``now``, earliest first."""
-        rows = await self.db.execute_fetchall(
-            "SELECT s.key, s.incident_id, s.round, s.level, s.due_at, d.policy_id"
-            " FROM escalation_steps s JOIN incident_dispatch d USING (incident_id)"
-            " WHERE s.state = 'pending' AND s.due_at <= ?"
-            " ORDER BY s.due_at, s.round, s.level, s.incident_id",
-            (now,),
-        )
-        return [StepRow(*r) for r in rows]
+        ...
 
     async def next_step_due(self) -> float | None:
         """When the earliest pending step falls due."""
-        row = await self._one("SELECT MIN(due_at) FROM escalation_steps WHERE state = 'pending'")
-        return None if row is None or row[0] is None else float(row[0])
-
-    async def next_outbox_due(self) -> float | None:
-        """When the earliest pending outbox row may be sent."""
-        row = await self._one(
-            "SELECT o.due_at FROM outbox AS o"  # noqa: S608 -- a constant only
-            f" WHERE o.state = 'pending' AND {_CLAIMABLE} ORDER BY o.due_at LIMIT 1"
-        )
-        return None if row is None or row[0] is None else float(row[0])
-
-    async def outbox_row(self, outbox_id: int) -> OutboxRow | None:
-        """One outbox row."""
-        row = await self._one(
-            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id = ?",  # noqa: S608
-            (outbox_id,),
-        )
-        return None if row is None else _outbox(row)
+        ...
 
     async def pending_step_count(self) -> int:
         """How many escalation steps are waiting."""
-        row = await self._one("SELECT COUNT(*) FROM escalation_steps WHERE state = 'pending'")
-        return int(row[0]) if row else 0
+        ...
 
-    # -- writes (call inside transaction()) -------------------------------------------
+    async def plan_incidents(self, plans: Sequence[Plan], now: float) -> list[Fired]:
+        """Store each plan (once per incident) and fire its due steps, in one commit."""
+        ...
 
-    @staticmethod
-    async def timeline(
-        db: aiosqlite.Connection,
-        incident_id: int,
-        at: float,
-        event: str,
-        reason: str,
-        *,
-        actor: str | None = None,
-        detail: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Append to an incident's timeline."""
-        await db.execute(
-            "INSERT INTO incident_events (incident_id, at, event, reason, actor, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                incident_id,
-                at,
-                event,
-                reason,
-                actor,
-                None if detail is None else json.dumps(detail, sort_keys=True),
-            ),
-        )
+    async def fire_steps(self, firings: Sequence[Firing], now: float) -> list[Fired]:
+        """Claim and fire each pending step once, queueing its pages, in one commit."""
+        ...
 
-    @staticmethod
-    async def insert_messages(
-        db: aiosqlite.Connection, messages: Sequence[NewMessage], now: float
-    ) -> int:
+    async def hasten(self, incident_id: int, now: float, reason: str) -> bool:
+        """Make the incident's next pending level due now; False if none was later."""
+        ...
+
+    async def follow_clock_step(self, frame: ClockFrame) -> ClockShift | None:
+        """Shift every pending due time by the frame's step and follow it, in one commit."""
+        ...
+
+    # -- acks, closures, reassignment (store/sqlite_responses.py) ---------------------
+
+    async def queue_messages(self, messages: Sequence[NewMessage], now: float) -> int:
         """Insert outbox rows, skipping keys that exist; returns how many were new."""
-        before = db.total_changes
-        await db.executemany(
-            "INSERT OR IGNORE INTO outbox (key, incident_id, person_id, phone, channel, purpose,"
-            " round, level, body, state, created_at, due_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-            [
-                (
-                    m.key,
-                    m.incident_id,
-                    m.person_id,
-                    m.phone,
-                    m.channel,
-                    m.purpose,
-                    m.round,
-                    m.level,
-                    m.body,
-                    now,
-                    m.due_at,
-                    now,
-                )
-                for m in messages
-            ],
-        )
-        return db.total_changes - before
+        ...
+
+    async def record_reassign(
+        self, incident_id: int, person_id: str, actor: str,
+        messages: Sequence[NewMessage], now: float,
+    ) -> int:
+        """Queue an operator's reassign pages with their timeline line; returns how many."""
+        ...
+
+    async def record_ack(
+        self, incident_id: int, *, person_id: str | None, name: str, via: str,
+        now: float, handled: Notice,
+    ) -> AckOutcome:
+        """Record an ack; the first stops escalation and queues ``handled`` to those paged."""
+        ...
+
+    async def close_incident(
+        self, incident_id: int, *, reason: str, actor: str, note: str, now: float,
+        notice: Notice,
+    ) -> int | None:
+        """Stop escalation ("cancelled" or "resolved") and queue ``notice`` to those paged
+        (unless already told who handles it); the number told, None if already closed."""
+        ...
+
+    # -- the outbox (store/sqlite_outbox.py) ------------------------------------------
+
+    async def next_outbox_due(self) -> float | None:
+        """When the earliest pending outbox row may be sent."""
+        ...
+
+    async def outbox_row(self, outbox_id: int) -> OutboxRow | None:
+        """One outbox row."""
+        ...
 
     async def claim_outbox(self, now: float, limit: int) -> list[OutboxRow]:
         """Move up to ``limit`` due pending rows to 'sending' and return them."""
-        async with self.transaction() as db:
-            rows = await db.execute_fetchall(
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox AS o"  # noqa: S608
-                f" WHERE state = 'pending' AND due_at <= ? AND {_CLAIMABLE}"
-                " ORDER BY due_at, id LIMIT ?",
-                (now, limit),
-            )
-            claimed, calls = [], set()
-            for row in map(_outbox, rows):
-                if row.channel != "sms":
-                    if row.phone in calls:
-                        continue  # the number's next call waits for this one to settle
-                    calls.add(row.phone)
-                claimed.append(row)
-            await db.executemany(
-                "UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_at = ?"
-                " WHERE id = ? AND state = 'pending'",
-                [(now, row.id) for row in claimed],
-            )
-        return claimed
+        ...
 
     async def requeue_interrupted(self, now: float, older_than: float | None = None) -> int:
-        """Rows left in 'sending' go back to 'pending' (at-least-once delivery): all of them
-        at start (a crash), or those untouched since ``older_than`` while running.
-
-        Their request may have reached the provider, so each is in doubt from its claim
-        (``updated_at``): the outbox asks the provider before sending it again.
-        """
-        cutoff = now if older_than is None else older_than
-        async with self.transaction() as db:
-            cursor = await db.execute(
-                "UPDATE outbox SET state = 'pending', due_at = ?, updated_at = ?,"
-                " in_doubt_since = COALESCE(in_doubt_since, updated_at)"
-                " WHERE state = 'sending' AND updated_at <= ?",
-                (now, now, cutoff),
-            )
-            return cursor.rowcount
+        """Rows left in 'sending' go back to 'pending', in doubt; returns how many."""
+        ...
 
     async def recorded_sids(self, sids: Sequence[str]) -> set[str]:
         """Which of these provider SIDs a message of the outbox holds already."""
-        if not sids:
-            return set()
-        marks = ",".join("?" * len(sids))
-        rows = await self.db.execute_fetchall(
-            f"SELECT provider_sid FROM outbox WHERE provider_sid IN ({marks})",  # noqa: S608
-            list(sids),
-        )
-        return {str(r[0]) for r in rows}
+        ...
 
     async def undeliverable_levels(self, outbox_ids: Sequence[int]) -> list[int]:
-        """Incidents where one of these failed alerts completed a level whose every alert
-        (each person, each channel) has failed: nobody at that level can be reached."""
-        if not outbox_ids:
-            return []
-        marks = ",".join("?" * len(outbox_ids))
-        rows = await self.db.execute_fetchall(
-            "SELECT DISTINCT o.incident_id FROM outbox o"  # noqa: S608 -- placeholders only
-            f" WHERE o.id IN ({marks}) AND o.purpose = 'alert' AND o.state = 'failed'"
-            " AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.incident_id = o.incident_id"
-            " AND p.round = o.round AND p.level = o.level AND p.purpose = 'alert'"
-            " AND p.state != 'failed')",
-            list(outbox_ids),
-        )
-        return [int(r[0]) for r in rows]
+        """Incidents where one of these failed alerts completed an all-failed level."""
+        ...
 
     async def record_deliveries(self, deliveries: Sequence[Delivery]) -> list[int]:
-        """Write the outcomes of many send attempts, and their timeline lines, in one commit.
+        """Write the outcomes of send attempts in one commit; returns the ids cancelled."""
+        ...
 
-        A transient failure (state 'pending' with ``retry_at``) goes back to 'pending',
-        due at ``retry_at``, unless it is an alert whose incident was closed meanwhile:
-        that one is cancelled. Returns the ids cancelled so.
-        """
-        final = [d for d in deliveries if d.state != "pending"]
-        retries = [d for d in deliveries if d.state == "pending"]
-        async with self.transaction() as db:
-            await db.executemany(
-                # A late 'sent' must not undo a final state a status callback already set.
-                # A SID another row holds already stays with that row (SIDs are UNIQUE):
-                # one conflicting outcome must not fail the whole batch, again and again.
-                "UPDATE outbox SET state = CASE WHEN ? = 'sent' AND state IN"
-                " ('delivered', 'failed', 'no_answer') THEN state ELSE ? END,"
-                " provider_sid = CASE WHEN EXISTS (SELECT 1 FROM outbox AS other"
-                " WHERE other.provider_sid = ? AND other.id != outbox.id) THEN provider_sid"
-                " ELSE COALESCE(?, provider_sid) END, in_doubt_since = NULL,"
-                " error_code = ?, error = ?, updated_at = ? WHERE id = ?",
-                [(d.state, d.state, d.sid, d.sid, d.error_code, d.error, d.at, d.outbox_id)
-                 for d in final],
-            )
-            cancelled = await self._closed_alerts(db, [d.outbox_id for d in retries])
-            await db.executemany(
-                # Only from 'sending': nothing was accepted, so no callback can have moved it.
-                "UPDATE outbox SET state = ?, due_at = ?, error_code = ?, error = ?,"
-                " updated_at = ?, in_doubt_since = ? WHERE id = ? AND state = 'sending'",
-                [("cancelled" if d.outbox_id in cancelled else "pending",
-                  d.at if d.retry_at is None else d.retry_at, d.error_code, d.error, d.at,
-                  d.in_doubt_since, d.outbox_id) for d in retries],
-            )
-            await db.executemany(
-                "INSERT INTO incident_events (incident_id, at, event, reason, actor, detail)"
-                " VALUES (?, ?, ?, ?, NULL, ?)",
-                [(d.incident_id, d.at,
-                  "outbox.cancelled" if d.outbox_id in cancelled else d.event,
-                  "incident_closed" if d.outbox_id in cancelled else d.reason,
-                  json.dumps(d.detail, sort_keys=True))
-                 for d in deliveries if d.incident_id is not None],
-            )
-        return sorted(cancelled)
+    async def record_status_callback(
+        self, outbox_id: int, *, sid: str, state: str, rank: int, now: float,
+        error_code: int | None, event: str, detail: Mapping[str, Any],
+    ) -> StatusOutcome:
+        """Apply a provider status callback at most once, never moving a row back."""
+        ...
 
-    @staticmethod
-    async def _closed_alerts(db: aiosqlite.Connection, outbox_ids: Sequence[int]) -> set[int]:
-        if not outbox_ids:
-            return set()
-        marks = ",".join("?" * len(outbox_ids))
-        rows = await db.execute_fetchall(
-            "SELECT o.id FROM outbox o"  # noqa: S608 -- placeholders and a constant only
-            f" WHERE o.id IN ({marks}) AND {_ALERT_CLOSED}",
-            list(outbox_ids),
-        )
-        return {int(r[0]) for r in rows}
-
-    # -- the provider's outage, a device_health condition (dispatch/health_monitor.py) --
+    # -- health (store/sqlite_health.py) ----------------------------------------------
 
     async def raised_condition(self, subject: str, condition: str) -> tuple[int, float] | None:
-        """The raised (not cleared) health row of ``subject``/``condition``: (id, raised_at)."""
-        row = await self._one(
-            "SELECT id, raised_at FROM device_health"
-            " WHERE subject = ? AND condition = ? AND cleared_at IS NULL",
-            (subject, condition),
-        )
-        return None if row is None else (int(row[0]), float(row[1]))
+        """The raised (not cleared) row of ``subject``/``condition``: (id, raised_at)."""
+        ...
 
     async def raise_condition(
         self, subject: str, condition: str, now: float, detail: Mapping[str, Any]
     ) -> int | None:
         """Raise a health condition once; None if it is raised already."""
-        async with self.transaction() as db:
-            cursor = await db.execute(
-                # device_health_active is UNIQUE (subject, condition) WHERE not cleared.
-                "INSERT OR IGNORE INTO device_health (subject, condition, raised_at, detail)"
-                " VALUES (?, ?, ?, ?)",
-                (subject, condition, now, json.dumps(dict(detail), sort_keys=True)),
-            )
-            return cursor.lastrowid if cursor.rowcount == 1 else None
+        ...
 
     async def clear_condition(self, subject: str, condition: str, now: float) -> int | None:
-        """Clear a raised health condition; returns its row id, None if none was raised."""
-        async with self.transaction() as db:
-            rows = list(await db.execute_fetchall(
-                "UPDATE device_health SET cleared_at = ? WHERE subject = ? AND condition = ?"
-                " AND cleared_at IS NULL RETURNING id",
-                (now, subject, condition),
-            ))
-        return int(rows[0][0]) if rows else None
+        """Clear a raised health condition; its row id, None if none was raised."""
+        ...
 
-    async def record_status_callback(
-        self,
-        outbox_id: int,
-        *,
-        sid: str,
-        state: str,
-        rank: int,
-        now: float,
-        error_code: int | None,
-        event: str,
-        detail: Mapping[str, Any],
-    ) -> Literal["applied", "replayed", "sid_mismatch", "unknown"]:
-        """Apply a provider status callback about the send whose SID is ``sid``, at most once.
+    async def raised_health(self) -> list[HealthRow]:
+        """Every raised (not cleared) condition."""
+        ...
 
-        Twilio's signature carries no nonce, so a captured callback can be replayed at will,
-        and genuine ones arrive out of order. ``rank`` orders the provider's statuses (queued
-        < sent < delivered, initiated < ringing < in-progress < completed): a callback whose
-        rank is not above the highest already on this row's timeline, or whose state would
-        move the row back, changes nothing — no second timeline line, and a final state
-        (delivered, failed, no_answer) is never undone. Returns "unknown" (no such row),
-        "sid_mismatch" (the row's message has another SID: refused), "replayed" (nothing
-        changed) or "applied".
-        """
-        async with self.transaction() as db:
-            row = await self._one(
-                "SELECT incident_id, provider_sid FROM outbox WHERE id = ?", (outbox_id,)
-            )
-            if row is None:
-                return "unknown"
-            incident_id, recorded = row
-            if recorded is None:
-                # No SID recorded yet: the callback beat the recording of the provider's
-                # answer (Twilio may post "queued" before create_async returns), or a crash
-                # lost that answer. The signature proves Twilio posted it to this row's own
-                # callback URL, so the SID is one of this row's sends: record it, which
-                # binds every later callback (and call webhook) to it. One exception: a SID
-                # another row already holds is that row's message, and its callback aimed
-                # here is not about this row (outbox ids reused after a database was
-                # recreated): refuse it rather than give one message to two rows (the SID
-                # is UNIQUE). The provider's own answer, recorded later, still wins.
-                if not sid or await self._one(
-                    "SELECT 1 FROM outbox WHERE provider_sid = ?", (sid,)
-                ):
-                    return "sid_mismatch"
-                await db.execute(
-                    "UPDATE outbox SET provider_sid = ? WHERE id = ?", (sid, outbox_id)
-                )
-            elif sid != recorded:
-                return "sid_mismatch"
-            # Forward only: 'sent' from a row not yet sent, a final state from any row not
-            # yet final; never out of a final state, never out of 'cancelled'.
-            moved = await db.execute(
-                "UPDATE outbox SET state = ?, error_code = COALESCE(?, error_code),"
-                " updated_at = ? WHERE id = ? AND (state IN ('pending', 'sending')"
-                " OR (state = 'sent' AND ? IN ('delivered', 'failed', 'no_answer')))",
-                (state, error_code, now, outbox_id, state),
-            )
-            applied = moved.rowcount > 0
-            if incident_id is not None:
-                # The highest status this row's timeline already shows (its lines carry the
-                # outbox id and rank): a replay, or a status overtaken by a later one, adds
-                # no line.
-                shown = await self._one(
-                    "SELECT MAX(json_extract(detail, '$.rank')) FROM incident_events"
-                    " WHERE incident_id = ? AND event = ?"
-                    " AND json_extract(detail, '$.outbox') = ?",
-                    (incident_id, event, outbox_id),
-                )
-                if shown is None or shown[0] is None or rank > int(shown[0]):
-                    await self.timeline(
-                        db, incident_id, now, event, state,
-                        detail={**detail, "outbox": outbox_id, "sid": sid, "rank": rank},
-                    )
-                    applied = True
-        return "applied" if applied else "replayed"
+    async def device_sightings(self) -> dict[str, tuple[float | None, int | None]]:
+        """Device id -> (last seen at, battery %) of every device heard from."""
+        ...
+
+    async def record_health(
+        self, raised: Sequence[HealthRaise], cleared: Sequence[int], now: float
+    ) -> list[int]:
+        """Raise and clear (by row id) conditions in one commit; the new ids in order."""
+        ...
+
+    async def health_since(self, conditions: Sequence[str], since: float) -> list[HealthRow]:
+        """Rows of these conditions raised after ``since``, cleared or not."""
+        ...
+
+    async def unannounced_health(self, since: float) -> list[HealthRow]:
+        """Rows raised after ``since`` with no operations SMS queued about them."""
+        ...
+
+    async def summary_counts(self, since: float) -> tuple[int, int]:
+        """Incidents open now, and real (not test) incidents opened since ``since``."""
+        ...
+
+    async def open_counts(self) -> tuple[int, int]:
+        """Open (or acknowledged) incidents and pending escalation steps."""
+        ...
+
+    # -- what operators see (store/sqlite_observe.py) ---------------------------------
+
+    async def incident_counts(self) -> dict[str, int]:
+        """Incidents by status."""
+        ...
+
+    async def notification_counts(self) -> dict[tuple[str, str], int]:
+        """Outbox messages by (channel, state)."""
+        ...
+
+    async def raised_counts(self) -> dict[str, int]:
+        """Raised health conditions by condition."""
+        ...
+
+    async def queue_depths(self) -> QueueDepths:
+        """Messages and steps waiting."""
+        ...
+
+    async def open_incidents(self) -> list[OpenIncident]:
+        """Open and acknowledged incidents by id."""
+        ...
+
+    async def unhealthy(self) -> list[Unhealthy]:
+        """Raised conditions by subject and condition."""
+        ...

@@ -1,6 +1,6 @@
 """A small dispatch world for in-process tests: people, policies, a fake Channel, a clock.
 
-The database is real (SQLite through :class:`SqliteStore` and :class:`DispatchStore`);
+The database is real (SQLite through :class:`SqliteStore` and :class:`SqliteDispatchStore`);
 the channel is a recording fake behind the :class:`dispatch.channel.Channel` Protocol and
 time is an injected clock the test advances.
 """
@@ -23,9 +23,10 @@ from dispatch.channel import Channel, DeliveryResult, DeliveryStatus, ProviderRe
 from dispatch.engine import Dispatcher, DispatchSettings
 from dispatch.policy import CommandCentre, Level, Medium, Policy, Routing, Targets
 from dispatch.responders import Group, Person, Responders, Roster, Shift
-from store.dispatch import Delivery, DispatchStore
+from store.dispatch import Delivery
 from store.ingest import BatchWrites, IncidentChange, IncidentRow
 from store.sqlite import SqliteStore
+from store.sqlite_dispatch import SqliteDispatchStore
 
 PUBLIC_URL = "https://panicd.madiunkota.go.id"
 ACK_SECRET = b"test-ack-secret-0123456789abcdef"
@@ -235,8 +236,8 @@ async def cancel_incident(database: Path, incident_id: int, *, at: float) -> Non
         await store.commit()
 
 
-class WatchedStore(DispatchStore):
-    """The real DispatchStore, telling the test when a send's outcome is committed."""
+class WatchedStore(SqliteDispatchStore):
+    """The real SqliteDispatchStore, telling the test when a send's outcome is committed."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -259,7 +260,7 @@ class WatchedStore(DispatchStore):
 
 
 def dispatcher(
-    store: DispatchStore,
+    store: SqliteDispatchStore,
     channel: Channel,
     clock: Clock,
     feedback: Feedbacks | None = None,

@@ -1,4 +1,4 @@
-"""DispatchStore on a real SQLite file: an interrupted transaction never wedges the
+"""SqliteDispatchStore on a real SQLite file: an interrupted transaction never wedges the
 connection that the scheduler, the outbox senders and the webhooks share, and the
 statements it repeats reach their rows through indexes (tests/query_plans.py)."""
 
@@ -9,7 +9,8 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from store.dispatch import Delivery, DispatchStore
+from store.dispatch import Delivery
+from store.sqlite_dispatch import SqliteDispatchStore
 from tests.query_plans import plan, traced, whole_reads
 
 T0 = 1_780_000_000.0
@@ -18,7 +19,7 @@ T0 = 1_780_000_000.0
 async def test_a_transaction_cancelled_while_beginning_leaves_the_connection_usable(
     tmp_path: Path,
 ) -> None:
-    async with DispatchStore(tmp_path / "panicd.sqlite3") as store:
+    async with SqliteDispatchStore(tmp_path / "panicd.sqlite3") as store:
         entered = asyncio.Event()
 
         async def claim() -> None:
@@ -39,7 +40,7 @@ async def test_a_transaction_cancelled_while_beginning_leaves_the_connection_usa
 async def test_a_failing_statement_rolls_back_and_the_next_transaction_commits(
     tmp_path: Path,
 ) -> None:
-    async with DispatchStore(tmp_path / "panicd.sqlite3") as store:
+    async with SqliteDispatchStore(tmp_path / "panicd.sqlite3") as store:
         try:
             async with store.transaction() as db:
                 await db.execute("CREATE TABLE probe (x INTEGER UNIQUE)")
@@ -58,7 +59,7 @@ async def test_requeuing_stale_sends_reads_only_the_rows_left_sending(tmp_path: 
     # The outbox loop runs this every 60 s inside the write lock press ingest shares, so a
     # scan of the whole outbox delays presses: 11.7 ms on 100,000 messages (audit).
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store, traced(store.db) as statements:
+    async with SqliteDispatchStore(path) as store, traced(store.db) as statements:
         await store.requeue_interrupted(T0, older_than=T0 - 300)
     (update,) = [sql for sql in statements if sql.startswith("UPDATE outbox")]
     with closing(sqlite3.connect(path)) as db:
@@ -69,7 +70,7 @@ async def test_claiming_and_recording_messages_read_no_whole_table(tmp_path: Pat
     # Every page passes through these; a call's claim also looks for an unsettled call to
     # its number (issue 12 item 3), which must not read the outbox's history.
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store, traced(store.db) as statements:
+    async with SqliteDispatchStore(path) as store, traced(store.db) as statements:
         await store.claim_outbox(T0, 10)
         await store.next_outbox_due()
         await store.record_deliveries([Delivery(
@@ -105,7 +106,7 @@ async def test_unplanned_incidents_are_the_open_ones_without_a_plan_above_the_id
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store:
+    async with SqliteDispatchStore(path) as store:
         _store_incidents(path, ["open", "cancelled", "open", "acknowledged", "resolved", "open"],
                          planned={3})
         assert [i.id for i in await store.unplanned_incidents(0)] == [1, 4, 6]
@@ -120,7 +121,7 @@ async def test_unplanned_incidents_are_read_through_the_index_of_open_incidents(
     # The start-up scan (above id 0) once walked the rowid range, i.e. every incident
     # ever stored: 4.0 ms on 50,000 incidents (audit), through incidents_active 0.02 ms.
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store, traced(store.db) as statements:
+    async with SqliteDispatchStore(path) as store, traced(store.db) as statements:
         await store.unplanned_incidents(0)
     (select,) = [sql for sql in statements if "FROM incidents i" in sql]
     with closing(sqlite3.connect(path)) as db:
@@ -162,7 +163,7 @@ async def test_a_replayed_or_older_status_callback_adds_no_line_and_never_moves_
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store:
+    async with SqliteDispatchStore(path) as store:
         _store_incidents(path, ["open"], planned={1})
         _store_outbox(path, [(1, SID_A, "sent")])
 
@@ -186,7 +187,7 @@ async def test_a_status_callback_naming_another_sid_than_the_rows_is_refused(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store:
+    async with SqliteDispatchStore(path) as store:
         _store_incidents(path, ["open"], planned={1})
         _store_outbox(path, [(1, SID_A, "sent")])
         for sid in (SID_B, ""):
@@ -207,7 +208,7 @@ async def test_a_callback_racing_the_send_binds_its_sid_unless_another_row_holds
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store:
+    async with SqliteDispatchStore(path) as store:
         _store_incidents(path, ["open"], planned={1})
         _store_outbox(path, [(1, None, "sending"), (2, SID_B, "sent")])
 
@@ -248,7 +249,7 @@ async def test_a_transient_outcome_goes_back_to_pending_due_later_with_its_error
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store:
+    async with SqliteDispatchStore(path) as store:
         _store_incidents(path, ["open"], planned={1})
         row = _sending_alert(path, 1, round_=0)
         assert await store.record_deliveries([_transient(row, 1)]) == []
@@ -263,7 +264,7 @@ async def test_a_transient_outcome_of_a_closed_incidents_alert_is_cancelled(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store:
+    async with SqliteDispatchStore(path) as store:
         _store_incidents(path, ["resolved", "acknowledged", "acknowledged"], planned={1, 2, 3})
         resolved = _sending_alert(path, 1, round_=0)
         escalation = _sending_alert(path, 2, round_=0)
@@ -282,7 +283,7 @@ async def test_a_transient_outcome_of_a_closed_incidents_alert_is_cancelled(
 
 
 async def test_a_health_condition_is_raised_once_until_cleared(tmp_path: Path) -> None:
-    async with DispatchStore(tmp_path / "panicd.sqlite3") as store:
+    async with SqliteDispatchStore(tmp_path / "panicd.sqlite3") as store:
         first = await store.raise_condition("provider:twilio", "provider_down", T0, {"n": 1})
         assert first is not None
         assert await store.raise_condition("provider:twilio", "provider_down", T0 + 5, {}) is None

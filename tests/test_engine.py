@@ -19,7 +19,8 @@ from dispatch.channel import ConsoleChannel
 from dispatch.messages import SMS_LIMIT, is_single_segment
 from dispatch.webhook_auth import verify_ack_token
 from gateway.ingest import IncidentEvent
-from store.dispatch import DispatchStore, IncidentInfo
+from store.dispatch import IncidentInfo
+from store.sqlite_dispatch import SqliteDispatchStore
 from tests.dispatch_world import (
     ACK_SECRET,
     KODE_GAP,
@@ -61,7 +62,7 @@ async def test_an_opened_incident_pages_level_1_by_sms_with_an_ack_link_and_by_v
 ) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, channel = Clock(T0 + 0.2), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         assert await engine.plan_missing() == 1
         assert await engine.plan_missing() == 0  # planned once
@@ -100,7 +101,7 @@ async def test_an_opened_incident_pages_level_1_by_sms_with_an_ack_link_and_by_v
 async def test_advancing_past_the_wait_fires_level_2_exactly_once(database: Path) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, channel = Clock(T0), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -124,7 +125,7 @@ async def test_advancing_past_the_wait_fires_level_2_exactly_once(database: Path
 async def test_two_steps_due_at_the_same_time_both_fire_once(database: Path) -> None:
     incident = await open_incident(database, KODE_TOGETHER, at=T0)
     clock, channel = Clock(T0), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         assert await engine.fire_due() == 2  # level 1 (wait 0) and level 2, both due now
@@ -137,7 +138,7 @@ async def test_two_steps_due_at_the_same_time_both_fire_once(database: Path) -> 
 async def test_firing_the_same_step_twice_sends_once(database: Path) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, channel = Clock(T0), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         (step,) = await store.due_steps(clock())
@@ -153,7 +154,7 @@ async def test_after_a_restart_overdue_steps_fire_at_once_and_fired_ones_do_not_
 ) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, before = Clock(T0), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, before, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -188,7 +189,7 @@ async def test_running_out_of_levels_warns_for_a_real_incident_not_a_test_press(
     incident = await open_incident(database, KODE_LADDER, at=T0, test=test)
     clock = Clock(T0)
     with structlog.testing.capture_logs() as logs:
-        async with DispatchStore(database) as store:
+        async with SqliteDispatchStore(database) as store:
             engine = dispatcher(store, RecordingChannel(), clock)
             await engine.plan_missing()
             for _ in range(3):
@@ -204,13 +205,13 @@ async def test_the_console_channel_after_a_restart_records_every_send(database: 
     # The default channel (no Twilio credentials): a new process must not reuse sids.
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, ConsoleChannel(io.StringIO()), clock)
         await engine.plan_missing()
         await engine.fire_due()
         assert await engine.send_due() == 4
     clock.advance(61)
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, ConsoleChannel(io.StringIO()), clock)
         await engine.fire_due()
         assert await engine.send_due() == 2
@@ -222,7 +223,7 @@ async def test_the_console_channel_after_a_restart_records_every_send(database: 
 async def test_rows_left_sending_by_a_crash_are_requeued_and_sent(database: Path) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, RecordingChannel(), clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -244,7 +245,7 @@ async def test_the_first_ack_stops_escalation_and_tells_the_others_who_handles_i
 ) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0, device="BTN-7")
     clock, channel, feedback = Clock(T0), RecordingChannel(), Feedbacks()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock, feedback)
         await engine.plan_missing()
         await engine.fire_due()
@@ -289,7 +290,7 @@ async def test_the_first_ack_stops_escalation_and_tells_the_others_who_handles_i
 async def test_a_cli_ack_by_an_operator_tells_everyone_paged(database: Path) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, channel = Clock(T0), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -328,7 +329,7 @@ async def test_an_operator_resolve_stops_escalation_and_tells_those_paged(
 ) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, channel = Clock(T0), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -354,7 +355,7 @@ async def test_an_operator_resolve_stops_escalation_and_tells_those_paged(
 async def test_a_roster_gap_pulls_the_next_level_forward(database: Path) -> None:
     incident = await open_incident(database, KODE_GAP, at=T0)
     clock, channel = Clock(T0), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         assert await engine.fire_due() == 1  # the night roster: nobody at 10:00 WIB
@@ -374,7 +375,7 @@ async def test_a_permanent_channel_failure_is_recorded_and_escalation_continues(
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
     channel = RecordingChannel(permanent={PEOPLE["ani"].phone})
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -406,7 +407,7 @@ async def test_a_permanent_channel_failure_is_recorded_and_escalation_continues(
 async def test_the_timeline_has_every_transition_with_its_reason(database: Path) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, channel = Clock(T0), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -442,7 +443,7 @@ async def test_planning_with_fire_now_fires_level_1_in_the_same_commit_exactly_o
 ) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, channel = Clock(T0 + 0.1), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         assert await engine.plan_missing(fire_now=True) == 1
         # Level 1 is already fired: the scheduler finds nothing due, and a later wait
@@ -460,7 +461,7 @@ async def test_a_level_nobody_can_be_reached_at_moves_on_without_waiting(databas
     clock = Clock(T0)
     # Both level-1 people have numbers Twilio refuses (21211): nobody there can be paged.
     channel = RecordingChannel(permanent={PEOPLE["ani"].phone, PEOPLE["budi"].phone})
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -476,7 +477,7 @@ async def test_one_reachable_person_keeps_the_level_waiting_its_turn(database: P
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
     channel = RecordingChannel(permanent={PEOPLE["ani"].phone})
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -485,8 +486,8 @@ async def test_one_reachable_person_keeps_the_level_waiting_its_turn(database: P
     assert "escalation.hastened" not in set(events(database, incident))
 
 
-class ScanWatchingStore(DispatchStore):
-    """The real DispatchStore, recording the id above which each unplanned scan looked."""
+class ScanWatchingStore(SqliteDispatchStore):
+    """The real SqliteDispatchStore, recording the id above which each unplanned scan looked."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -505,7 +506,7 @@ async def test_after_a_restart_with_nothing_to_plan_a_panic_scans_only_above_the
     # first panic read every incident ever stored on the plan SQLite 3.40 made for it.
     await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, RecordingChannel(), clock)
         assert await engine.plan_missing(fire_now=True) == 1
         assert await engine.send_due() == 4  # nothing of it is due after the restart

@@ -21,10 +21,7 @@ from dispatch.health import SourceState
 from dispatch.metrics import Family, Histogram, format_value, render
 from dispatch.observe import (
     INCIDENT_STATUSES,
-    INCIDENTS_BY_STATUS_SQL,
-    NOTIFICATIONS_BY_STATE_SQL,
     OUTBOX_STATES,
-    PENDING_OUTBOX_SQL,
     collect,
     install,
     status_snapshot,
@@ -32,8 +29,13 @@ from dispatch.observe import (
 from gateway.dedup import DedupPolicy
 from gateway.ingest import Ingestor
 from gateway.model import PressKind
-from store.dispatch import DispatchStore
 from store.sqlite import SqliteStore
+from store.sqlite_dispatch import SqliteDispatchStore
+from store.sqlite_observe import (
+    INCIDENTS_BY_STATUS_SQL,
+    NOTIFICATIONS_BY_STATE_SQL,
+    PENDING_OUTBOX_SQL,
+)
 from tests import dispatch_world as dw
 from tests.pipeline import T0, Collector, Fleet, frame_bytes, make_fleet, rows
 from tests.query_plans import traced, whole_reads
@@ -142,7 +144,7 @@ async def scraped(tmp_path: Path) -> AsyncIterator[Scraped]:
         async with (
             SqliteStore(fleet.database) as store,
             Ingestor(store, fleet.config, fleet.locator, policy=DedupPolicy()) as ingestor,
-            DispatchStore(fleet.database) as dstore,
+            SqliteDispatchStore(fleet.database) as dstore,
         ):
             pipe = Collector(ingestor)
             await pipe.send(pipe.item(frame_bytes(one, 1), at=T0),
@@ -249,10 +251,10 @@ async def test_a_scrape_reads_no_whole_table(tmp_path: Path) -> None:
     # Incidents and messages are kept until an operator purges them, so a scan on every
     # scrape grows with history: 71 ms for the outbox counts on 100,000 messages (audit).
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store:
+    async with SqliteDispatchStore(path) as store:
         dispatcher = dw.dispatcher(store, dw.RecordingChannel(), dw.Clock())
         async with traced(store.db) as statements:
-            await collect(IdleRuntime(), dispatcher, store.db)
+            await collect(IdleRuntime(), dispatcher, store)
     selects = [sql for sql in statements if sql.startswith("SELECT")]
     assert len(selects) == 5
     with closing(sqlite3.connect(path)) as db:
@@ -272,7 +274,7 @@ async def test_the_indexed_counts_equal_a_plain_group_by_with_rows_in_every_stat
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path):
+    async with SqliteDispatchStore(path):
         pass  # migrated
     with closing(sqlite3.connect(path)) as db:
         statuses = _checked_values(db, "incidents", "status")
@@ -321,8 +323,8 @@ async def test_the_indexed_counts_equal_a_plain_group_by_with_rows_in_every_stat
 async def test_the_status_snapshot_reads_no_whole_table(tmp_path: Path) -> None:
     # panicctl status asks for it; open incidents in id order walked every incident.
     path = tmp_path / "panicd.sqlite3"
-    async with DispatchStore(path) as store, traced(store.db) as statements:
-        await status_snapshot(IdleRuntime(), store.db)
+    async with SqliteDispatchStore(path) as store, traced(store.db) as statements:
+        await status_snapshot(IdleRuntime(), store)
     selects = [sql for sql in statements if sql.startswith("SELECT")]
     assert len(selects) == 4
     with closing(sqlite3.connect(path)) as db:

@@ -21,7 +21,8 @@ from structlog.testing import capture_logs
 from dispatch.channel import ProviderLookupError, ProviderRecord
 from dispatch.outbox import IN_DOUBT_MAX_S
 from dispatch.twilio_channel import TwilioApiHttpClient, TwilioChannel, TwilioCredentials
-from store.dispatch import Delivery, DispatchStore
+from store.dispatch import Delivery
+from store.sqlite_dispatch import SqliteDispatchStore
 from tests.dispatch_e2e import Fault, RecordingPeer
 from tests.dispatch_world import (
     KODE_LADDER,
@@ -85,7 +86,7 @@ async def crash_mid_send(database: Path, peer: RecordingPeer, clock: Clock,
     for n in range(incidents):
         await open_incident(database, KODE_LADDER, at=clock(), device=f"BTN-{n + 1}")
     peer.fault = lambda method, _path, _form: Fault("hold") if method == "POST" else None
-    async with DispatchStore(database) as store, twilio(peer) as channel:
+    async with SqliteDispatchStore(database) as store, twilio(peer) as channel:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -111,7 +112,7 @@ def in_state(database: Path, state: str) -> int:
 
 async def restart_and_send(database: Path, peer: RecordingPeer, clock: Clock,
                            ) -> list[tuple[int, str, str, str | None]]:
-    async with DispatchStore(database) as store, twilio(peer) as channel:
+    async with SqliteDispatchStore(database) as store, twilio(peer) as channel:
         engine = dispatcher(store, channel, clock)
         # What a start does first: rows a crash left 'sending' are requeued, in doubt.
         assert await store.requeue_interrupted(clock()) > 0
@@ -147,7 +148,7 @@ async def test_pages_the_provider_never_got_before_a_crash_are_sent_once(
 ) -> None:
     clock = Clock(time.time())
     await open_incident(database, KODE_LADDER, at=clock())
-    async with DispatchStore(database) as store, twilio(peer) as channel:
+    async with SqliteDispatchStore(database) as store, twilio(peer) as channel:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -172,7 +173,7 @@ async def test_a_connection_dropped_after_the_provider_accepted_does_not_page_tw
         return Fault("drop")
 
     peer.fault = drop_first
-    async with DispatchStore(database) as store, twilio(peer) as channel:
+    async with SqliteDispatchStore(database) as store, twilio(peer) as channel:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -198,7 +199,7 @@ async def test_a_call_found_at_the_provider_is_never_one_another_row_holds(
     assert calls
     # An earlier, recorded call to the same number: an older incident's page.
     older = await open_incident(database, KODE_LADDER, at=clock() - 10, device="BTN-2")
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         recorded = peer.accepted[[str(d["sid"]).startswith("CA")
                                   for d in peer.accepted].index(True)]
         async with store.transaction() as db:
@@ -237,7 +238,7 @@ async def test_a_page_in_doubt_waits_for_the_provider_to_answer_but_not_for_ever
     await open_incident(database, KODE_LADDER, at=clock())
     channel = UnaskableChannel(clock=clock)
     channel.permanent_lookup = permanent
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -265,7 +266,7 @@ async def test_an_outcome_with_a_sid_another_row_holds_does_not_fail_its_batch(
     fail the recorder's whole batch, again at every retry — a stalled outbox."""
     clock = Clock(time.time())
     await open_incident(database, KODE_LADDER, at=clock())
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, RecordingChannel(clock=clock), clock)
         await engine.plan_missing()
         await engine.fire_due()

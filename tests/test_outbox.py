@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from dispatch.channel import DeliveryResult, DeliveryStatus
 from dispatch.health import HealthSettings
 from dispatch.health_monitor import HealthMonitor
-from store.dispatch import DispatchStore
+from store.sqlite_dispatch import SqliteDispatchStore
 from tests.dispatch_world import (
     KODE_LADDER,
     KODE_TOGETHER,
@@ -113,7 +113,7 @@ async def test_a_local_oserror_requeues_every_page_and_never_hastens_the_escalat
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
     channel = FlakyChannel(down=set(EVERYONE), error=EMFILE)
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -137,7 +137,7 @@ async def test_a_page_is_sent_again_until_accepted_however_many_sends_fail(
     ani = PEOPLE["ani"].phone
     channel = FlakyChannel(down={ani}, result=DeliveryResult(
         DeliveryStatus.FAILED_TRANSIENT, error_code=None, error_message="HTTP 503"))
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -164,7 +164,7 @@ async def test_retry_after_sets_the_earliest_next_send(database: Path) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
     channel = FlakyChannel(down={PEOPLE["ani"].phone})  # THROTTLED: Retry-After 30 s
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -183,7 +183,7 @@ async def test_a_page_still_failing_when_its_level_ends_does_not_hold_the_escala
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
     channel = FlakyChannel(down={PEOPLE["ani"].phone, PEOPLE["budi"].phone})
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -219,7 +219,7 @@ async def test_a_page_failing_while_its_incident_is_resolved_is_cancelled_not_re
     incident = await open_incident(database, KODE_TOGETHER, at=T0)  # ani by SMS
     clock = Clock(T0)
     channel = GatedChannel(down={PEOPLE["ani"].phone})
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -246,7 +246,7 @@ async def test_a_permanent_refusal_still_fails_and_moves_an_unreachable_level_on
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
     channel = FlakyChannel(permanent={PEOPLE["ani"].phone, PEOPLE["budi"].phone})
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -262,7 +262,7 @@ async def test_one_page_retrying_keeps_a_level_with_permanent_refusals_from_hast
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
     channel = FlakyChannel(permanent={PEOPLE["ani"].phone}, down={PEOPLE["budi"].phone})
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -276,14 +276,14 @@ async def test_pages_requeued_before_a_restart_are_sent_by_the_next_process(
 ) -> None:
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, FlakyChannel(down=set(EVERYONE), error=EMFILE), clock)
         await engine.plan_missing()
         await engine.fire_due()
         await engine.send_due()
     clock.advance(5)
     healthy = RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, healthy, clock)
         assert await engine.send_due() == 4
     assert {s for _, _, s, _, _ in alert_rows(database, incident)} == {"sent"}
@@ -306,7 +306,7 @@ async def test_a_provider_outage_alerts_operations_once_and_its_end_once(
     clock = Clock(T0)
     channel = FlakyChannel(down=set(EVERYONE), error=EMFILE)
     with capture_logs() as logs:
-        async with DispatchStore(database) as store:
+        async with SqliteDispatchStore(database) as store:
             engine = dispatcher(store, channel, clock)
             await engine.plan_missing()
             await engine.fire_due()
@@ -344,7 +344,7 @@ async def test_an_outage_raised_before_a_restart_is_cleared_by_the_next_process(
 ) -> None:
     await open_incident(database, KODE_LADDER, at=T0)
     clock = Clock(T0)
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, FlakyChannel(down=set(EVERYONE), error=EMFILE), clock)
         await engine.plan_missing()
         await engine.fire_due()
@@ -352,7 +352,7 @@ async def test_an_outage_raised_before_a_restart_is_cleared_by_the_next_process(
             await engine.send_due()
             clock.now = next_due(database)
     assert health_rows(database)[0][2] is None
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, RecordingChannel(), clock)
         await engine.send_due()
     assert health_rows(database)[0][2] == clock.now

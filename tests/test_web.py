@@ -24,7 +24,7 @@ from twilio.request_validator import RequestValidator
 from dispatch.engine import Dispatcher
 from dispatch.web import WebSettings, public_app
 from dispatch.webhook_auth import make_ack_token
-from store.dispatch import DispatchStore
+from store.sqlite_dispatch import SqliteDispatchStore
 from tests.dispatch_world import (
     ACK_SECRET,
     KODE_LADDER,
@@ -47,7 +47,7 @@ AUTH_TOKEN = "web-test-auth-token"
 class Web:
     client: TestClient  # type: ignore[type-arg]
     engine: Dispatcher
-    store: DispatchStore
+    store: SqliteDispatchStore
     clock: Clock
     channel: RecordingChannel
     database: Path
@@ -122,7 +122,7 @@ async def web(tmp_path: Path) -> AsyncIterator[Web]:
     database = tmp_path / "panicd.sqlite3"
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, channel = Clock(T0 + 1), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()

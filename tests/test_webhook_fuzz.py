@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
 from dispatch.web import WebSettings, public_app
-from store.dispatch import DispatchStore
+from store.sqlite_dispatch import SqliteDispatchStore
 from tests.dispatch_world import (
     ACK_SECRET,
     KODE_LADDER,
@@ -60,7 +60,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     database = tmp_path / "panicd.sqlite3"
     incident = await open_incident(database, KODE_LADDER, at=T0)
     clock, channel = Clock(T0 + 1), RecordingChannel()
-    async with DispatchStore(database) as store:
+    async with SqliteDispatchStore(database) as store:
         engine = dispatcher(store, channel, clock)
         await engine.plan_missing()
         await engine.fire_due()

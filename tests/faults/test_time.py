@@ -24,7 +24,7 @@ from dispatch.channel import DeliveryResult
 from dispatch.engine import Dispatcher, DispatchSettings
 from dispatch.loops import SteadyClock
 from dispatch.policy import Level, Medium, Policy, Routing, Targets
-from store.dispatch import DispatchStore
+from store.sqlite_dispatch import SqliteDispatchStore
 from tests.dispatch_world import (
     ACK_SECRET,
     CENTRE,
@@ -102,7 +102,7 @@ class TimedChannel(RecordingChannel):
         return self.paged_at[person]
 
 
-def _dispatcher(store: DispatchStore, channel: TimedChannel, wall: SteppedWall) -> Dispatcher:
+def _dispatcher(store: SqliteDispatchStore, channel: TimedChannel, wall: SteppedWall) -> Dispatcher:
     return Dispatcher(store, ROUTES, RESPONDERS, channel,
                       DispatchSettings(PUBLIC_URL, ACK_SECRET, ack_ttl_s=3600.0),
                       clock=SteadyClock(wall))
@@ -119,7 +119,7 @@ async def _escalate_with_step(database: Path, step_s: float) -> dict[str, float]
     wall = SteppedWall()
     await open_incident(database, KODE_LADDER, at=wall())
     channel = TimedChannel()
-    async with DispatchStore(database) as store, _dispatcher(store, channel, wall):
+    async with SqliteDispatchStore(database) as store, _dispatcher(store, channel, wall):
         first = await channel.wait_paged("ani", 5)
         wall.step(step_s)
         for person in LEVELS[1:]:
@@ -143,7 +143,7 @@ async def test_a_step_is_stored_so_a_restart_keeps_the_remaining_wait(tmp_path: 
     wall = SteppedWall()
     await open_incident(database, KODE_LADDER, at=wall())
     channel = TimedChannel()
-    async with DispatchStore(database) as store, _dispatcher(store, channel, wall) as engine:
+    async with SqliteDispatchStore(database) as store, _dispatcher(store, channel, wall) as engine:
         first = await channel.wait_paged("ani", 5)
         planned = _pending_due(database)
         wall.step(HOUR)
@@ -156,7 +156,7 @@ async def test_a_step_is_stored_so_a_restart_keeps_the_remaining_wait(tmp_path: 
     # A restart in the stepped frame: level 2 is due WAIT_S after level 1 in real time,
     # not "an hour overdue" as unshifted rows would be.
     after = TimedChannel()
-    async with DispatchStore(database) as store, _dispatcher(store, after, wall):
+    async with SqliteDispatchStore(database) as store, _dispatcher(store, after, wall):
         budi = await after.wait_paged("budi", 2 * WAIT_S)
         assert WAIT_S - EARLY_S <= budi - first <= WAIT_S + SLACK_S
         dewi = await after.wait_paged("dewi", 2 * WAIT_S + SLACK_S)
