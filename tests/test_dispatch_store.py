@@ -9,7 +9,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from store.dispatch import Delivery
+from store.dispatch import Delivery, NewMessage
 from store.sqlite_dispatch import SqliteDispatchStore
 from tests.query_plans import plan, traced, whole_reads
 
@@ -293,3 +293,31 @@ async def test_a_health_condition_is_raised_once_until_cleared(tmp_path: Path) -
         assert await store.raised_condition("provider:twilio", "provider_down") is None
         again = await store.raise_condition("provider:twilio", "provider_down", T0 + 20, {})
         assert again not in (None, first)
+
+
+def _ops_message(n: int) -> NewMessage:
+    return NewMessage(key=f"ops:k{n}:ani", incident_id=None, person_id="ani",
+                      phone="+628120001001", channel="sms", purpose="ops", body=f"b{n}",
+                      due_at=T0)
+
+
+async def test_queueing_counts_only_new_keys_across_statements_of_many_rows(
+    tmp_path: Path,
+) -> None:
+    # The rows go in as multi-row INSERTs of at most 80 (SQLite's 999 parameters), each
+    # counting what it added with RETURNING: keys already queued, in any statement of the
+    # batch, are neither counted nor changed.
+    path = tmp_path / "panicd.sqlite3"
+    async with SqliteDispatchStore(path) as store:
+        assert await store.queue_messages([_ops_message(n) for n in range(0, 300, 3)], T0) == 100
+        batch = [_ops_message(n) for n in range(250)]
+        assert await store.queue_messages(batch, T0 + 1) == 250 - 84
+        assert await store.queue_messages(batch, T0 + 2) == 0
+        assert await store.queue_messages([], T0 + 3) == 0
+    with closing(sqlite3.connect(path)) as db:
+        # 100 keys first, then the 166 of 0..249 that are no multiple of 3.
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM outbox").fetchone() == (
+            266, 266)
+        # A key queued first keeps its first row: created at T0, not T0 + 1.
+        assert db.execute("SELECT created_at FROM outbox WHERE key = 'ops:k3:ani'"
+                          ).fetchone() == (T0,)
