@@ -54,7 +54,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -130,6 +131,45 @@ def find_epmd() -> str:
     return found
 
 
+def wait_listening(ports: list[int], process: subprocess.Popen[bytes], name: str,
+                   timeout_s: float, tail: Callable[[], str] = str) -> None:
+    """Wait until every port answers on 127.0.0.1; fail early if ``process`` exits."""
+    deadline = time.monotonic() + timeout_s
+    waiting = list(ports)
+    while waiting:
+        if process.poll() is not None:
+            raise RabbitMQError(f"{name} exited with {process.returncode}: {tail()}")
+        if time.monotonic() > deadline:
+            raise RabbitMQError(f"{name} did not listen on {waiting} in {timeout_s} s: {tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.2):
+                waiting.pop(0)
+        except OSError:
+            time.sleep(0.1)
+
+
+def start_epmd(port: int, cwd: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """A private Erlang port mapper in the foreground on 127.0.0.1:``port``."""
+    process = subprocess.Popen(  # noqa: S603 -- fixed binary, our arguments
+        [find_epmd(), "-port", str(port), "-address", "127.0.0.1"],
+        cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_listening([port], process, "epmd", 10.0)
+    except BaseException:
+        stop_process(process)
+        raise
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process group we started and reap its leader."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
 def password_hash(password: str, salt: bytes | None = None) -> str:
     """A definitions-file password hash (rabbit_password_hashing_sha256: base64 of a
     4-byte salt and SHA-256 of salt + password)."""
@@ -155,8 +195,9 @@ def definitions(panicd_password: str, buttons_password: str) -> dict[str, object
 
 
 def render_config(*, amqp_port: int, mqtt_port: int, definitions_file: Path,
-                  buttons_password: str) -> str:
-    """rabbitmq.conf of the private node (the lines docs/BROKERS.md explains)."""
+                  buttons_password: str, seed: str | None = None) -> str:
+    """rabbitmq.conf of the private node (the lines docs/BROKERS.md explains); with
+    ``seed``, a blank node joins that node's cluster at its first boot."""
     lines = [
         f"listeners.tcp.default = 127.0.0.1:{amqp_port}",
         f"mqtt.listeners.tcp.default = 127.0.0.1:{mqtt_port}",
@@ -174,7 +215,25 @@ def render_config(*, amqp_port: int, mqtt_port: int, definitions_file: Path,
         "log.console = false",
         "log.file.level = info",
     ]
+    if seed is not None:
+        # Classic-config peer discovery runs only on a blank node: the first boot joins
+        # the seed's cluster; a restart rejoins from the node's own Mnesia data.
+        lines += ["cluster_formation.peer_discovery_backend = classic_config",
+                  f"cluster_formation.classic_config.nodes.1 = {seed}"]
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterShare:
+    """What the nodes of one private cluster share: the port mapper, the Erlang cookie,
+    the accounts' passwords, the parent directory, and the node a new member joins."""
+
+    epmd_port: int
+    cookie: str
+    panicd_password: str
+    buttons_password: str
+    base: Path
+    seed: str | None = None
 
 
 class RabbitMQ:
@@ -186,7 +245,7 @@ class RabbitMQ:
     """
 
     def __init__(self, *, panicd_password: str | None = None,
-                 sbin: Path | None = None) -> None:
+                 sbin: Path | None = None, share: ClusterShare | None = None) -> None:
         self.sbin = sbin
         self.host = "127.0.0.1"
         self.amqp_port, self.mqtt_port, self.dist_port, self.epmd_port = free_ports(4)
@@ -194,6 +253,12 @@ class RabbitMQ:
         self.panicd_user = PANICD_USER
         self.panicd_password = panicd_password or secrets.token_hex(8)
         self.buttons_password = secrets.token_hex(8)
+        # A cluster member uses the cluster's epmd, cookie and accounts (RabbitMQCluster).
+        self.share = share
+        if share is not None:
+            self.epmd_port = share.epmd_port
+            self.panicd_password = share.panicd_password
+            self.buttons_password = share.buttons_password
         self.workdir: Path | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
         self._node: subprocess.Popen[bytes] | None = None
@@ -237,7 +302,9 @@ class RabbitMQ:
         return env
 
     def _prepare(self) -> Path:
-        workdir = Path(tempfile.mkdtemp(prefix="panicd-rabbitmq-"))
+        share = self.share
+        base = share.base if share is not None else None
+        workdir = Path(tempfile.mkdtemp(prefix="panicd-rabbitmq-", dir=base))
         self.workdir = workdir
         (workdir / "rabbitmq-env.conf").write_text("# panicd private node: no env overrides\n")
         (workdir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
@@ -247,10 +314,11 @@ class RabbitMQ:
         conf = workdir / "rabbitmq.conf"
         conf.write_text(render_config(amqp_port=self.amqp_port, mqtt_port=self.mqtt_port,
                                       definitions_file=defs,
-                                      buttons_password=self.buttons_password))
+                                      buttons_password=self.buttons_password,
+                                      seed=share.seed if share is not None else None))
         conf.chmod(0o600)
         cookie = workdir / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
+        cookie.write_text(share.cookie if share is not None else secrets.token_hex(20).upper())
         cookie.chmod(0o400)  # Erlang refuses a cookie others can read
         return workdir
 
@@ -260,15 +328,10 @@ class RabbitMQ:
         """Make the directory, start the private epmd and the node; wait for MQTT."""
         if self.sbin is None:
             self.sbin = find_sbin()
-        epmd = find_epmd()
         workdir = self._prepare()
         try:
-            self._epmd = subprocess.Popen(  # noqa: S603 -- fixed binary, our arguments
-                [epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
-                cwd=workdir, env=self._env(), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            )
-            self._wait_ports([self.epmd_port], self._epmd, "epmd", 10.0)
+            if self.share is None:  # a cluster member's epmd is the cluster's
+                self._epmd = start_epmd(self.epmd_port, workdir, self._env())
             self.start_node(timeout_s)
         except BaseException:
             self.close()
@@ -294,19 +357,7 @@ class RabbitMQ:
 
     def _wait_ports(self, ports: list[int], process: subprocess.Popen[bytes], name: str,
                     timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        waiting = list(ports)
-        while waiting:
-            if process.poll() is not None:
-                raise RabbitMQError(f"{name} exited with {process.returncode}: {self._tail()}")
-            if time.monotonic() > deadline:
-                raise RabbitMQError(f"{name} did not listen on {waiting} in {timeout_s} s: "
-                                    f"{self._tail()}")
-            try:
-                with socket.create_connection((self.host, waiting[0]), timeout=0.2):
-                    waiting.pop(0)
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(ports, process, name, timeout_s, self._tail)
 
     def _tail(self) -> str:
         paths = (self._dir() / "stdout.log", self.log_path)
@@ -353,6 +404,11 @@ class RabbitMQ:
         """
         self.ctl("eval", "[ra:trigger_election(amqqueue:get_pid(Q)) || Q <- "
                  "rabbit_amqqueue:list(), amqqueue:get_type(Q) == rabbit_quorum_queue].")
+
+    @property
+    def running(self) -> bool:
+        """Whether the node's process is up (started and neither stopped nor killed)."""
+        return self._node is not None and self._node.poll() is None
 
     def stop_node(self) -> None:
         """Stop the node cleanly (``rabbitmqctl stop``), killed if that hangs; data stays."""
@@ -402,9 +458,7 @@ class RabbitMQ:
         self.stop_node()
         epmd, self._epmd = self._epmd, None
         if epmd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(epmd.pid, signal.SIGKILL)
-            epmd.wait(timeout=10)
+            stop_process(epmd)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir = None
 
