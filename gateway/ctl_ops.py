@@ -36,7 +36,7 @@ from gateway.ctl_format import err, out, print_json, table, when
 from gateway.formats import native
 from gateway.model import PressKind
 from store import queries
-from store.sqlite_observe import (
+from store.dispatch_observe import (
     OPEN_INCIDENTS_SQL,
     PENDING_OUTBOX_SQL,
     PENDING_STEPS_SQL,

@@ -1,5 +1,6 @@
 """Dispatch's view of the database: the rows it reads and writes, and the interface a
-backend implements (:class:`DispatchStore`; SQLite: store/sqlite_dispatch.py).
+backend implements (:class:`DispatchStore`; the statements: store/dispatch_*.py, over
+store/sqlite_dispatch.py or store/pg_dispatch.py).
 
 Every state change is conditional (``… WHERE state = 'pending'``), so a step fires once
 and an outbox row is claimed once even when two wake-ups race or a restart repeats work.
@@ -254,7 +255,7 @@ class DispatchStore(Protocol):
         """Close it."""
         ...
 
-    # -- incidents and steps (store/sqlite_steps.py) ----------------------------------
+    # -- incidents and steps (store/dispatch_steps.py) ----------------------------------
 
     async def incident(self, incident_id: int) -> IncidentInfo | None:
         """One incident, or None."""
@@ -296,7 +297,7 @@ class DispatchStore(Protocol):
         """Shift every pending due time by the frame's step and follow it, in one commit."""
         ...
 
-    # -- acks, closures, reassignment (store/sqlite_responses.py) ---------------------
+    # -- acks, closures, reassignment (store/dispatch_responses.py) ---------------------
 
     async def queue_messages(self, messages: Sequence[NewMessage], now: float) -> int:
         """Insert outbox rows, skipping keys that exist; returns how many were new."""
@@ -324,7 +325,7 @@ class DispatchStore(Protocol):
         (unless already told who handles it); the number told, None if already closed."""
         ...
 
-    # -- the outbox (store/sqlite_outbox.py) ------------------------------------------
+    # -- the outbox (store/dispatch_outbox.py) ------------------------------------------
 
     async def next_outbox_due(self) -> float | None:
         """When the earliest pending outbox row may be sent."""
@@ -361,7 +362,7 @@ class DispatchStore(Protocol):
         """Apply a provider status callback at most once, never moving a row back."""
         ...
 
-    # -- health (store/sqlite_health.py) ----------------------------------------------
+    # -- health (store/dispatch_health.py) ----------------------------------------------
 
     async def raised_condition(self, subject: str, condition: str) -> tuple[int, float] | None:
         """The raised (not cleared) row of ``subject``/``condition``: (id, raised_at)."""
@@ -407,7 +408,7 @@ class DispatchStore(Protocol):
         """Open (or acknowledged) incidents and pending escalation steps."""
         ...
 
-    # -- what operators see (store/sqlite_observe.py) ---------------------------------
+    # -- what operators see (store/dispatch_observe.py) ---------------------------------
 
     async def incident_counts(self) -> dict[str, int]:
         """Incidents by status."""

@@ -1,35 +1,31 @@
-"""What the SQLite dispatch statements share: the connection's transactions, the timeline,
-outbox inserts and the incident columns (store/sqlite_dispatch.py composes the parts).
+"""What the dispatch statements share, on either database: transactions and reads through
+a :class:`store.sql.Tx`, the timeline, outbox inserts and the incident columns.
 
-It has its own SQLite connection (SQLite serialises writers with BEGIN IMMEDIATE and the
-busy timeout), so the ingest writer and dispatch never share a transaction. The SQL is
-written to run on PostgreSQL too once ``?`` becomes ``$n``: ``ON CONFLICT DO NOTHING``
-rather than ``INSERT OR IGNORE``, ``RETURNING`` rather than ``lastrowid`` or
-``total_changes``, booleans as 0/1; the one SQLite-only function (``json_extract``) is in
-:meth:`store.sqlite_outbox.SqliteOutbox._shown_rank`.
+The statements are written once, with ``?`` placeholders, ``ON CONFLICT DO NOTHING``,
+``RETURNING`` and booleans as 0/1; what the databases spell differently comes from the
+base's :class:`store.sql.Dialect`. A backend (store/sqlite_dispatch.py,
+store/pg_dispatch.py) supplies the connection: :meth:`DispatchBase.transaction` and
+:meth:`DispatchBase._rows`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import abc
 import json
-import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import aiosqlite
-
 from store.dispatch import IncidentInfo, NewMessage
-from store.sqlite import SqliteDatabase, Writers
+from store.sql import Dialect, Tx
 
 INCIDENT_COLUMNS = (
     "id, device_id, status, test, urgent, opened_at, kelurahan_kode, kelurahan, kecamatan,"
     " address, landmark, lat, lon"
 )
 
-# 12 parameters a row: 80 rows stay under SQLite's oldest cap of 999 host parameters.
+# 12 parameters a row: 80 rows stay under SQLite's oldest cap of 999 host parameters
+# (PostgreSQL's is 65,535).
 _MESSAGES_PER_INSERT = 80
 
 
@@ -52,35 +48,18 @@ def incident_of(row: Sequence[Any]) -> IncidentInfo:
     )
 
 
-class SqliteDispatchBase(SqliteDatabase):
-    """Dispatch's SQLite connection; an async context manager."""
+class DispatchBase(abc.ABC):
+    """The connection a backend gives the dispatch statements."""
 
-    def __init__(self, path: Path, *, writers: Writers | None = None) -> None:
-        # One connection, many tasks (scheduler, outbox senders, webhooks): transactions
-        # on it must not interleave — the write lock (shared with the process's other
-        # connections) also serialises them.
-        super().__init__(path, writers=writers)
+    dialect: Dialect
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One BEGIN IMMEDIATE … COMMIT; rolled back on any exception."""
-        db = self.db
-        async with self.write_lock:
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                yield db
-                await db.execute("COMMIT")
-            except BaseException:
-                # Also when BEGIN or COMMIT itself was interrupted (a cancelled sender): the
-                # statement still runs on aiosqlite's thread, and a connection left inside a
-                # transaction would refuse every later BEGIN. Statements run in order there,
-                # so this ROLLBACK follows it; "no transaction is active" is fine.
-                with contextlib.suppress(sqlite3.Error):
-                    await db.execute("ROLLBACK")
-                raise
+    @abc.abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """One transaction, committed on leaving the block, rolled back on any exception."""
 
+    @abc.abstractmethod
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
-        return list(await self.db.execute_fetchall(sql, params))
+        """A read outside any transaction: its rows."""
 
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Any] | None:
         rows = await self._rows(sql, params)
@@ -92,7 +71,7 @@ class SqliteDispatchBase(SqliteDatabase):
 
     @staticmethod
     async def _timeline(
-        db: aiosqlite.Connection,
+        tx: Tx,
         incident_id: int,
         at: float,
         event: str,
@@ -102,7 +81,7 @@ class SqliteDispatchBase(SqliteDatabase):
         detail: Mapping[str, Any] | None = None,
     ) -> None:
         """Append to an incident's timeline."""
-        await db.execute(
+        await tx.execute(
             "INSERT INTO incident_events (incident_id, at, event, reason, actor, detail)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (
@@ -116,9 +95,7 @@ class SqliteDispatchBase(SqliteDatabase):
         )
 
     @staticmethod
-    async def _insert_messages(
-        db: aiosqlite.Connection, messages: Sequence[NewMessage], now: float
-    ) -> int:
+    async def _insert_messages(tx: Tx, messages: Sequence[NewMessage], now: float) -> int:
         """Insert outbox rows, skipping keys that exist; returns how many were new."""
         new = 0
         for start in range(0, len(messages), _MESSAGES_PER_INSERT):
@@ -126,13 +103,13 @@ class SqliteDispatchBase(SqliteDatabase):
             values = ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)" for _ in chunk)
             # One statement per chunk, its RETURNING counting the rows that were new (a
             # key that exists is skipped: the key is UNIQUE).
-            rows = await db.execute_fetchall(
+            rows = await tx.rows(
                 "INSERT INTO outbox (key, incident_id, person_id, phone, channel, purpose,"  # noqa: S608
                 f" round, level, body, state, created_at, due_at, updated_at) VALUES {values}"
                 " ON CONFLICT DO NOTHING RETURNING id",
                 [part for m in chunk for part in _message_row(m, now)],
             )
-            new += len(list(rows))
+            new += len(rows)
         return new
 
 

@@ -1,4 +1,4 @@
-"""SQLite: device_health rows — the provider's outage raised and cleared by the outbox,
+"""device_health rows — the provider's outage raised and cleared by the outbox,
 the device-health monitor's raises and clears, and what it reads to decide and report."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from store.dispatch import HealthRaise, HealthRow
-from store.sqlite_dispatch_base import SqliteDispatchBase
+from store.dispatch_base import DispatchBase
 
 _OPEN_INCIDENTS_COUNT = "SELECT COUNT(*) FROM incidents WHERE status IN ('open', 'acknowledged')"
 
@@ -19,7 +19,7 @@ def _health_of(row: Sequence[Any]) -> HealthRow:
                      json.loads(row[5] or "{}"))
 
 
-class SqliteHealth(SqliteDispatchBase):
+class Health(DispatchBase):
     """device_health's statements."""
 
     async def raised_condition(self, subject: str, condition: str) -> tuple[int, float] | None:
@@ -35,24 +35,23 @@ class SqliteHealth(SqliteDispatchBase):
         self, subject: str, condition: str, now: float, detail: Mapping[str, Any]
     ) -> int | None:
         """Raise a health condition once; None if it is raised already."""
-        async with self.transaction() as db:
-            rows = await db.execute_fetchall(
+        async with self.transaction() as tx:
+            new = await tx.rows(
                 # device_health_active is UNIQUE (subject, condition) WHERE not cleared.
                 "INSERT INTO device_health (subject, condition, raised_at, detail)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                 (subject, condition, now, json.dumps(dict(detail), sort_keys=True)),
             )
-            new = list(rows)
         return int(new[0][0]) if new else None
 
     async def clear_condition(self, subject: str, condition: str, now: float) -> int | None:
         """Clear a raised health condition; returns its row id, None if none was raised."""
-        async with self.transaction() as db:
-            rows = list(await db.execute_fetchall(
+        async with self.transaction() as tx:
+            rows = await tx.rows(
                 "UPDATE device_health SET cleared_at = ? WHERE subject = ? AND condition = ?"
                 " AND cleared_at IS NULL RETURNING id",
                 (now, subject, condition),
-            ))
+            )
         return int(rows[0][0]) if rows else None
 
     async def raised_health(self) -> list[HealthRow]:
@@ -73,17 +72,17 @@ class SqliteHealth(SqliteDispatchBase):
         """Raise and clear (by row id) conditions in one commit; returns the new ids in
         ``raised``'s order."""
         new_ids = []
-        async with self.transaction() as db:
+        async with self.transaction() as tx:
             for finding in raised:
-                rows = await db.execute_fetchall(
+                rows = await tx.rows(
                     "INSERT INTO device_health (subject, condition, raised_at, detail)"
                     " VALUES (?, ?, ?, ?) RETURNING id",
                     (finding.subject, finding.condition, now,
                      json.dumps(dict(finding.detail), sort_keys=True)),
                 )
-                new_ids.append(int(next(iter(rows))[0]))
+                new_ids.append(int(rows[0][0]))
             for row_id in cleared:
-                await db.execute(
+                await tx.execute(
                     "UPDATE device_health SET cleared_at = ? WHERE id = ?", (now, row_id)
                 )
         return new_ids

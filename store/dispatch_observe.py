@@ -1,4 +1,4 @@
-"""SQLite: what operators and monitoring read of dispatch — the counts behind ``GET
+"""what operators and monitoring read of dispatch — the counts behind ``GET
 /metrics`` and the open incidents and raised conditions of ``panicctl status``.
 
 The statements are shared with panicctl's database fallback (gateway/ctl_ops.py), which
@@ -8,7 +8,7 @@ runs them on its own read-only connection, so both agree.
 from __future__ import annotations
 
 from store.dispatch import OpenIncident, QueueDepths, Unhealthy
-from store.sqlite_dispatch_base import SqliteDispatchBase
+from store.dispatch_base import DispatchBase
 
 # By id,
 # SQLite 3.40 (no ANALYZE) walked every incident in rowid order; +id lets it read the few
@@ -25,7 +25,8 @@ PENDING_STEPS_SQL = "SELECT COUNT(*) FROM escalation_steps WHERE state = 'pendin
 # messages (query-plan audit, SQLite 3.40 without ANALYZE): queued messages 12.9 -> 0.01
 # ms, incidents by status 9.5 -> 3.0 ms, messages by state 71 -> 8.9 ms. The branches
 # together name every value the schema's CHECK constraints allow, so the counts equal a
-# plain GROUP BY (tests/test_metrics.py).
+# plain GROUP BY (tests/test_metrics.py). Every branch groups by each column it reads
+# (state too, constant as it is there): PostgreSQL refuses a column outside GROUP BY.
 PENDING_OUTBOX_SQL = (
     "SELECT (SELECT COUNT(*) FROM outbox WHERE state = 'pending')"
     " + (SELECT COUNT(*) FROM outbox WHERE state = 'sending')"
@@ -39,8 +40,8 @@ INCIDENTS_BY_STATUS_SQL = (
 NOTIFICATIONS_BY_STATE_SQL = (
     "SELECT channel, state, COUNT(*) FROM outbox"
     " WHERE state IN ('sent', 'delivered', 'failed', 'no_answer', 'cancelled') GROUP BY 1, 2"
-    " UNION ALL SELECT channel, state, COUNT(*) FROM outbox WHERE state = 'pending' GROUP BY 1"
-    " UNION ALL SELECT channel, state, COUNT(*) FROM outbox WHERE state = 'sending' GROUP BY 1"
+    " UNION ALL SELECT channel, state, COUNT(*) FROM outbox WHERE state = 'pending' GROUP BY 1, 2"
+    " UNION ALL SELECT channel, state, COUNT(*) FROM outbox WHERE state = 'sending' GROUP BY 1, 2"
 )
 UNHEALTHY_SQL = (
     "SELECT subject, condition, raised_at, detail FROM device_health WHERE cleared_at IS NULL"
@@ -53,7 +54,7 @@ RAISED_BY_CONDITION_SQL = (
 )
 
 
-class SqliteObserve(SqliteDispatchBase):
+class Observe(DispatchBase):
     """Reads for metrics and status."""
 
     async def _grouped(self, sql: str) -> dict[tuple[str, ...], int]:

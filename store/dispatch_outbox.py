@@ -1,4 +1,4 @@
-"""SQLite: the outbox — claimed once, sent, its outcomes and the provider's status
+"""the outbox — claimed once, sent, its outcomes and the provider's status
 callbacks recorded, never moving a row back from a final state."""
 
 from __future__ import annotations
@@ -7,10 +7,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import aiosqlite
-
 from store.dispatch import Delivery, OutboxRow, StatusOutcome
-from store.sqlite_dispatch_base import SqliteDispatchBase
+from store.dispatch_base import DispatchBase
+from store.sql import Tx
 
 # An alert that no longer matters: its incident is resolved or cancelled, or acknowledged
 # and the alert is an escalation page (a reassign page, round NULL, still matters then).
@@ -43,7 +42,7 @@ def _outbox_of(row: Sequence[Any]) -> OutboxRow:
     return OutboxRow(*row)
 
 
-class SqliteOutbox(SqliteDispatchBase):
+class Outbox(DispatchBase):
     """The outbox's statements."""
 
     async def next_outbox_due(self) -> float | None:
@@ -64,11 +63,13 @@ class SqliteOutbox(SqliteDispatchBase):
 
     async def claim_outbox(self, now: float, limit: int) -> list[OutboxRow]:
         """Move up to ``limit`` due pending rows to 'sending' and return them."""
-        async with self.transaction() as db:
-            rows = await db.execute_fetchall(
+        async with self.transaction() as tx:
+            # On PostgreSQL the rows stay locked to this transaction, and a peer's claim
+            # passes over them (SKIP LOCKED) instead of waiting or taking them too.
+            rows = await tx.rows(
                 f"SELECT {_OUTBOX_COLUMNS} FROM outbox AS o"  # noqa: S608
                 f" WHERE state = 'pending' AND due_at <= ? AND {_CLAIMABLE}"
-                " ORDER BY due_at, id LIMIT ?",
+                f" ORDER BY due_at, id LIMIT ?{self.dialect.skip_locked()}",
                 (now, limit),
             )
             claimed, calls = [], set()
@@ -78,7 +79,7 @@ class SqliteOutbox(SqliteDispatchBase):
                         continue  # the number's next call waits for this one to settle
                     calls.add(row.phone)
                 claimed.append(row)
-            await db.executemany(
+            await tx.executemany(
                 "UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_at = ?"
                 " WHERE id = ? AND state = 'pending'",
                 [(now, row.id) for row in claimed],
@@ -93,14 +94,13 @@ class SqliteOutbox(SqliteDispatchBase):
         (``updated_at``): the outbox asks the provider before sending it again.
         """
         cutoff = now if older_than is None else older_than
-        async with self.transaction() as db:
-            cursor = await db.execute(
+        async with self.transaction() as tx:
+            return await tx.execute(
                 "UPDATE outbox SET state = 'pending', due_at = ?, updated_at = ?,"
                 " in_doubt_since = COALESCE(in_doubt_since, updated_at)"
                 " WHERE state = 'sending' AND updated_at <= ?",
                 (now, now, cutoff),
             )
-            return cursor.rowcount
 
     async def recorded_sids(self, sids: Sequence[str]) -> set[str]:
         """Which of these provider SIDs a message of the outbox holds already."""
@@ -138,8 +138,8 @@ class SqliteOutbox(SqliteDispatchBase):
         """
         final = [d for d in deliveries if d.state != "pending"]
         retries = [d for d in deliveries if d.state == "pending"]
-        async with self.transaction() as db:
-            await db.executemany(
+        async with self.transaction() as tx:
+            await tx.executemany(
                 # A late 'sent' must not undo a final state a status callback already set.
                 # A SID another row holds already stays with that row (SIDs are UNIQUE):
                 # one conflicting outcome must not fail the whole batch, again and again.
@@ -152,8 +152,8 @@ class SqliteOutbox(SqliteDispatchBase):
                 [(d.state, d.state, d.sid, d.sid, d.error_code, d.error, d.at, d.outbox_id)
                  for d in final],
             )
-            cancelled = await self._closed_alerts(db, [d.outbox_id for d in retries])
-            await db.executemany(
+            cancelled = await self._closed_alerts(tx, [d.outbox_id for d in retries])
+            await tx.executemany(
                 # Only from 'sending': nothing was accepted, so no callback can have moved it.
                 "UPDATE outbox SET state = ?, due_at = ?, error_code = ?, error = ?,"
                 " updated_at = ?, in_doubt_since = ? WHERE id = ? AND state = 'sending'",
@@ -161,7 +161,7 @@ class SqliteOutbox(SqliteDispatchBase):
                   d.at if d.retry_at is None else d.retry_at, d.error_code, d.error, d.at,
                   d.in_doubt_since, d.outbox_id) for d in retries],
             )
-            await db.executemany(
+            await tx.executemany(
                 "INSERT INTO incident_events (incident_id, at, event, reason, actor, detail)"
                 " VALUES (?, ?, ?, ?, NULL, ?)",
                 [(d.incident_id, d.at,
@@ -173,11 +173,11 @@ class SqliteOutbox(SqliteDispatchBase):
         return sorted(cancelled)
 
     @staticmethod
-    async def _closed_alerts(db: aiosqlite.Connection, outbox_ids: Sequence[int]) -> set[int]:
+    async def _closed_alerts(tx: Tx, outbox_ids: Sequence[int]) -> set[int]:
         if not outbox_ids:
             return set()
         marks = ",".join("?" * len(outbox_ids))
-        rows = await db.execute_fetchall(
+        rows = await tx.rows(
             "SELECT o.id FROM outbox o"  # noqa: S608 -- placeholders and a constant only
             f" WHERE o.id IN ({marks}) AND {_ALERT_CLOSED}",
             list(outbox_ids),
@@ -207,8 +207,8 @@ class SqliteOutbox(SqliteDispatchBase):
         "sid_mismatch" (the row's message has another SID: refused), "replayed" (nothing
         changed) or "applied".
         """
-        async with self.transaction() as db:
-            row = await self._one(
+        async with self.transaction() as tx:
+            row = await tx.one(
                 "SELECT incident_id, provider_sid FROM outbox WHERE id = ?", (outbox_id,)
             )
             if row is None:
@@ -224,47 +224,47 @@ class SqliteOutbox(SqliteDispatchBase):
                 # here is not about this row (outbox ids reused after a database was
                 # recreated): refuse it rather than give one message to two rows (the SID
                 # is UNIQUE). The provider's own answer, recorded later, still wins.
-                if not sid or await self._one(
+                if not sid or await tx.one(
                     "SELECT 1 FROM outbox WHERE provider_sid = ?", (sid,)
                 ):
                     return "sid_mismatch"
-                await db.execute(
+                await tx.execute(
                     "UPDATE outbox SET provider_sid = ? WHERE id = ?", (sid, outbox_id)
                 )
             elif sid != recorded:
                 return "sid_mismatch"
             # Forward only: 'sent' from a row not yet sent, a final state from any row not
             # yet final; never out of a final state, never out of 'cancelled'.
-            moved = await db.execute_fetchall(
+            moved = await tx.rows(
                 "UPDATE outbox SET state = ?, error_code = COALESCE(?, error_code),"
                 " updated_at = ? WHERE id = ? AND (state IN ('pending', 'sending')"
                 " OR (state = 'sent' AND ? IN ('delivered', 'failed', 'no_answer')))"
                 " RETURNING id",
                 (state, error_code, now, outbox_id, state),
             )
-            applied = bool(list(moved))
+            applied = bool(moved)
             if incident_id is not None:
                 # The highest status this row's timeline already shows (its lines carry the
                 # outbox id and rank): a replay, or a status overtaken by a later one, adds
                 # no line.
-                shown = await self._shown_rank(incident_id, event, outbox_id)
+                shown = await self._shown_rank(tx, incident_id, event, outbox_id)
                 if shown is None or rank > shown:
                     await self._timeline(
-                        db, incident_id, now, event, state,
+                        tx, incident_id, now, event, state,
                         detail={**detail, "outbox": outbox_id, "sid": sid, "rank": rank},
                     )
                     applied = True
         return "applied" if applied else "replayed"
 
-    async def _shown_rank(self, incident_id: int, event: str, outbox_id: int) -> int | None:
+    async def _shown_rank(
+        self, tx: Tx, incident_id: int, event: str, outbox_id: int
+    ) -> int | None:
         """The highest provider status rank the incident's ``event`` lines show for this
         outbox row; None if there is none."""
-        # The one SQLite-only function dispatch uses. On PostgreSQL (detail is TEXT there
-        # too): MAX((detail::jsonb ->> 'rank')::bigint) … AND
-        # (detail::jsonb ->> 'outbox')::bigint = $3.
-        row = await self._one(
-            "SELECT MAX(json_extract(detail, '$.rank')) FROM incident_events"
-            " WHERE incident_id = ? AND event = ? AND json_extract(detail, '$.outbox') = ?",
+        rank, outbox = (self.dialect.json_int("detail", key) for key in ("rank", "outbox"))
+        row = await tx.one(
+            f"SELECT MAX({rank}) FROM incident_events"  # noqa: S608 -- the dialect's only
+            f" WHERE incident_id = ? AND event = ? AND {outbox} = ?",
             (incident_id, event, outbox_id),
         )
         return None if row is None or row[0] is None else int(row[0])

@@ -1,17 +1,16 @@
-"""SQLite: incidents as dispatch reads them, and the escalation steps — planned, fired,
+"""incidents as dispatch reads them, and the escalation steps — planned, fired,
 hastened, and shifted with a step of the wall clock."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import aiosqlite
-
 from store.dispatch import ClockFrame, ClockShift, Fired, Firing, IncidentInfo, Plan, StepRow
-from store.sqlite_dispatch_base import INCIDENT_COLUMNS, SqliteDispatchBase, incident_of
+from store.dispatch_base import INCIDENT_COLUMNS, DispatchBase, incident_of
+from store.sql import Tx
 
 
-class SqliteSteps(SqliteDispatchBase):
+class Steps(DispatchBase):
     """Incidents and escalation steps."""
 
     async def incident(self, incident_id: int) -> IncidentInfo | None:
@@ -73,22 +72,22 @@ class SqliteSteps(SqliteDispatchBase):
         behind the scheduler's and the senders' (measured with bench/dispatch.py).
         """
         fired = []
-        async with self.transaction() as db:
+        async with self.transaction() as tx:
             for plan in plans:
-                await db.execute(
+                await tx.execute(
                     "INSERT INTO incident_dispatch (incident_id, policy_id, route, planned_at)"
                     " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (plan.incident_id, plan.policy_id, plan.route, now),
                 )
-                await db.executemany(
+                await tx.executemany(
                     "INSERT INTO escalation_steps (key, incident_id, round, level, due_at,"
                     " state) VALUES (?, ?, ?, ?, ?, 'pending') ON CONFLICT DO NOTHING",
                     [(s.key, plan.incident_id, s.round, s.level, s.due_at) for s in plan.steps],
                 )
-                await self._timeline(db, plan.incident_id, now, "escalation.planned",
+                await self._timeline(tx, plan.incident_id, now, "escalation.planned",
                                      plan.route, detail=plan.detail)
                 for firing in plan.fire:
-                    outcome = await self._fire_in(db, firing, now)
+                    outcome = await self._fire_in(tx, firing, now)
                     if outcome is not None:
                         fired.append(outcome)
         return fired
@@ -100,30 +99,30 @@ class SqliteSteps(SqliteDispatchBase):
         queued behind the senders' (bench/dispatch.py measured fire lag of seconds).
         """
         fired = []
-        async with self.transaction() as db:
+        async with self.transaction() as tx:
             for firing in firings:
-                outcome = await self._fire_in(db, firing, now)
+                outcome = await self._fire_in(tx, firing, now)
                 if outcome is not None:
                     fired.append(outcome)
         return fired
 
-    async def _fire_in(self, db: aiosqlite.Connection, firing: Firing, now: float) -> Fired | None:
+    async def _fire_in(self, tx: Tx, firing: Firing, now: float) -> Fired | None:
         step = firing.step
-        claimed = await db.execute_fetchall(
+        claimed = await tx.rows(
             "UPDATE escalation_steps SET state = 'fired', fired_at = ?"
             " WHERE key = ? AND state = 'pending' RETURNING key",
             (now, step.key),
         )
-        if not list(claimed):
+        if not claimed:
             return None  # an ack, a closure or another wake-up got there first
         if not firing.live:
-            await db.execute(
+            await tx.execute(
                 "UPDATE escalation_steps SET state = 'cancelled' WHERE key = ?", (step.key,)
             )
             return None
-        queued = await self._insert_messages(db, firing.messages, now)
+        queued = await self._insert_messages(tx, firing.messages, now)
         await self._timeline(
-            db,
+            tx,
             step.incident_id,
             now,
             "escalation.step_fired",
@@ -138,37 +137,37 @@ class SqliteSteps(SqliteDispatchBase):
         )
         if not firing.people:
             # A level that paged nobody (roster gap) must not keep the next level waiting.
-            await self._bring_next_forward(db, step.incident_id, now)
-            await self._timeline(db, step.incident_id, now, "escalation.level_empty",
+            await self._bring_next_forward(tx, step.incident_id, now)
+            await self._timeline(tx, step.incident_id, now, "escalation.level_empty",
                                  "nobody_on_call", detail={"level": step.level + 1})
-        rows = await db.execute_fetchall(
+        (remaining,) = await tx.rows(
             "SELECT COUNT(*) FROM escalation_steps WHERE incident_id = ? AND state = 'pending'",
             (step.incident_id,),
         )
-        remaining = int(next(iter(rows))[0])
-        if remaining == 0:
-            await self._timeline(db, step.incident_id, now, "escalation.exhausted",
+        remaining_count = int(remaining[0])
+        if remaining_count == 0:
+            await self._timeline(tx, step.incident_id, now, "escalation.exhausted",
                                  "no_ack_after_last_level")
-        return Fired(step.key, queued, remaining)
+        return Fired(step.key, queued, remaining_count)
 
     @staticmethod
-    async def _bring_next_forward(db: aiosqlite.Connection, incident_id: int, now: float) -> bool:
+    async def _bring_next_forward(tx: Tx, incident_id: int, now: float) -> bool:
         """Make the incident's next pending level due now; False if none was later."""
-        moved = await db.execute_fetchall(
+        moved = await tx.rows(
             "UPDATE escalation_steps SET due_at = ? WHERE key = (SELECT key FROM"
             " escalation_steps WHERE incident_id = ? AND state = 'pending'"
             " ORDER BY due_at, round, level LIMIT 1) AND due_at > ? RETURNING key",
             (now, incident_id, now),
         )
-        return bool(list(moved))
+        return bool(moved)
 
     async def hasten(self, incident_id: int, now: float, reason: str) -> bool:
         """Make the incident's next pending level due now, on its timeline; False if none
         was later."""
-        async with self.transaction() as db:
-            moved = await self._bring_next_forward(db, incident_id, now)
+        async with self.transaction() as tx:
+            moved = await self._bring_next_forward(tx, incident_id, now)
             if moved:
-                await self._timeline(db, incident_id, now, "escalation.hastened", reason)
+                await self._timeline(tx, incident_id, now, "escalation.hastened", reason)
         return moved
 
     async def follow_clock_step(self, frame: ClockFrame) -> ClockShift | None:
@@ -180,20 +179,20 @@ class SqliteSteps(SqliteDispatchBase):
         """
         followed = 0.0
         try:
-            async with self.transaction() as db:
+            async with self.transaction() as tx:
                 delta = frame.step()
                 if not delta:
                     return None
-                steps = await db.execute(
+                steps = await tx.execute(
                     "UPDATE escalation_steps SET due_at = due_at + ? WHERE state = 'pending'",
                     (delta,),
                 )
                 # Pending messages wait for their due time (retry backoff, Retry-After); one
                 # in flight is judged stale by how long ago it was claimed (updated_at).
-                messages = await db.execute(
+                messages = await tx.execute(
                     "UPDATE outbox SET due_at = due_at + ? WHERE state = 'pending'", (delta,)
                 )
-                await db.execute(
+                await tx.execute(
                     "UPDATE outbox SET updated_at = updated_at + ? WHERE state = 'sending'",
                     (delta,),
                 )
@@ -202,4 +201,4 @@ class SqliteSteps(SqliteDispatchBase):
         except BaseException:
             frame.follow(-followed)  # rolled back: the rows are in the old frame again
             raise
-        return ClockShift(delta, steps.rowcount, messages.rowcount)
+        return ClockShift(delta, steps, messages)

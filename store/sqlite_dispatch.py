@@ -1,18 +1,64 @@
-"""The SQLite implementation of :class:`store.dispatch.DispatchStore`, one connection of
-its own, composed from one part per concern (each a module of its own):
-store/sqlite_steps.py, sqlite_responses.py, sqlite_outbox.py, sqlite_health.py and
-sqlite_observe.py over store/sqlite_dispatch_base.py."""
+"""The SQLite implementation of :class:`store.dispatch.DispatchStore`: the dispatch
+statements (store/dispatch_steps.py, dispatch_responses.py, dispatch_outbox.py,
+dispatch_health.py, dispatch_observe.py) over one aiosqlite connection of its own.
+
+It has its own connection (SQLite serialises writers with BEGIN IMMEDIATE and the busy
+timeout), so the ingest writer and dispatch never share a transaction.
+"""
 
 from __future__ import annotations
 
-from store.sqlite_health import SqliteHealth
-from store.sqlite_observe import SqliteObserve
-from store.sqlite_outbox import SqliteOutbox
-from store.sqlite_responses import SqliteResponses
-from store.sqlite_steps import SqliteSteps
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
-__all__ = ["SqliteDispatchStore"]
+from store.dispatch_base import DispatchBase
+from store.dispatch_health import Health
+from store.dispatch_observe import Observe
+from store.dispatch_outbox import Outbox
+from store.dispatch_responses import Responses
+from store.dispatch_steps import Steps
+from store.sql import SQLITE, SqliteTx, Tx
+from store.sqlite import SqliteDatabase, Writers
+
+__all__ = ["SqliteDispatchBase", "SqliteDispatchStore"]
 
 
-class SqliteDispatchStore(SqliteSteps, SqliteResponses, SqliteOutbox, SqliteHealth, SqliteObserve):
+class SqliteDispatchBase(SqliteDatabase, DispatchBase):
+    """Dispatch's SQLite connection; an async context manager."""
+
+    dialect = SQLITE
+
+    def __init__(self, path: Path, *, writers: Writers | None = None) -> None:
+        # One connection, many tasks (scheduler, outbox senders, webhooks): transactions
+        # on it must not interleave — the write lock (shared with the process's other
+        # connections) also serialises them.
+        super().__init__(path, writers=writers)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """One BEGIN IMMEDIATE … COMMIT; rolled back on any exception."""
+        db = self.db
+        async with self.write_lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                yield SqliteTx(db)
+                await db.execute("COMMIT")
+            except BaseException:
+                # Also when BEGIN or COMMIT itself was interrupted (a cancelled sender): the
+                # statement still runs on aiosqlite's thread, and a connection left inside a
+                # transaction would refuse every later BEGIN. Statements run in order there,
+                # so this ROLLBACK follows it; "no transaction is active" is fine.
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+                raise
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        return list(await self.db.execute_fetchall(sql, params))
+
+
+class SqliteDispatchStore(Steps, Responses, Outbox, Health, Observe, SqliteDispatchBase):
     """Dispatch's SQLite connection; an async context manager."""

@@ -29,13 +29,13 @@ from dispatch.observe import (
 from gateway.dedup import DedupPolicy
 from gateway.ingest import Ingestor
 from gateway.model import PressKind
-from store.sqlite import SqliteStore
-from store.sqlite_dispatch import SqliteDispatchStore
-from store.sqlite_observe import (
+from store.dispatch_observe import (
     INCIDENTS_BY_STATUS_SQL,
     NOTIFICATIONS_BY_STATE_SQL,
     PENDING_OUTBOX_SQL,
 )
+from store.sqlite import SqliteStore
+from store.sqlite_dispatch import SqliteDispatchStore
 from tests import dispatch_world as dw
 from tests.pipeline import T0, Collector, Fleet, frame_bytes, make_fleet, rows
 from tests.query_plans import traced, whole_reads
