@@ -1,0 +1,104 @@
+"""The PostgreSQL connection pool: asyncpg, migrated on open (docs/STORE.md).
+
+The URL names the server, database and role only; the password is passed separately,
+read by the caller from the environment or a systemd credential, and a URL that carries
+one is refused so that it never sits in a config file.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+
+from store.pg_schema import migrate
+from store.sqlite_schema import StoreError
+
+URL_SCHEMES = ("postgresql", "postgres")
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL that is not PostgreSQL's or that carries a password."""
+    parts = urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        raise StoreError(f"not a PostgreSQL URL (postgresql://user@host/db): {parts.scheme}://")
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise StoreError(
+            "the PostgreSQL URL carries a password: give it through the environment or a"
+            " systemd credential instead"
+        )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Return a pooled connection as it is.
+
+    asyncpg's default reset runs UNLISTEN *, RESET ALL and advisory unlocks on every
+    release: one more round trip per batch (docs/STORE.md measured it). The store's
+    pooled connections never change session state, LISTEN has a connection of its own,
+    the advisory locks taken are transaction-scoped, and asyncpg still rolls back a
+    transaction left open before calling this.
+    """
+
+
+class PgDatabase:
+    """A pool of connections to panicd's PostgreSQL database, migrated on open; an async
+    context manager."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        min_size: int = 1,
+        max_size: int = 4,
+        command_timeout_s: float | None = 30.0,
+    ) -> None:
+        check_url(url)
+        self.url = url
+        self._password = password
+        self._min_size = min_size
+        self._max_size = max_size
+        self._command_timeout_s = command_timeout_s
+        self._pool: asyncpg.Pool | None = None
+
+    async def __aenter__(self) -> Self:
+        pool = await asyncpg.create_pool(
+            self.url,
+            password=self._password,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            command_timeout=self._command_timeout_s,
+            reset=_keep_session,
+        )
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            self._pool = pool
+            await self._opened()
+        except BaseException:
+            self._pool = None
+            await pool.close()
+            raise
+        return self
+
+    async def _opened(self) -> None:
+        """Called once the schema is current (subclasses load what they cache)."""
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The open pool."""
+        if self._pool is None:
+            raise StoreError(f"{type(self).__name__} is not open")
+        return self._pool
