@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiosqlite
-import asyncpg
+
+if TYPE_CHECKING:  # asyncpg is imported only where PostgreSQL is used (store/pg.py)
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A connection of its own or one borrowed from a pool: both take the same calls.
+    PgConnection = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
 
 __all__ = ["PG", "SQLITE", "Dialect", "PgTx", "SqliteTx", "Tx", "pg_placeholders"]
 
@@ -149,7 +155,7 @@ class PgTx:
 
     __slots__ = ("conn",)
 
-    def __init__(self, conn: asyncpg.Connection[Any]) -> None:
+    def __init__(self, conn: PgConnection) -> None:
         self.conn = conn
 
     async def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:

@@ -1,25 +1,81 @@
-"""SqliteDispatchStore on a real SQLite file: an interrupted transaction never wedges the
-connection that the scheduler, the outbox senders and the webhooks share, and the
-statements it repeats reach their rows through indexes (tests/query_plans.py)."""
+"""The dispatch store on both backends, the same assertions on each: SqliteDispatchStore on
+a real SQLite file and PgDispatchStore on the private PostgreSQL (a fresh database per
+test). An interrupted transaction never wedges the store, the statements keep a row's
+state moving forward only, and on SQLite the statements it repeats reach their rows
+through indexes (tests/query_plans.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
-from contextlib import closing
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
+from typing import Any
 
+import asyncpg
+import pytest
+
+from firmware_sim.pgserver import PostgresServer
 from store.dispatch import Delivery, NewMessage
+from store.pg_dispatch import PgDispatchStore
+from store.sql import pg_placeholders
 from store.sqlite_dispatch import SqliteDispatchStore
 from tests.query_plans import plan, traced, whole_reads
 
 T0 = 1_780_000_000.0
 
+Store = SqliteDispatchStore | PgDispatchStore
+_databases = itertools.count(1)
 
-async def test_a_transaction_cancelled_while_beginning_leaves_the_connection_usable(
-    tmp_path: Path,
+
+@asynccontextmanager
+async def _fresh_database(server: PostgresServer) -> AsyncIterator[str]:
+    """A new empty database on the private server; its URL. Dropped afterwards."""
+    name = f"dispatch_{next(_databases)}"
+    admin = await asyncpg.connect(server.dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield server.dsn.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def new_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[[], Store]]:
+    """Makes a (not yet opened) dispatch store on one fresh database of the backend."""
+    if request.param == "sqlite":
+        yield lambda: SqliteDispatchStore(tmp_path / "panicd.sqlite3")
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    async with _fresh_database(server) as url:
+        yield lambda: PgDispatchStore(url)
+
+
+async def _run(store: Store, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+    """One statement in a transaction of its own, through the store's Tx (``?`` placeholders
+    on both backends); its rows."""
+    async with store.transaction() as tx:
+        return await tx.rows(sql, params)
+
+
+def test_placeholders_are_numbered_outside_quoted_text_only() -> None:
+    assert pg_placeholders("SELECT ? , '?', \"a?\", ? FROM t WHERE x = '' AND y = ?") == (
+        "SELECT $1 , '?', \"a?\", $2 FROM t WHERE x = '' AND y = $3"
+    )
+    assert pg_placeholders("SELECT 'it''s ?', ?") == "SELECT 'it''s ?', $1"
+
+
+async def test_a_transaction_cancelled_while_beginning_leaves_the_store_usable(
+    new_store: Callable[[], Store],
 ) -> None:
-    async with SqliteDispatchStore(tmp_path / "panicd.sqlite3") as store:
+    async with new_store() as store:
         entered = asyncio.Event()
 
         async def claim() -> None:
@@ -27,32 +83,33 @@ async def test_a_transaction_cancelled_while_beginning_leaves_the_connection_usa
                 entered.set()
 
         task = asyncio.create_task(claim())
-        await asyncio.sleep(0)  # the task is now awaiting BEGIN IMMEDIATE on the thread
+        await asyncio.sleep(0)  # the task is now awaiting its BEGIN
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert task.cancelled() and not entered.is_set()
 
-        async with store.transaction() as db:
-            await db.execute("CREATE TABLE probe (x INTEGER)")
-        assert not store.db.in_transaction
+        async with store.transaction() as tx:
+            await tx.execute("CREATE TABLE probe (x INTEGER)")
+            assert await tx.execute("INSERT INTO probe VALUES (1), (2)") == 2
+        assert await _run(store, "SELECT COUNT(*) FROM probe") == [(2,)]
+        if isinstance(store, SqliteDispatchStore):
+            assert not store.db.in_transaction
 
 
 async def test_a_failing_statement_rolls_back_and_the_next_transaction_commits(
-    tmp_path: Path,
+    new_store: Callable[[], Store],
 ) -> None:
-    async with SqliteDispatchStore(tmp_path / "panicd.sqlite3") as store:
-        try:
-            async with store.transaction() as db:
-                await db.execute("CREATE TABLE probe (x INTEGER UNIQUE)")
-                await db.execute("INSERT INTO probe VALUES (1)")
-                await db.execute("INSERT INTO probe VALUES (1)")
-        except Exception as exc:  # noqa: BLE001 -- the IntegrityError is the point
-            assert "UNIQUE" in str(exc)
-        async with store.transaction() as db:
-            await db.execute("CREATE TABLE probe (x INTEGER UNIQUE)")
-            await db.execute("INSERT INTO probe VALUES (1)")
-        rows = list(await store.db.execute_fetchall("SELECT x FROM probe"))
-        assert rows == [(1,)]
+    async with new_store() as store:
+        with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
+            async with store.transaction() as tx:
+                await tx.execute("CREATE TABLE probe (x INTEGER UNIQUE)")
+                await tx.execute("INSERT INTO probe VALUES (1)")
+                await tx.execute("INSERT INTO probe VALUES (1)")
+        # The CREATE was rolled back with the rest (DDL is transactional on both).
+        async with store.transaction() as tx:
+            await tx.execute("CREATE TABLE probe (x INTEGER UNIQUE)")
+            await tx.execute("INSERT INTO probe VALUES (1)")
+        assert await _run(store, "SELECT x FROM probe") == [(1,)]
 
 
 async def test_requeuing_stale_sends_reads_only_the_rows_left_sending(tmp_path: Path) -> None:
@@ -83,32 +140,32 @@ async def test_claiming_and_recording_messages_read_no_whole_table(tmp_path: Pat
             assert whole_reads(db, sql) == [], sql
 
 
-def _store_incidents(path: Path, statuses: list[str], *, planned: set[int]) -> None:
+async def _store_incidents(store: Store, statuses: list[str], *, planned: set[int]) -> None:
     """Incidents 1, 2, ... with these statuses; those in ``planned`` get a plan row."""
-    with closing(sqlite3.connect(path)) as db:
-        for incident_id, status in enumerate(statuses, 1):
-            db.execute(
-                "INSERT INTO incidents (id, device_id, status, test, opened_at, updated_at,"
-                " press_count, last_press_at, location_source, kelurahan_match, address,"
-                " landmark) VALUES (?, 'BTN-1', ?, 0, ?, ?, 1, ?, 'registered', 'inside',"
-                " '', '')",
-                (incident_id, status, T0, T0, T0),
-            )
-        db.executemany(
+    async with store.transaction() as tx:
+        await tx.executemany(
+            "INSERT INTO incidents (id, device_id, status, test, opened_at, updated_at,"
+            " press_count, last_press_at, location_source, kelurahan_match, address,"
+            " landmark) VALUES (?, ?, ?, 0, ?, ?, 1, ?, 'registered', 'inside', '', '')",
+            # One device each: PostgreSQL allows one active incident per device.
+            [(incident_id, f"BTN-{incident_id}", status, T0, T0, T0)
+             for incident_id, status in enumerate(statuses, 1)],
+        )
+        await tx.executemany(
             "INSERT INTO incident_dispatch (incident_id, policy_id, route, planned_at)"
             " VALUES (?, 'city', 'city', ?)",
-            [(incident_id, T0) for incident_id in planned],
+            [(incident_id, T0) for incident_id in sorted(planned)],
         )
-        db.commit()
 
 
 async def test_unplanned_incidents_are_the_open_ones_without_a_plan_above_the_id_in_order(
-    tmp_path: Path,
+    new_store: Callable[[], Store],
 ) -> None:
-    path = tmp_path / "panicd.sqlite3"
-    async with SqliteDispatchStore(path) as store:
-        _store_incidents(path, ["open", "cancelled", "open", "acknowledged", "resolved", "open"],
-                         planned={3})
+    async with new_store() as store:
+        await _store_incidents(
+            store, ["open", "cancelled", "open", "acknowledged", "resolved", "open"],
+            planned={3},
+        )
         assert [i.id for i in await store.unplanned_incidents(0)] == [1, 4, 6]
         assert [i.id for i in await store.unplanned_incidents(1)] == [4, 6]
         assert [i.id for i in await store.unplanned_incidents(6)] == []
@@ -129,43 +186,37 @@ async def test_unplanned_incidents_are_read_through_the_index_of_open_incidents(
     assert reads == ["SCAN i USING INDEX incidents_active"]
 
 
-def _store_outbox(path: Path, rows: list[tuple[int, str | None, str]]) -> None:
+async def _store_outbox(store: Store, rows: list[tuple[int, str | None, str]]) -> None:
     """Outbox rows (id, provider_sid, state) of incident 1, SMS alerts to ani."""
-    with closing(sqlite3.connect(path)) as db:
-        db.executemany(
+    async with store.transaction() as tx:
+        await tx.executemany(
             "INSERT INTO outbox (id, key, incident_id, person_id, phone, channel, purpose,"
             " body, state, provider_sid, created_at, due_at, updated_at)"
             " VALUES (?, ?, 1, 'ani', '+628120001001', 'sms', 'alert', 'x', ?, ?, ?, ?, ?)",
             [(i, f"k{i}", state, sid, T0, T0, T0) for i, sid, state in rows],
         )
-        db.commit()
 
 
-def _row(path: Path, outbox_id: int) -> tuple[str, str | None]:
-    with closing(sqlite3.connect(path)) as db:
-        state, sid = db.execute(
-            "SELECT state, provider_sid FROM outbox WHERE id = ?", (outbox_id,)
-        ).fetchone()
-    return state, sid
+async def _row(store: Store, outbox_id: int) -> tuple[str, str | None]:
+    (row,) = await _run(store, "SELECT state, provider_sid FROM outbox WHERE id = ?",
+                        (outbox_id,))
+    return row[0], row[1]
 
 
-def _status_lines(path: Path) -> list[str]:
-    with closing(sqlite3.connect(path)) as db:
-        return [r[0] for r in db.execute(
-            "SELECT reason FROM incident_events WHERE event = 'sms.status' ORDER BY id"
-        )]
+async def _status_lines(store: Store) -> list[str]:
+    return [r[0] for r in await _run(
+        store, "SELECT reason FROM incident_events WHERE event = 'sms.status' ORDER BY id")]
 
 
 SID_A, SID_B = "SM" + "a" * 32, "SM" + "b" * 32
 
 
 async def test_a_replayed_or_older_status_callback_adds_no_line_and_never_moves_back(
-    tmp_path: Path,
+    new_store: Callable[[], Store],
 ) -> None:
-    path = tmp_path / "panicd.sqlite3"
-    async with SqliteDispatchStore(path) as store:
-        _store_incidents(path, ["open"], planned={1})
-        _store_outbox(path, [(1, SID_A, "sent")])
+    async with new_store() as store:
+        await _store_incidents(store, ["open"], planned={1})
+        await _store_outbox(store, [(1, SID_A, "sent")])
 
         async def callback(state: str, rank: int) -> str:
             return await store.record_status_callback(
@@ -179,25 +230,24 @@ async def test_a_replayed_or_older_status_callback_adds_no_line_and_never_moves_
         # final status after the final one, change nothing.
         assert [await callback("delivered", 4), await callback("sent", 3),
                 await callback("failed", 4)] == ["replayed"] * 3
-        assert _row(path, 1) == ("delivered", SID_A)
-        assert _status_lines(path) == ["sent", "delivered"]
+        assert await _row(store, 1) == ("delivered", SID_A)
+        assert await _status_lines(store) == ["sent", "delivered"]
 
 
 async def test_a_status_callback_naming_another_sid_than_the_rows_is_refused(
-    tmp_path: Path,
+    new_store: Callable[[], Store],
 ) -> None:
-    path = tmp_path / "panicd.sqlite3"
-    async with SqliteDispatchStore(path) as store:
-        _store_incidents(path, ["open"], planned={1})
-        _store_outbox(path, [(1, SID_A, "sent")])
+    async with new_store() as store:
+        await _store_incidents(store, ["open"], planned={1})
+        await _store_outbox(store, [(1, SID_A, "sent")])
         for sid in (SID_B, ""):
             outcome = await store.record_status_callback(
                 1, sid=sid, state="failed", rank=4, now=T0 + 5, error_code=30003,
                 event="sms.status", detail={},
             )
             assert outcome == "sid_mismatch"
-        assert _row(path, 1) == ("sent", SID_A)
-        assert _status_lines(path) == []
+        assert await _row(store, 1) == ("sent", SID_A)
+        assert await _status_lines(store) == []
         assert await store.record_status_callback(
             99, sid=SID_A, state="failed", rank=4, now=T0, error_code=None,
             event="sms.status", detail={},
@@ -205,12 +255,11 @@ async def test_a_status_callback_naming_another_sid_than_the_rows_is_refused(
 
 
 async def test_a_callback_racing_the_send_binds_its_sid_unless_another_row_holds_it(
-    tmp_path: Path,
+    new_store: Callable[[], Store],
 ) -> None:
-    path = tmp_path / "panicd.sqlite3"
-    async with SqliteDispatchStore(path) as store:
-        _store_incidents(path, ["open"], planned={1})
-        _store_outbox(path, [(1, None, "sending"), (2, SID_B, "sent")])
+    async with new_store() as store:
+        await _store_incidents(store, ["open"], planned={1})
+        await _store_outbox(store, [(1, None, "sending"), (2, SID_B, "sent")])
 
         async def callback(sid: str) -> str:
             return await store.record_status_callback(
@@ -219,24 +268,23 @@ async def test_a_callback_racing_the_send_binds_its_sid_unless_another_row_holds
             )
 
         assert await callback(SID_B) == "sid_mismatch"  # row 2's message
-        assert _row(path, 1) == ("sending", None)
+        assert await _row(store, 1) == ("sending", None)
         assert await callback(SID_A) == "applied"
-        assert _row(path, 1) == ("sent", SID_A)
+        assert await _row(store, 1) == ("sent", SID_A)
         assert await callback("SM" + "c" * 32) == "sid_mismatch"  # now bound to SID_A
 
 
-def _sending_alert(path: Path, incident_id: int, *, round_: int | None) -> int:
+async def _sending_alert(store: Store, incident_id: int, *, round_: int | None) -> int:
     """An alert row of the incident, claimed ('sending'); returns its id."""
-    with closing(sqlite3.connect(path)) as db:
-        cursor = db.execute(
-            "INSERT INTO outbox (key, incident_id, person_id, phone, channel, purpose, round,"
-            " level, body, state, attempts, created_at, due_at, updated_at) VALUES"
-            " (?, ?, 'ani', '+628120001001', 'sms', 'alert', ?, 0, 'x', 'sending', 1, ?, ?, ?)",
-            (f"{incident_id}:{round_}:ani", incident_id, round_, T0, T0, T0),
-        )
-        db.commit()
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+    (row,) = await _run(
+        store,
+        "INSERT INTO outbox (key, incident_id, person_id, phone, channel, purpose, round,"
+        " level, body, state, attempts, created_at, due_at, updated_at) VALUES"
+        " (?, ?, 'ani', '+628120001001', 'sms', 'alert', ?, 0, 'x', 'sending', 1, ?, ?, ?)"
+        " RETURNING id",
+        (f"{incident_id}:{round_}:ani", incident_id, round_, T0, T0, T0),
+    )
+    return int(row[0])
 
 
 def _transient(outbox_id: int, incident_id: int) -> Delivery:
@@ -246,44 +294,43 @@ def _transient(outbox_id: int, incident_id: int) -> Delivery:
 
 
 async def test_a_transient_outcome_goes_back_to_pending_due_later_with_its_error(
-    tmp_path: Path,
+    new_store: Callable[[], Store],
 ) -> None:
-    path = tmp_path / "panicd.sqlite3"
-    async with SqliteDispatchStore(path) as store:
-        _store_incidents(path, ["open"], planned={1})
-        row = _sending_alert(path, 1, round_=0)
+    async with new_store() as store:
+        await _store_incidents(store, ["open"], planned={1})
+        row = await _sending_alert(store, 1, round_=0)
         assert await store.record_deliveries([_transient(row, 1)]) == []
         assert await store.next_outbox_due() == T0 + 31
-    with closing(sqlite3.connect(path)) as db:
-        assert db.execute("SELECT state, due_at, error FROM outbox").fetchall() == [
+        assert await _run(store, "SELECT state, due_at, error FROM outbox") == [
             ("pending", T0 + 31, "OSError(24, 'Too many open files')")
         ]
 
 
 async def test_a_transient_outcome_of_a_closed_incidents_alert_is_cancelled(
-    tmp_path: Path,
+    new_store: Callable[[], Store],
 ) -> None:
-    path = tmp_path / "panicd.sqlite3"
-    async with SqliteDispatchStore(path) as store:
-        _store_incidents(path, ["resolved", "acknowledged", "acknowledged"], planned={1, 2, 3})
-        resolved = _sending_alert(path, 1, round_=0)
-        escalation = _sending_alert(path, 2, round_=0)
-        reassigned = _sending_alert(path, 3, round_=None)  # an operator's reassign page
+    async with new_store() as store:
+        await _store_incidents(store, ["resolved", "acknowledged", "acknowledged"],
+                               planned={1, 2, 3})
+        resolved = await _sending_alert(store, 1, round_=0)
+        escalation = await _sending_alert(store, 2, round_=0)
+        reassigned = await _sending_alert(store, 3, round_=None)  # an operator's reassign page
         cancelled = await store.record_deliveries(
             [_transient(resolved, 1), _transient(escalation, 2), _transient(reassigned, 3)]
         )
         assert cancelled == [resolved, escalation]
-    with closing(sqlite3.connect(path)) as db:
-        states = dict(db.execute("SELECT id, state FROM outbox").fetchall())
-        events = db.execute("SELECT incident_id, event, reason FROM incident_events"
-                            " ORDER BY id").fetchall()
+        states = {r[0]: r[1] for r in await _run(store, "SELECT id, state FROM outbox")}
+        events = [tuple(r) for r in await _run(
+            store, "SELECT incident_id, event, reason FROM incident_events ORDER BY id")]
     assert states == {resolved: "cancelled", escalation: "cancelled", reassigned: "pending"}
     assert events == [(1, "outbox.cancelled", "incident_closed"),
                       (2, "outbox.cancelled", "incident_closed"), (3, "sms.retrying", "alert")]
 
 
-async def test_a_health_condition_is_raised_once_until_cleared(tmp_path: Path) -> None:
-    async with SqliteDispatchStore(tmp_path / "panicd.sqlite3") as store:
+async def test_a_health_condition_is_raised_once_until_cleared(
+    new_store: Callable[[], Store],
+) -> None:
+    async with new_store() as store:
         first = await store.raise_condition("provider:twilio", "provider_down", T0, {"n": 1})
         assert first is not None
         assert await store.raise_condition("provider:twilio", "provider_down", T0 + 5, {}) is None
@@ -302,22 +349,20 @@ def _ops_message(n: int) -> NewMessage:
 
 
 async def test_queueing_counts_only_new_keys_across_statements_of_many_rows(
-    tmp_path: Path,
+    new_store: Callable[[], Store],
 ) -> None:
     # The rows go in as multi-row INSERTs of at most 80 (SQLite's 999 parameters), each
     # counting what it added with RETURNING: keys already queued, in any statement of the
     # batch, are neither counted nor changed.
-    path = tmp_path / "panicd.sqlite3"
-    async with SqliteDispatchStore(path) as store:
+    async with new_store() as store:
         assert await store.queue_messages([_ops_message(n) for n in range(0, 300, 3)], T0) == 100
         batch = [_ops_message(n) for n in range(250)]
         assert await store.queue_messages(batch, T0 + 1) == 250 - 84
         assert await store.queue_messages(batch, T0 + 2) == 0
         assert await store.queue_messages([], T0 + 3) == 0
-    with closing(sqlite3.connect(path)) as db:
         # 100 keys first, then the 166 of 0..249 that are no multiple of 3.
-        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM outbox").fetchone() == (
-            266, 266)
+        assert await _run(store, "SELECT COUNT(*), COUNT(DISTINCT key) FROM outbox") == [
+            (266, 266)]
         # A key queued first keeps its first row: created at T0, not T0 + 1.
-        assert db.execute("SELECT created_at FROM outbox WHERE key = 'ops:k3:ani'"
-                          ).fetchone() == (T0,)
+        assert await _run(store, "SELECT created_at FROM outbox WHERE key = 'ops:k3:ani'"
+                          ) == [(T0,)]
