@@ -14,10 +14,16 @@ the server runs as the Debian package's unprivileged ``postgres`` user (``runuse
 postgres --``) and the temp directory is chowned to it. At the end of the session it is
 stopped with ``pg_ctl stop -m fast`` (killed if that hangs) and its directory removed.
 Missing binaries fail the tests that ask for it, loudly: they are never skipped.
+
+``pg_database`` gives one test a database of its own in that cluster: created empty
+(``createdb``, from the template) under a unique name, dropped afterwards even if the test
+left connections open (``dropdb --force``). Its value is the database's URL.
 """
 
 from __future__ import annotations
 
+import subprocess
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -37,3 +43,28 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+def _client(server: PostgresServer, tool: str, *args: str) -> None:
+    assert server.bin_dir is not None
+    subprocess.run(
+        [str(server.bin_dir / tool), "-h", server.host, "-p", str(server.port), "-U",
+         server.user, *args],
+        check=True, capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+
+
+def database_url(server: PostgresServer, name: str) -> str:
+    """The URL of database ``name`` in the private cluster."""
+    return f"postgresql://{server.user}@{server.host}:{server.port}/{name}"
+
+
+@pytest.fixture
+def pg_database(postgres: PostgresServer) -> Iterator[str]:
+    """The URL of a new, empty database for this test alone (dropped after it)."""
+    name = f"panicd_{uuid.uuid4().hex[:16]}"
+    _client(postgres, "createdb", name)
+    try:
+        yield database_url(postgres, name)
+    finally:
+        _client(postgres, "dropdb", "--force", name)

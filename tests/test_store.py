@@ -1,4 +1,6 @@
-"""The SQLite store on real database files: schema, batch state, writes, ids, constraints."""
+"""The ingest stores on real databases, SQLite and PostgreSQL alike: schema, batch state,
+writes, ids, constraints. Each test runs on both (tests/store_backends.py) with the same
+assertions; the few that read SQLite's own internals say so and run on it alone."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import asyncpg
 import pytest
 
 from gateway.dedup import ActiveIncident
@@ -24,6 +27,10 @@ from store.ingest import (
     TimelineRow,
 )
 from store.sqlite import SCHEMA_VERSION, SqliteStore, StoreError
+from tests import store_backends
+from tests.store_backends import AnyStore, Backend, PgBackend
+
+backend = store_backends.backend
 
 T0 = 1_700_000_000.0
 
@@ -90,7 +97,7 @@ async def _rows(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await db.execute_fetchall(sql, params)]
 
 
-async def _commit(store: SqliteStore, writes: BatchWrites) -> None:
+async def _commit(store: AnyStore, writes: BatchWrites) -> None:
     await store.begin()
     await store.write(writes)
     await store.commit()
@@ -99,16 +106,13 @@ async def _commit(store: SqliteStore, writes: BatchWrites) -> None:
 # --- schema ---------------------------------------------------------------------------
 
 
-async def test_migrate_from_empty_sets_user_version_and_wal(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "panicd.sqlite3"
-    async with SqliteStore(path):
+async def test_migrate_from_empty_records_the_version_and_creates_every_table(
+    backend: Backend,
+) -> None:
+    async with backend.store():
         pass
-    assert await _rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-    assert await _rows(path, "PRAGMA journal_mode") == [("wal",)]
-    tables = {
-        row[0] for row in await _rows(path, "SELECT name FROM sqlite_master WHERE type = 'table'")
-    }
-    assert tables == {
+    assert await backend.version() == SCHEMA_VERSION
+    assert await backend.tables() == {
         "devices",
         "incidents",
         "presses",
@@ -120,33 +124,42 @@ async def test_migrate_from_empty_sets_user_version_and_wal(tmp_path: Path) -> N
         "outbox",
         "acks",
         "device_health",
+        *backend.version_tables,
     }
 
 
-async def test_reopen_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
-    path = tmp_path / "panicd.sqlite3"
-    async with SqliteStore(path) as store:
-        await _commit(store, BatchWrites(presses=[_press(store.allocate_press_id())]))
-    async with SqliteStore(path) as store:
-        assert store.allocate_press_id() == 2
-        assert store.allocate_incident_id() == 1
-    assert await _rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-    assert await _rows(path, "SELECT id FROM presses") == [(1,)]
+async def test_sqlite_database_is_made_in_a_new_directory_in_wal_mode(tmp_path: Path) -> None:
+    # SQLite only: a file path and a journal mode are SQLite's.
+    path = tmp_path / "sub" / "panicd.sqlite3"
+    async with SqliteStore(path):
+        pass
+    assert await _rows(path, "PRAGMA journal_mode") == [("wal",)]
 
 
-async def test_database_from_a_newer_panicd_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "panicd.sqlite3"
-    with sqlite3.connect(path) as db:
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+async def test_reopen_is_idempotent_and_keeps_data(backend: Backend) -> None:
+    async with backend.store() as store:
+        first = store.allocate_press_id()
+        await _commit(store, BatchWrites(presses=[_press(first)]))
+    async with backend.store() as store:
+        # A fresh id after a reopen is past every stored one.
+        assert store.allocate_press_id() > first
+        assert store.allocate_incident_id() >= 1
+    assert await backend.version() == SCHEMA_VERSION
+    assert await backend.rows("SELECT id FROM presses") == [(first,)]
+
+
+async def test_database_from_a_newer_panicd_is_refused(backend: Backend) -> None:
+    await backend.set_version(SCHEMA_VERSION + 1)
     with pytest.raises(StoreError, match="newer"):
-        async with SqliteStore(path):
+        async with backend.store():
             pass
     # Refused before touching the schema.
-    assert await _rows(path, "SELECT name FROM sqlite_master") == []
+    assert await backend.tables() == set(backend.version_tables)
+    assert await backend.version() == SCHEMA_VERSION + 1
 
 
-async def test_closed_store_refuses_use(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "panicd.sqlite3")
+async def test_closed_store_refuses_use(backend: Backend) -> None:
+    store = backend.store()
     with pytest.raises(StoreError, match="not open"):
         await store.begin()
 
@@ -154,14 +167,14 @@ async def test_closed_store_refuses_use(tmp_path: Path) -> None:
 # --- batch_state ----------------------------------------------------------------------
 
 
-async def test_batch_state_of_an_empty_database_is_empty(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "db") as store:
+async def test_batch_state_of_an_empty_database_is_empty(backend: Backend) -> None:
+    async with backend.store() as store:
         state = await store.batch_state(["btn-1"], [("btn-1", 1)])
     assert (state.devices, state.active, state.active_test, state.known) == ({}, {}, {}, {})
 
 
-async def test_batch_state_returns_device_states(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "db") as store:
+async def test_batch_state_returns_device_states(backend: Backend) -> None:
+    async with backend.store() as store:
         seen = {
             "btn-1": _seen("btn-1", 41, T0, "heartbeat", "mqtt:local", 77),
             "btn-2": _seen("btn-2", None, T0 + 1, "panic", "mqtt:local", None),
@@ -174,8 +187,8 @@ async def test_batch_state_returns_device_states(tmp_path: Path) -> None:
     }
 
 
-async def test_batch_state_splits_active_incidents_by_test_flag(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "db") as store:
+async def test_batch_state_splits_active_incidents_by_test_flag(backend: Backend) -> None:
+    async with backend.store() as store:
         await _commit(
             store,
             BatchWrites(
@@ -202,15 +215,42 @@ async def test_batch_state_splits_active_incidents_by_test_flag(tmp_path: Path) 
     assert state.active_test == {"btn-1": ActiveIncident(2, "btn-1", True, T0 + 5, 1, False)}
 
 
-async def test_batch_state_prefers_the_newest_of_several_active_incidents(tmp_path: Path) -> None:
+async def test_batch_state_prefers_the_newest_of_several_active_incidents(
+    tmp_path: Path,
+) -> None:
+    # SQLite only: PostgreSQL's schema refuses a second active incident of one device
+    # (several instances write at once there); see the test after this one.
     async with SqliteStore(tmp_path / "db") as store:
         await _commit(store, BatchWrites(incidents=[_incident(1), _incident(2, at=T0 + 9)]))
         state = await store.batch_state(["btn-1"], [])
     assert state.active["btn-1"].id == 2
 
 
-async def test_batch_state_finds_known_presses_by_device_and_counter(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "db") as store:
+async def test_postgresql_refuses_a_second_active_incident_of_one_device(
+    pg_database: str,
+) -> None:
+    pg = PgBackend(pg_database)
+    async with pg.store() as store:
+        await _commit(store, BatchWrites(incidents=[_incident(1), _incident(2, test=True)]))
+        await store.begin()
+        with pytest.raises(asyncpg.UniqueViolationError, match="incidents_active"):
+            await store.write(BatchWrites(incidents=[_incident(3, at=T0 + 9)]))
+        await store.rollback()
+        # Closed incidents are no obstacle: once the first is resolved, a new one opens.
+        await _commit(
+            store,
+            BatchWrites(
+                incident_changes=[IncidentChange(1, T0 + 10, status="resolved")],
+                incidents=[_incident(4, at=T0 + 11)],
+            ),
+        )
+        state = await store.batch_state(["btn-1"], [])
+    assert state.active["btn-1"].id == 4
+    assert state.active_test["btn-1"].id == 2
+
+
+async def test_batch_state_finds_known_presses_by_device_and_counter(backend: Backend) -> None:
+    async with backend.store() as store:
         await _commit(
             store,
             BatchWrites(
@@ -235,6 +275,7 @@ async def test_batch_state_finds_known_presses_by_device_and_counter(tmp_path: P
 async def test_batch_state_searches_indexes_instead_of_scanning_tables(tmp_path: Path) -> None:
     # Every batch runs these lookups; a full scan of presses grows with every press ever
     # stored (it once did: a row-value IN over VALUES), so each must be an index search.
+    # SQLite only: it reads SQLite's statement trace and EXPLAIN QUERY PLAN.
     statements: list[str] = []
     async with SqliteStore(tmp_path / "db") as store:
         await _commit(store, BatchWrites(presses=[_press(n, counter=n) for n in range(1, 50)]))
@@ -251,8 +292,8 @@ async def test_batch_state_searches_indexes_instead_of_scanning_tables(tmp_path:
             assert not scans, (sql, plan)
 
 
-async def test_batch_state_known_press_is_the_newest_network_copy(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "db") as store:
+async def test_batch_state_known_press_is_the_newest_network_copy(backend: Backend) -> None:
+    async with backend.store() as store:
         await _commit(
             store,
             BatchWrites(
@@ -266,9 +307,9 @@ async def test_batch_state_known_press_is_the_newest_network_copy(tmp_path: Path
     assert state.known[("btn-1", 3)].press_id == 2
 
 
-async def test_batch_state_chunks_more_than_400_devices_and_keys(tmp_path: Path) -> None:
+async def test_batch_state_chunks_more_than_400_devices_and_keys(backend: Backend) -> None:
     devices = [f"btn-{n:04d}" for n in range(1000)]
-    async with SqliteStore(tmp_path / "db") as store:
+    async with backend.store() as store:
         await _commit(
             store,
             BatchWrites(
@@ -296,9 +337,8 @@ async def test_batch_state_chunks_more_than_400_devices_and_keys(tmp_path: Path)
 # --- write ----------------------------------------------------------------------------
 
 
-async def test_write_stores_a_new_incident_with_its_first_press(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    async with SqliteStore(path) as store:
+async def test_write_stores_a_new_incident_with_its_first_press(backend: Backend) -> None:
+    async with backend.store() as store:
         press_id = store.allocate_press_id()
         incident_id = store.allocate_incident_id()
         await _commit(
@@ -321,8 +361,7 @@ async def test_write_stores_a_new_incident_with_its_first_press(tmp_path: Path) 
                 ],
             ),
         )
-    assert await _rows(
-        path,
+    assert await backend.rows(
         "SELECT id, device_id, status, test, urgent, opened_at, updated_at, closed_at,"
         " press_count, last_press_at, kelurahan, kecamatan, kelurahan_match, address"
         " FROM incidents",
@@ -344,24 +383,24 @@ async def test_write_stores_a_new_incident_with_its_first_press(tmp_path: Path) 
             "Jl. Pahlawan",
         )
     ]
-    assert await _rows(
-        path,
+    assert await backend.rows(
         "SELECT id, device_id, counter, kind, format, trust, received_at, battery, lat, lon,"
         " accuracy_m, incident_id, outcome FROM presses",
     ) == [(1, "btn-1", 1, "panic", "native", "signed", T0, 80, -7.6, 111.5, 12.0, 1, "opened")]
-    assert await _rows(path, "SELECT * FROM press_paths") == [
+    assert await backend.rows("SELECT * FROM press_paths") == [
         (1, "mqtt:local", T0, T0, 1, -97.5, 7.25)
     ]
-    events = await _rows(
-        path, "SELECT incident_id, at, event, reason, actor, press_id, detail FROM incident_events"
+    events = await backend.rows(
+        "SELECT incident_id, at, event, reason, actor, press_id, detail FROM incident_events"
     )
     assert events == [(1, T0, "incident.opened", "panic_press", "device:btn-1", 1, events[0][6])]
     assert json.loads(events[0][6]) == {"path": "mqtt:local", "distance_m": None}
 
 
-async def test_incident_changes_update_counts_urgency_location_and_closure(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    async with SqliteStore(path) as store:
+async def test_incident_changes_update_counts_urgency_location_and_closure(
+    backend: Backend,
+) -> None:
+    async with backend.store() as store:
         await _commit(
             store,
             BatchWrites(
@@ -388,16 +427,14 @@ async def test_incident_changes_update_counts_urgency_location_and_closure(tmp_p
                 ]
             ),
         )
-    assert await _rows(
-        path,
+    assert await backend.rows(
         "SELECT status, urgent, press_count, last_press_at, updated_at, closed_at, lat, lon,"
         " location_source FROM incidents",
     ) == [("cancelled", 1, 4, T0 + 20, T0 + 20, T0 + 20, -7.7, 111.6, "gps")]
 
 
-async def test_incident_change_without_presses_keeps_last_press_time(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    async with SqliteStore(path) as store:
+async def test_incident_change_without_presses_keeps_last_press_time(backend: Backend) -> None:
+    async with backend.store() as store:
         await _commit(
             store,
             BatchWrites(
@@ -408,14 +445,15 @@ async def test_incident_change_without_presses_keeps_last_press_time(tmp_path: P
                 ],
             ),
         )
-    assert await _rows(
-        path, "SELECT status, press_count, last_press_at, updated_at, closed_at FROM incidents"
+    assert await backend.rows(
+        "SELECT status, press_count, last_press_at, updated_at, closed_at FROM incidents"
     ) == [("acknowledged", 1, T0, T0 + 60, None)]
 
 
-async def test_device_upsert_keeps_old_values_where_the_new_frame_has_none(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    async with SqliteStore(path) as store:
+async def test_device_upsert_keeps_old_values_where_the_new_frame_has_none(
+    backend: Backend,
+) -> None:
+    async with backend.store() as store:
         await _commit(
             store, BatchWrites(devices={"btn-1": _seen("btn-1", 5, T0, "panic", "a", 90)})
         )
@@ -429,15 +467,14 @@ async def test_device_upsert_keeps_old_values_where_the_new_frame_has_none(tmp_p
             store, BatchWrites(devices={"btn-1": _seen("btn-1", 2, T0 + 10, "panic", "c", 40)})
         )
     # The counter the newest state carries is stored; last_seen_at never goes back.
-    assert await _rows(path, "SELECT * FROM devices") == [
+    assert await backend.rows("SELECT * FROM devices") == [
         ("btn-1", 2, T0 + 30, "panic", "c", 40, 1, None)
     ]
 
 
-async def test_dead_letters_keep_reason_and_raw_payload(tmp_path: Path) -> None:
-    path = tmp_path / "db"
+async def test_dead_letters_keep_reason_and_raw_payload(backend: Backend) -> None:
     payload = b'{"v":1,\xff}'
-    async with SqliteStore(path) as store:
+    async with backend.store() as store:
         await _commit(
             store,
             BatchWrites(
@@ -451,8 +488,7 @@ async def test_dead_letters_keep_reason_and_raw_payload(tmp_path: Path) -> None:
                 ]
             ),
         )
-    assert await _rows(
-        path,
+    assert await backend.rows(
         "SELECT received_at, source, path, format, device_ref, reason, detail, payload"
         " FROM dead_letters ORDER BY id",
     ) == [
@@ -461,9 +497,8 @@ async def test_dead_letters_keep_reason_and_raw_payload(tmp_path: Path) -> None:
     ]
 
 
-async def test_press_path_heard_again_bumps_heard_and_last_time(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    async with SqliteStore(path) as store:
+async def test_press_path_heard_again_bumps_heard_and_last_time(backend: Backend) -> None:
+    async with backend.store() as store:
         await _commit(
             store,
             BatchWrites(
@@ -480,8 +515,7 @@ async def test_press_path_heard_again_bumps_heard_and_last_time(tmp_path: Path) 
                 ]
             ),
         )
-    assert await _rows(
-        path,
+    assert await backend.rows(
         "SELECT path, first_heard_at, last_heard_at, heard, rssi, snr"
         " FROM press_paths ORDER BY path",
     ) == [
@@ -493,49 +527,92 @@ async def test_press_path_heard_again_bumps_heard_and_last_time(tmp_path: Path) 
 # --- transactions and ids -------------------------------------------------------------
 
 
-async def test_rollback_forgets_allocated_ids_and_writes(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    async with SqliteStore(path) as store:
+async def test_rollback_forgets_allocated_ids_and_writes(backend: Backend) -> None:
+    async with backend.store() as store:
         await store.begin()
-        assert store.allocate_press_id() == 1
-        assert store.allocate_incident_id() == 1
-        await store.write(BatchWrites(presses=[_press(1)], incidents=[_incident(1)]))
-        assert store.allocate_press_id() == 2
+        press, incident = store.allocate_press_id(), store.allocate_incident_id()
+        await store.write(BatchWrites(presses=[_press(press)], incidents=[_incident(incident)]))
+        assert store.allocate_press_id() != press
         await store.rollback()
-        assert store.allocate_press_id() == 1
-        assert store.allocate_incident_id() == 1
+        # Never committed: the same ids are handed out again.
+        assert store.allocate_press_id() == press
+        assert store.allocate_incident_id() == incident
         await store.rollback()  # no transaction: still safe, ids still rewound
-        assert store.allocate_press_id() == 1
-    assert await _rows(path, "SELECT count(*) FROM presses") == [(0,)]
-    assert await _rows(path, "SELECT count(*) FROM incidents") == [(0,)]
+        assert store.allocate_press_id() == press
+    assert await backend.rows("SELECT count(*) FROM presses") == [(0,)]
+    assert await backend.rows("SELECT count(*) FROM incidents") == [(0,)]
 
 
-async def test_commit_keeps_allocated_ids_for_the_next_batch(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "db") as store:
+async def test_commit_keeps_allocated_ids_for_the_next_batch(backend: Backend) -> None:
+    async with backend.store() as store:
         await store.begin()
         first = store.allocate_press_id()
         await store.write(BatchWrites(presses=[_press(first)]))
         await store.commit()
         await store.begin()
-        assert store.allocate_press_id() == first + 1
+        second = store.allocate_press_id()
+        assert second > first
         await store.rollback()
-        assert store.allocate_press_id() == first + 1
+        assert store.allocate_press_id() == second
 
 
-async def test_signed_unique_index_refuses_a_second_signed_press(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    async with SqliteStore(path) as store:
+async def test_signed_unique_index_refuses_a_second_signed_press(backend: Backend) -> None:
+    # SQLite refuses the row; PostgreSQL skips it (ON CONFLICT DO NOTHING, so a peer's copy
+    # never aborts the statement) and then refuses the batch, which must be decided again.
+    async with backend.store() as store:
         await _commit(store, BatchWrites(presses=[_press(1, counter=9)]))
         await store.begin()
-        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        with pytest.raises(backend.duplicate_press, match=backend.duplicate_press_match):
             await store.write(BatchWrites(presses=[_press(2, counter=9)]))
         await store.rollback()
-    assert await _rows(path, "SELECT id FROM presses") == [(1,)]
+    assert await backend.rows("SELECT id FROM presses") == [(1,)]
 
 
-async def test_network_presses_may_repeat_a_counter(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    async with SqliteStore(path) as store:
+async def test_one_batch_may_open_cancel_and_open_again_for_one_device(backend: Backend) -> None:
+    # The pipeline does this for panic, cancel, panic from one button in one batch: the
+    # first incident must be closed before the second counts as active.
+    async with backend.store() as store:
+        await _commit(
+            store,
+            BatchWrites(
+                incidents=[_incident(1), _incident(2, at=T0 + 5)],
+                incident_changes=[
+                    IncidentChange(1, T0, add_presses=1),
+                    IncidentChange(1, T0 + 2, add_presses=1, status="cancelled"),
+                    IncidentChange(2, T0 + 5, add_presses=1),
+                ],
+            ),
+        )
+        state = await store.batch_state(["btn-1"], [])
+    assert state.active == {"btn-1": ActiveIncident(2, "btn-1", False, T0 + 5, 1, False)}
+    assert await backend.rows(
+        "SELECT id, status, press_count, last_press_at, updated_at, closed_at FROM incidents"
+        " ORDER BY id"
+    ) == [(1, "cancelled", 2, T0 + 2, T0 + 2, T0 + 2), (2, "open", 1, T0 + 5, T0 + 5, None)]
+
+
+async def test_a_test_incident_replaced_in_a_batch_is_closed_first(backend: Backend) -> None:
+    # A test press after the test window: the old test incident is resolved by a change
+    # listed after the new incident's row.
+    async with backend.store() as store:
+        await _commit(store, BatchWrites(incidents=[_incident(1, test=True)]))
+        await _commit(
+            store,
+            BatchWrites(
+                incident_changes=[IncidentChange(1, T0 + 900, status="resolved"),
+                                  IncidentChange(2, T0 + 900, add_presses=1)],
+                incidents=[_incident(2, test=True, at=T0 + 900)],
+            ),
+        )
+        state = await store.batch_state(["btn-1"], [])
+    assert state.active_test["btn-1"].id == 2
+    assert await backend.rows("SELECT id, status FROM incidents ORDER BY id") == [
+        (1, "resolved"), (2, "open"),
+    ]
+
+
+async def test_network_presses_may_repeat_a_counter(backend: Backend) -> None:
+    async with backend.store() as store:
         await _commit(
             store,
             BatchWrites(
@@ -546,18 +623,17 @@ async def test_network_presses_may_repeat_a_counter(tmp_path: Path) -> None:
                 ]
             ),
         )
-    assert await _rows(path, "SELECT id, trust FROM presses ORDER BY id") == [
+    assert await backend.rows("SELECT id, trust FROM presses ORDER BY id") == [
         (1, "network"),
         (2, "network"),
         (3, "signed"),
     ]
 
 
-async def test_uncommitted_batch_is_invisible_to_other_connections(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    async with SqliteStore(path) as store:
+async def test_uncommitted_batch_is_invisible_to_other_connections(backend: Backend) -> None:
+    async with backend.store() as store:
         await store.begin()
         await store.write(BatchWrites(presses=[_press(store.allocate_press_id())]))
-        assert await _rows(path, "SELECT count(*) FROM presses") == [(0,)]
+        assert await backend.rows("SELECT count(*) FROM presses") == [(0,)]
         await store.commit()
-        assert await _rows(path, "SELECT count(*) FROM presses") == [(1,)]
+        assert await backend.rows("SELECT count(*) FROM presses") == [(1,)]
