@@ -1,68 +1,34 @@
 """The dispatch store on both backends, the same assertions on each: SqliteDispatchStore on
 a real SQLite file and PgDispatchStore on the private PostgreSQL (a fresh database per
-test). An interrupted transaction never wedges the store, the statements keep a row's
-state moving forward only, and on SQLite the statements it repeats reach their rows
-through indexes (tests/query_plans.py)."""
+test, tests/dispatch_backends.py). An interrupted transaction never wedges the store, a
+status callback or an outcome moves a row forward only, and on SQLite the statements it
+repeats reach their rows through indexes (tests/query_plans.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager, closing
+from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
 
-from firmware_sim.pgserver import PostgresServer
 from store.dispatch import Delivery, NewMessage
-from store.pg_dispatch import PgDispatchStore
 from store.sql import pg_placeholders
 from store.sqlite_dispatch import SqliteDispatchStore
+from tests.dispatch_backends import BACKENDS, T0, Store, run, store_factory, store_incidents
 from tests.query_plans import plan, traced, whole_reads
 
-T0 = 1_780_000_000.0
 
-Store = SqliteDispatchStore | PgDispatchStore
-_databases = itertools.count(1)
-
-
-@asynccontextmanager
-async def _fresh_database(server: PostgresServer) -> AsyncIterator[str]:
-    """A new empty database on the private server; its URL. Dropped afterwards."""
-    name = f"dispatch_{next(_databases)}"
-    admin = await asyncpg.connect(server.dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield server.dsn.rsplit("/", 1)[0] + f"/{name}"
-        finally:
-            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 async def new_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Callable[[], Store]]:
-    """Makes a (not yet opened) dispatch store on one fresh database of the backend."""
-    if request.param == "sqlite":
-        yield lambda: SqliteDispatchStore(tmp_path / "panicd.sqlite3")
-        return
-    server: PostgresServer = request.getfixturevalue("postgres")
-    async with _fresh_database(server) as url:
-        yield lambda: PgDispatchStore(url)
-
-
-async def _run(store: Store, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
-    """One statement in a transaction of its own, through the store's Tx (``?`` placeholders
-    on both backends); its rows."""
-    async with store.transaction() as tx:
-        return await tx.rows(sql, params)
+    """Makes (not yet opened) dispatch stores on one fresh database of each backend."""
+    async with store_factory(request.param, request, tmp_path) as factory:
+        yield factory
 
 
 def test_placeholders_are_numbered_outside_quoted_text_only() -> None:
@@ -91,7 +57,7 @@ async def test_a_transaction_cancelled_while_beginning_leaves_the_store_usable(
         async with store.transaction() as tx:
             await tx.execute("CREATE TABLE probe (x INTEGER)")
             assert await tx.execute("INSERT INTO probe VALUES (1), (2)") == 2
-        assert await _run(store, "SELECT COUNT(*) FROM probe") == [(2,)]
+        assert await run(store, "SELECT COUNT(*) FROM probe") == [(2,)]
         if isinstance(store, SqliteDispatchStore):
             assert not store.db.in_transaction
 
@@ -109,7 +75,7 @@ async def test_a_failing_statement_rolls_back_and_the_next_transaction_commits(
         async with store.transaction() as tx:
             await tx.execute("CREATE TABLE probe (x INTEGER UNIQUE)")
             await tx.execute("INSERT INTO probe VALUES (1)")
-        assert await _run(store, "SELECT x FROM probe") == [(1,)]
+        assert await run(store, "SELECT x FROM probe") == [(1,)]
 
 
 async def test_requeuing_stale_sends_reads_only_the_rows_left_sending(tmp_path: Path) -> None:
@@ -140,29 +106,11 @@ async def test_claiming_and_recording_messages_read_no_whole_table(tmp_path: Pat
             assert whole_reads(db, sql) == [], sql
 
 
-async def _store_incidents(store: Store, statuses: list[str], *, planned: set[int]) -> None:
-    """Incidents 1, 2, ... with these statuses; those in ``planned`` get a plan row."""
-    async with store.transaction() as tx:
-        await tx.executemany(
-            "INSERT INTO incidents (id, device_id, status, test, opened_at, updated_at,"
-            " press_count, last_press_at, location_source, kelurahan_match, address,"
-            " landmark) VALUES (?, ?, ?, 0, ?, ?, 1, ?, 'registered', 'inside', '', '')",
-            # One device each: PostgreSQL allows one active incident per device.
-            [(incident_id, f"BTN-{incident_id}", status, T0, T0, T0)
-             for incident_id, status in enumerate(statuses, 1)],
-        )
-        await tx.executemany(
-            "INSERT INTO incident_dispatch (incident_id, policy_id, route, planned_at)"
-            " VALUES (?, 'city', 'city', ?)",
-            [(incident_id, T0) for incident_id in sorted(planned)],
-        )
-
-
 async def test_unplanned_incidents_are_the_open_ones_without_a_plan_above_the_id_in_order(
     new_store: Callable[[], Store],
 ) -> None:
     async with new_store() as store:
-        await _store_incidents(
+        await store_incidents(
             store, ["open", "cancelled", "open", "acknowledged", "resolved", "open"],
             planned={3},
         )
@@ -198,13 +146,13 @@ async def _store_outbox(store: Store, rows: list[tuple[int, str | None, str]]) -
 
 
 async def _row(store: Store, outbox_id: int) -> tuple[str, str | None]:
-    (row,) = await _run(store, "SELECT state, provider_sid FROM outbox WHERE id = ?",
+    (row,) = await run(store, "SELECT state, provider_sid FROM outbox WHERE id = ?",
                         (outbox_id,))
     return row[0], row[1]
 
 
 async def _status_lines(store: Store) -> list[str]:
-    return [r[0] for r in await _run(
+    return [r[0] for r in await run(
         store, "SELECT reason FROM incident_events WHERE event = 'sms.status' ORDER BY id")]
 
 
@@ -215,7 +163,7 @@ async def test_a_replayed_or_older_status_callback_adds_no_line_and_never_moves_
     new_store: Callable[[], Store],
 ) -> None:
     async with new_store() as store:
-        await _store_incidents(store, ["open"], planned={1})
+        await store_incidents(store, ["open"], planned={1})
         await _store_outbox(store, [(1, SID_A, "sent")])
 
         async def callback(state: str, rank: int) -> str:
@@ -238,7 +186,7 @@ async def test_a_status_callback_naming_another_sid_than_the_rows_is_refused(
     new_store: Callable[[], Store],
 ) -> None:
     async with new_store() as store:
-        await _store_incidents(store, ["open"], planned={1})
+        await store_incidents(store, ["open"], planned={1})
         await _store_outbox(store, [(1, SID_A, "sent")])
         for sid in (SID_B, ""):
             outcome = await store.record_status_callback(
@@ -258,7 +206,7 @@ async def test_a_callback_racing_the_send_binds_its_sid_unless_another_row_holds
     new_store: Callable[[], Store],
 ) -> None:
     async with new_store() as store:
-        await _store_incidents(store, ["open"], planned={1})
+        await store_incidents(store, ["open"], planned={1})
         await _store_outbox(store, [(1, None, "sending"), (2, SID_B, "sent")])
 
         async def callback(sid: str) -> str:
@@ -276,7 +224,7 @@ async def test_a_callback_racing_the_send_binds_its_sid_unless_another_row_holds
 
 async def _sending_alert(store: Store, incident_id: int, *, round_: int | None) -> int:
     """An alert row of the incident, claimed ('sending'); returns its id."""
-    (row,) = await _run(
+    (row,) = await run(
         store,
         "INSERT INTO outbox (key, incident_id, person_id, phone, channel, purpose, round,"
         " level, body, state, attempts, created_at, due_at, updated_at) VALUES"
@@ -297,11 +245,11 @@ async def test_a_transient_outcome_goes_back_to_pending_due_later_with_its_error
     new_store: Callable[[], Store],
 ) -> None:
     async with new_store() as store:
-        await _store_incidents(store, ["open"], planned={1})
+        await store_incidents(store, ["open"], planned={1})
         row = await _sending_alert(store, 1, round_=0)
         assert await store.record_deliveries([_transient(row, 1)]) == []
         assert await store.next_outbox_due() == T0 + 31
-        assert await _run(store, "SELECT state, due_at, error FROM outbox") == [
+        assert await run(store, "SELECT state, due_at, error FROM outbox") == [
             ("pending", T0 + 31, "OSError(24, 'Too many open files')")
         ]
 
@@ -310,7 +258,7 @@ async def test_a_transient_outcome_of_a_closed_incidents_alert_is_cancelled(
     new_store: Callable[[], Store],
 ) -> None:
     async with new_store() as store:
-        await _store_incidents(store, ["resolved", "acknowledged", "acknowledged"],
+        await store_incidents(store, ["resolved", "acknowledged", "acknowledged"],
                                planned={1, 2, 3})
         resolved = await _sending_alert(store, 1, round_=0)
         escalation = await _sending_alert(store, 2, round_=0)
@@ -319,8 +267,8 @@ async def test_a_transient_outcome_of_a_closed_incidents_alert_is_cancelled(
             [_transient(resolved, 1), _transient(escalation, 2), _transient(reassigned, 3)]
         )
         assert cancelled == [resolved, escalation]
-        states = {r[0]: r[1] for r in await _run(store, "SELECT id, state FROM outbox")}
-        events = [tuple(r) for r in await _run(
+        states = {r[0]: r[1] for r in await run(store, "SELECT id, state FROM outbox")}
+        events = [tuple(r) for r in await run(
             store, "SELECT incident_id, event, reason FROM incident_events ORDER BY id")]
     assert states == {resolved: "cancelled", escalation: "cancelled", reassigned: "pending"}
     assert events == [(1, "outbox.cancelled", "incident_closed"),
@@ -361,8 +309,8 @@ async def test_queueing_counts_only_new_keys_across_statements_of_many_rows(
         assert await store.queue_messages(batch, T0 + 2) == 0
         assert await store.queue_messages([], T0 + 3) == 0
         # 100 keys first, then the 166 of 0..249 that are no multiple of 3.
-        assert await _run(store, "SELECT COUNT(*), COUNT(DISTINCT key) FROM outbox") == [
+        assert await run(store, "SELECT COUNT(*), COUNT(DISTINCT key) FROM outbox") == [
             (266, 266)]
         # A key queued first keeps its first row: created at T0, not T0 + 1.
-        assert await _run(store, "SELECT created_at FROM outbox WHERE key = 'ops:k3:ani'"
+        assert await run(store, "SELECT created_at FROM outbox WHERE key = 'ops:k3:ani'"
                           ) == [(T0,)]
