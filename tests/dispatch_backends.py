@@ -1,19 +1,17 @@
-"""The dispatch store on both backends, for tests that run each assertion on both: a fresh
-SQLite file or a fresh database on the private PostgreSQL (tests/pg.py's server), and a
-few statements through the store's own :class:`store.sql.Tx` (``?`` on both)."""
+"""The dispatch store on both backends, for tests that run each assertion on both: a
+fresh SQLite file or a fresh database on the private PostgreSQL (tests/pg.py's
+``pg_database``), and a few statements through the store's own :class:`store.sql.Tx`
+(``?`` placeholders on both)."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
-from firmware_sim.pgserver import PostgresServer
 from store.pg_dispatch import PgDispatchStore
 from store.sqlite_dispatch import SqliteDispatchStore
 
@@ -21,22 +19,6 @@ T0 = 1_780_000_000.0
 BACKENDS = ["sqlite", "postgresql"]
 
 Store = SqliteDispatchStore | PgDispatchStore
-_databases = itertools.count(1)
-
-
-@asynccontextmanager
-async def fresh_database(server: PostgresServer) -> AsyncIterator[str]:
-    """A new empty database on the private server; its URL. Dropped afterwards."""
-    name = f"dispatch_{next(_databases)}"
-    admin = await asyncpg.connect(server.dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield server.dsn.rsplit("/", 1)[0] + f"/{name}"
-        finally:
-            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @asynccontextmanager
@@ -47,9 +29,8 @@ async def store_factory(
     if backend == "sqlite":
         yield lambda: SqliteDispatchStore(tmp_path / "panicd.sqlite3")
         return
-    server: PostgresServer = request.getfixturevalue("postgres")
-    async with fresh_database(server) as url:
-        yield lambda: PgDispatchStore(url)
+    url: str = request.getfixturevalue("pg_database")  # tests/pg.py: dropped after the test
+    yield lambda: PgDispatchStore(url)
 
 
 async def run(store: Store, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
