@@ -24,6 +24,11 @@ INCIDENT_COLUMNS = (
     " address, landmark, lat, lon"
 )
 
+# How long an outbox claim holds before a peer (or this instance's own stale check) takes
+# the row back in doubt: as long as dispatch/outbox.py's STALE_SENDING_S, so that on one
+# box a send is judged stale when it was before leases (issue 13 item 3).
+DEFAULT_LEASE_S = 300.0
+
 # 12 parameters a row: 80 rows stay under SQLite's oldest cap of 999 host parameters
 # (PostgreSQL's is 65,535).
 _MESSAGES_PER_INSERT = 80
@@ -52,6 +57,9 @@ class DispatchBase(abc.ABC):
     """The connection a backend gives the dispatch statements."""
 
     dialect: Dialect
+    # Who claims outbox rows here (outbox.claimed_by), and for how long (lease_until).
+    instance: str
+    lease_s: float
 
     @abc.abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[Tx]:

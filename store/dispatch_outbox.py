@@ -46,12 +46,17 @@ class Outbox(DispatchBase):
     """The outbox's statements."""
 
     async def next_outbox_due(self) -> float | None:
-        """When the earliest pending outbox row may be sent."""
+        """When the earliest pending outbox row may be sent, or the earliest claim's lease
+        runs out (the claim then takes the row back, in doubt)."""
         row = await self._one(
             "SELECT o.due_at FROM outbox AS o"  # noqa: S608 -- a constant only
             f" WHERE o.state = 'pending' AND {_CLAIMABLE} ORDER BY o.due_at LIMIT 1"
         )
-        return None if row is None or row[0] is None else float(row[0])
+        lease = await self._one(
+            "SELECT MIN(lease_until) FROM outbox WHERE state = 'sending'"
+        )
+        due = [float(r[0]) for r in (row, lease) if r is not None and r[0] is not None]
+        return min(due, default=None)
 
     async def outbox_row(self, outbox_id: int) -> OutboxRow | None:
         """One outbox row."""
@@ -62,8 +67,10 @@ class Outbox(DispatchBase):
         return None if row is None else _outbox_of(row)
 
     async def claim_outbox(self, now: float, limit: int) -> list[OutboxRow]:
-        """Move up to ``limit`` due pending rows to 'sending' and return them."""
+        """Move up to ``limit`` due pending rows to 'sending', claimed by this instance
+        for its lease, and return them; rows whose lease ran out are taken back first."""
         async with self.transaction() as tx:
+            await self._take_back_expired(tx, now)
             # On PostgreSQL the rows stay locked to this transaction, and a peer's claim
             # passes over them (SKIP LOCKED) instead of waiting or taking them too.
             rows = await tx.rows(
@@ -80,26 +87,42 @@ class Outbox(DispatchBase):
                     calls.add(row.phone)
                 claimed.append(row)
             await tx.executemany(
-                "UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_at = ?"
-                " WHERE id = ? AND state = 'pending'",
-                [(now, row.id) for row in claimed],
+                "UPDATE outbox SET state = 'sending', attempts = attempts + 1, updated_at = ?,"
+                " claimed_by = ?, lease_until = ? WHERE id = ? AND state = 'pending'",
+                [(now, self.instance, now + self.lease_s, row.id) for row in claimed],
             )
         return claimed
 
+    async def _take_back_expired(self, tx: Tx, now: float) -> int:
+        """Rows whose claim's lease ran out (their instance died or hung mid-send) go back
+        to 'pending', in doubt since that claim: the outbox asks the provider before it
+        sends one again."""
+        # SKIP LOCKED (PostgreSQL): a row a peer is taking back or recording is left to it.
+        return await tx.execute(
+            "UPDATE outbox SET state = 'pending', due_at = ?, updated_at = ?,"  # noqa: S608
+            " in_doubt_since = COALESCE(in_doubt_since, updated_at), claimed_by = NULL,"
+            " lease_until = NULL WHERE id IN (SELECT id FROM outbox WHERE state = 'sending'"
+            f" AND lease_until <= ?{self.dialect.skip_locked()})",
+            (now, now, now),
+        )
+
     async def requeue_interrupted(self, now: float, older_than: float | None = None) -> int:
-        """Rows left in 'sending' go back to 'pending' (at-least-once delivery): all of them
-        at start (a crash), or those untouched since ``older_than`` while running.
+        """Rows this instance left in 'sending' go back to 'pending' (at-least-once
+        delivery): all of them at start (a crash), or those untouched since
+        ``older_than`` while running; and anyone's whose lease ran out.
 
         Their request may have reached the provider, so each is in doubt from its claim
-        (``updated_at``): the outbox asks the provider before sending it again.
+        (``updated_at``): the outbox asks the provider before sending it again. A peer's
+        row within its lease is the peer's: it may be sending it right now.
         """
         cutoff = now if older_than is None else older_than
         async with self.transaction() as tx:
             return await tx.execute(
                 "UPDATE outbox SET state = 'pending', due_at = ?, updated_at = ?,"
-                " in_doubt_since = COALESCE(in_doubt_since, updated_at)"
-                " WHERE state = 'sending' AND updated_at <= ?",
-                (now, now, cutoff),
+                " in_doubt_since = COALESCE(in_doubt_since, updated_at), claimed_by = NULL,"
+                " lease_until = NULL WHERE state = 'sending' AND ((COALESCE(claimed_by, ?) = ?"
+                " AND updated_at <= ?) OR lease_until <= ?)",
+                (now, now, self.instance, self.instance, cutoff, now),
             )
 
     async def recorded_sids(self, sids: Sequence[str]) -> set[str]:
@@ -155,11 +178,15 @@ class Outbox(DispatchBase):
             cancelled = await self._closed_alerts(tx, [d.outbox_id for d in retries])
             await tx.executemany(
                 # Only from 'sending': nothing was accepted, so no callback can have moved it.
+                # Only this instance's claim: a row taken back after its lease ran out and
+                # claimed again is the new claimant's, whose send this must not undo.
                 "UPDATE outbox SET state = ?, due_at = ?, error_code = ?, error = ?,"
-                " updated_at = ?, in_doubt_since = ? WHERE id = ? AND state = 'sending'",
+                " updated_at = ?, in_doubt_since = ?, claimed_by = NULL, lease_until = NULL"
+                " WHERE id = ? AND state = 'sending' AND COALESCE(claimed_by, ?) = ?",
                 [("cancelled" if d.outbox_id in cancelled else "pending",
                   d.at if d.retry_at is None else d.retry_at, d.error_code, d.error, d.at,
-                  d.in_doubt_since, d.outbox_id) for d in retries],
+                  d.in_doubt_since, d.outbox_id, self.instance, self.instance)
+                 for d in retries],
             )
             await tx.executemany(
                 "INSERT INTO incident_events (incident_id, at, event, reason, actor, detail)"

@@ -192,9 +192,11 @@ class Steps(DispatchBase):
                 messages = await tx.execute(
                     "UPDATE outbox SET due_at = due_at + ? WHERE state = 'pending'", (delta,)
                 )
+                # ... and its lease runs out in the same frame.
                 await tx.execute(
-                    "UPDATE outbox SET updated_at = updated_at + ? WHERE state = 'sending'",
-                    (delta,),
+                    "UPDATE outbox SET updated_at = updated_at + ?,"
+                    " lease_until = lease_until + ? WHERE state = 'sending'",
+                    (delta, delta),
                 )
                 frame.follow(delta)
                 followed = delta

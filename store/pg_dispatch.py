@@ -12,11 +12,13 @@ UPDATE SKIP LOCKED``), so each step fires once and each row is claimed once.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from store.dispatch_base import DispatchBase
+from store.dispatch_base import DEFAULT_LEASE_S, DispatchBase
 from store.dispatch_health import Health
 from store.dispatch_observe import Observe
 from store.dispatch_outbox import Outbox
@@ -32,6 +34,22 @@ class PgDispatchBase(PgDatabase, DispatchBase):
     """Dispatch's PostgreSQL pool; an async context manager."""
 
     dialect = PG
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        instance: str | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
+        max_size: int = 4,
+    ) -> None:
+        super().__init__(url, password=password, max_size=max_size)
+        # Unique per process by default: a restarted instance is a new claimant, and what
+        # its previous run left 'sending' is taken back when the lease runs out, by it or
+        # by a peer, in doubt.
+        self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
+        self.lease_s = lease_s
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:

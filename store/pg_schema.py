@@ -223,6 +223,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_unsettled_calls ON outbox (phone) WHERE channel = 'voice'
         AND (state = 'sending' OR (state = 'pending' AND in_doubt_since IS NOT NULL));
     """,
+    # 7: an outbox row in 'sending' names its claimant and lease (issue 13 item 3; see
+    # store/sqlite_schema.py's version 7).
+    """
+    ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
+    ALTER TABLE outbox ADD COLUMN lease_until DOUBLE PRECISION;
+    CREATE INDEX outbox_lease ON outbox (lease_until) WHERE state = 'sending';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

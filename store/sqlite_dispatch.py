@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from store.dispatch_base import DispatchBase
+from store.dispatch_base import DEFAULT_LEASE_S, DispatchBase
 from store.dispatch_health import Health
 from store.dispatch_observe import Observe
 from store.dispatch_outbox import Outbox
@@ -32,11 +32,17 @@ class SqliteDispatchBase(SqliteDatabase, DispatchBase):
 
     dialect = SQLITE
 
-    def __init__(self, path: Path, *, writers: Writers | None = None) -> None:
+    def __init__(
+        self, path: Path, *, writers: Writers | None = None, lease_s: float = DEFAULT_LEASE_S
+    ) -> None:
         # One connection, many tasks (scheduler, outbox senders, webhooks): transactions
         # on it must not interleave — the write lock (shared with the process's other
         # connections) also serialises them.
         super().__init__(path, writers=writers)
+        # One box, one instance: whatever a previous run left 'sending' is this one's own,
+        # taken back at start as before leases.
+        self.instance = "local"
+        self.lease_s = lease_s
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:

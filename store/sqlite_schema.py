@@ -217,6 +217,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_unsettled_calls ON outbox (phone) WHERE channel = 'voice'
         AND (state = 'sending' OR (state = 'pending' AND in_doubt_since IS NOT NULL));
     """,
+    # 7: several instances on one database (issue 13 item 3): a row in 'sending' names the
+    # instance that claimed it and until when its claim (the lease) holds. A peer takes a
+    # row whose lease ran out back, in doubt, as a restart takes back its own; rows left
+    # 'sending' from before have no claimant and count as every instance's own.
+    """
+    ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
+    ALTER TABLE outbox ADD COLUMN lease_until REAL;
+    CREATE INDEX outbox_lease ON outbox (lease_until) WHERE state = 'sending';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
