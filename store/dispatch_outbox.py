@@ -32,6 +32,10 @@ _CLAIMABLE = (
 )
 
 
+# The advisory lock ("panic" 02; store/pg_schema.py's migrations hold 01) under which
+# PostgreSQL instances take turns claiming.
+_CLAIM_LOCK = 0x70616E6963_02
+
 _OUTBOX_COLUMNS = (
     "id, key, incident_id, person_id, phone, channel, purpose, body, state, attempts,"
     " provider_sid, in_doubt_since"
@@ -70,6 +74,12 @@ class Outbox(DispatchBase):
         """Move up to ``limit`` due pending rows to 'sending', claimed by this instance
         for its lease, and return them; rows whose lease ran out are taken back first."""
         async with self.transaction() as tx:
+            # Claims take turns across instances: the check that a number has no other
+            # call unsettled (_CLAIMABLE) reads committed rows only, so two claims at once
+            # could each send one of two calls to a number. A claim is a few ms.
+            turn = self.dialect.serialise(_CLAIM_LOCK)
+            if turn is not None:
+                await tx.execute(turn)
             await self._take_back_expired(tx, now)
             # On PostgreSQL the rows stay locked to this transaction, and a peer's claim
             # passes over them (SKIP LOCKED) instead of waiting or taking them too.

@@ -61,6 +61,11 @@ class Dialect(Protocol):
         """The clause a claiming SELECT ends with: rows a peer is claiming are passed over."""
         ...
 
+    def serialise(self, key: int) -> str | None:
+        """A statement that makes the transactions running it under ``key`` take turns
+        until they end; None where transactions take turns anyway."""
+        ...
+
 
 class _Sqlite:
     name = "sqlite"
@@ -75,6 +80,9 @@ class _Sqlite:
         # SQLite has one writer at a time (BEGIN IMMEDIATE): nothing to pass over.
         return ""
 
+    def serialise(self, key: int) -> str | None:  # noqa: ARG002 -- the Protocol's
+        return None  # BEGIN IMMEDIATE: one write transaction at a time already
+
 
 class _Pg:
     name = "postgresql"
@@ -88,6 +96,9 @@ class _Pg:
 
     def skip_locked(self) -> str:
         return " FOR UPDATE SKIP LOCKED"
+
+    def serialise(self, key: int) -> str | None:
+        return f"SELECT pg_advisory_xact_lock({int(key)})"
 
 
 SQLITE: Dialect = _Sqlite()

@@ -6,9 +6,13 @@ while its lease holds, and once the lease runs out the other takes the row back 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
 
 from store.dispatch import Delivery, NewMessage
 from store.pg_dispatch import PgDispatchStore
+from store.sql import Tx
 from tests.dispatch_backends import T0, run
 
 ROWS = 300
@@ -91,3 +95,67 @@ async def test_a_restarted_instance_takes_back_only_its_own_rows_at_start(
         states = {int(r[0]): (r[1], r[2]) for r in await run(
             again, "SELECT id, state, claimed_by FROM outbox")}
     assert states == {first.id: ("pending", None), second.id: ("sending", "b")}
+
+
+class _PausingTx:
+    """A Tx that stops after the claim's SELECT until told to go on."""
+
+    def __init__(self, tx: Tx, store: _PausedStore) -> None:
+        self._tx = tx
+        self._store = store
+
+    async def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        rows = await self._tx.rows(sql, params)
+        if "SKIP LOCKED" in sql:
+            self._store.selected.set()
+            await self._store.go.wait()
+        return rows
+
+    async def one(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Any] | None:
+        return await self._tx.one(sql, params)
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return await self._tx.execute(sql, params)
+
+    async def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
+        await self._tx.executemany(sql, params)
+
+
+class _PausedStore(PgDispatchStore):
+    """The real PgDispatchStore, its claim held open between its SELECT and its COMMIT."""
+
+    def __init__(self, url: str, instance: str) -> None:
+        super().__init__(url, instance=instance)
+        self.selected = asyncio.Event()
+        self.go = asyncio.Event()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """The pool's transaction, pausing after a claim's SELECT."""
+        async with super().transaction() as tx:
+            yield _PausingTx(tx, self)
+
+
+def _call(n: int, due_at: float) -> NewMessage:
+    return NewMessage(key=f"call:{n}", incident_id=None, person_id="ani", phone="+6281200001",
+                      channel="voice", purpose="ops", body="x", due_at=due_at)
+
+
+async def test_two_instances_claiming_at_once_start_one_call_to_a_number_not_two(
+    pg_database: str,
+) -> None:
+    # A call carries nothing of panicd's, so a number has one call unsettled at a time
+    # (issue 12 item 3). b's claim runs while a's has chosen the first call and not yet
+    # committed: the second call must wait for the first to settle, on either instance.
+    async with (_PausedStore(pg_database, "a") as a,
+                PgDispatchStore(pg_database, instance="b") as b):
+        await b.queue_messages([_call(1, T0), _call(2, T0 + 1)], T0)
+        by_a = asyncio.create_task(a.claim_outbox(T0 + 1, 1))
+        await a.selected.wait()
+        by_b = asyncio.create_task(b.claim_outbox(T0 + 1, 10))
+        await asyncio.sleep(0.3)  # time enough for b's claim to finish, if it need not wait
+        a.go.set()
+        got_a, got_b = await asyncio.gather(by_a, by_b)
+        assert [r.key for r in got_a] == ["call:1"]
+        assert got_b == []
+        assert await run(b, "SELECT key FROM outbox WHERE state = 'sending'") == [("call:1",)]
