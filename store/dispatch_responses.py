@@ -89,8 +89,12 @@ class Responses(DispatchBase):
         """Record an ack; the first stops escalation (pending steps and unsent alerts
         cancelled in the same commit) and queues ``handled`` to those already paged."""
         async with self.transaction() as tx:
+            # Held to the commit (PostgreSQL): a second ack at once, on this instance or a
+            # peer, waits and then reads 'acknowledged', so one ack only is the first.
             rows = await tx.rows(
-                "SELECT status FROM incidents WHERE id = ?", (incident_id,)
+                "SELECT status FROM incidents i WHERE id = ?"  # noqa: S608 -- the dialect's
+                f"{self.dialect.lock_rows('i')}",
+                (incident_id,),
             )
             status = str(rows[0][0])
             if status in ("resolved", "cancelled"):
@@ -136,9 +140,11 @@ class Responses(DispatchBase):
         (an operator; this sets the status).
         """
         async with self.transaction() as tx:
+            # Held to the commit, as in record_ack: one closure (or ack) at a time.
             rows = await tx.rows(
-                "SELECT i.status, d.closed_at FROM incidents i"
-                " LEFT JOIN incident_dispatch d ON d.incident_id = i.id WHERE i.id = ?",
+                "SELECT i.status, d.closed_at FROM incidents i"  # noqa: S608 -- the dialect's
+                " LEFT JOIN incident_dispatch d ON d.incident_id = i.id WHERE i.id = ?"
+                f"{self.dialect.lock_rows('i')}",
                 (incident_id,),
             )
             status, closed_at = rows[0]

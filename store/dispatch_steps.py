@@ -74,11 +74,15 @@ class Steps(DispatchBase):
         fired = []
         async with self.transaction() as tx:
             for plan in plans:
-                await tx.execute(
+                new = await tx.rows(
                     "INSERT INTO incident_dispatch (incident_id, policy_id, route, planned_at)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING incident_id",
                     (plan.incident_id, plan.policy_id, plan.route, now),
                 )
+                if not new:
+                    # Planned already (by a peer instance, or a scan racing the event): its
+                    # steps went in, and its due ones fired, in that plan's own commit.
+                    continue
                 await tx.executemany(
                     "INSERT INTO escalation_steps (key, incident_id, round, level, due_at,"
                     " state) VALUES (?, ?, ?, ?, ?, 'pending') ON CONFLICT DO NOTHING",

@@ -61,6 +61,11 @@ class Dialect(Protocol):
         """The clause a claiming SELECT ends with: rows a peer is claiming are passed over."""
         ...
 
+    def lock_rows(self, alias: str) -> str:
+        """The clause a SELECT ends with to hold the rows of ``alias`` it read until the
+        transaction ends, so a concurrent writer of them waits and then reads them anew."""
+        ...
+
     def serialise(self, key: int) -> str | None:
         """A statement that makes the transactions running it under ``key`` take turns
         until they end; None where transactions take turns anyway."""
@@ -80,6 +85,9 @@ class _Sqlite:
         # SQLite has one writer at a time (BEGIN IMMEDIATE): nothing to pass over.
         return ""
 
+    def lock_rows(self, alias: str) -> str:  # noqa: ARG002 -- the Protocol's
+        return ""  # BEGIN IMMEDIATE holds the whole database already
+
     def serialise(self, key: int) -> str | None:  # noqa: ARG002 -- the Protocol's
         return None  # BEGIN IMMEDIATE: one write transaction at a time already
 
@@ -96,6 +104,9 @@ class _Pg:
 
     def skip_locked(self) -> str:
         return " FOR UPDATE SKIP LOCKED"
+
+    def lock_rows(self, alias: str) -> str:
+        return f" FOR UPDATE OF {alias}"
 
     def serialise(self, key: int) -> str | None:
         return f"SELECT pg_advisory_xact_lock({int(key)})"

@@ -1,7 +1,8 @@
 """Two PgDispatchStore instances on one PostgreSQL database (issue 13 item 3): claiming
-at the same time they never claim one outbox row twice, a peer's claim is left alone
-while its lease holds, and once the lease runs out the other takes the row back in doubt
-(the path a crash leaves: the outbox asks the provider before sending it again)."""
+at the same time they never claim one outbox row twice nor start two calls to a number,
+a peer's claim is left alone while its lease holds, and once the lease runs out the other
+takes the row back in doubt (the path a crash leaves: the outbox asks the provider before
+sending it again); of two acks at once, one is the first."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from store.dispatch import Delivery, NewMessage
+from store.dispatch import Delivery, NewMessage, Notice
 from store.pg_dispatch import PgDispatchStore
 from store.sql import Tx
-from tests.dispatch_backends import T0, run
+from tests.dispatch_backends import T0, run, store_incidents
 
 ROWS = 300
 
@@ -98,7 +99,8 @@ async def test_a_restarted_instance_takes_back_only_its_own_rows_at_start(
 
 
 class _PausingTx:
-    """A Tx that stops after the claim's SELECT until told to go on."""
+    """A Tx that stops after the store's statement containing ``pause_on`` until told to
+    go on, its transaction still open."""
 
     def __init__(self, tx: Tx, store: _PausedStore) -> None:
         self._tx = tx
@@ -106,7 +108,7 @@ class _PausingTx:
 
     async def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
         rows = await self._tx.rows(sql, params)
-        if "SKIP LOCKED" in sql:
+        if self._store.pause_on in sql:
             self._store.selected.set()
             await self._store.go.wait()
         return rows
@@ -122,16 +124,17 @@ class _PausingTx:
 
 
 class _PausedStore(PgDispatchStore):
-    """The real PgDispatchStore, its claim held open between its SELECT and its COMMIT."""
+    """The real PgDispatchStore, a transaction held open after one statement."""
 
-    def __init__(self, url: str, instance: str) -> None:
+    def __init__(self, url: str, instance: str, pause_on: str = "SKIP LOCKED") -> None:
         super().__init__(url, instance=instance)
+        self.pause_on = pause_on
         self.selected = asyncio.Event()
         self.go = asyncio.Event()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
-        """The pool's transaction, pausing after a claim's SELECT."""
+        """The pool's transaction, pausing after the statement."""
         async with super().transaction() as tx:
             yield _PausingTx(tx, self)
 
@@ -159,3 +162,22 @@ async def test_two_instances_claiming_at_once_start_one_call_to_a_number_not_two
         assert [r.key for r in got_a] == ["call:1"]
         assert got_b == []
         assert await run(b, "SELECT key FROM outbox WHERE state = 'sending'") == [("call:1",)]
+
+
+async def test_of_two_acks_at_once_on_two_instances_one_is_the_first(pg_database: str) -> None:
+    # a has read the incident 'open' and not yet committed its ack when b's arrives.
+    notice = Notice("handled", "handled", "ditangani")
+    async with (_PausedStore(pg_database, "a", pause_on="FROM incidents i WHERE id") as a,
+                PgDispatchStore(pg_database, instance="b") as b):
+        await store_incidents(b, ["open"], planned={1})
+        by_a = asyncio.create_task(a.record_ack(1, person_id="ani", name="Ani", via="link",
+                                                now=T0, handled=notice))
+        await a.selected.wait()
+        by_b = asyncio.create_task(b.record_ack(1, person_id="budi", name="Budi", via="call",
+                                                now=T0, handled=notice))
+        await asyncio.sleep(0.3)  # time enough for b's ack to commit, if it need not wait
+        a.go.set()
+        first, second = await asyncio.gather(by_a, by_b)
+        assert (first.outcome, second.outcome) == ("first", "added")
+        assert await run(b, "SELECT person_id, first FROM acks ORDER BY id") == [
+            ("ani", 1), ("budi", 0)]

@@ -60,6 +60,7 @@ async def test_a_plan_fires_its_due_step_once_and_the_next_waits_its_time(
         plan_ = _ladder(1)
         assert await store.plan_incidents([plan_], T0) == [Fired("1:0:0", 1, 1)]
         assert await store.fire_steps(plan_.fire, T0) == []  # fired once
+        assert await store.plan_incidents([plan_], T0) == []  # planned once
         assert await store.unplanned_incidents() == []
         assert await store.due_steps(T0 + 59) == []
         assert await store.next_step_due() == T0 + 60
