@@ -336,11 +336,13 @@ class DispatchStore(Protocol):
         ...
 
     async def claim_outbox(self, now: float, limit: int) -> list[OutboxRow]:
-        """Move up to ``limit`` due pending rows to 'sending' and return them."""
+        """Move up to ``limit`` due pending rows to 'sending', claimed by this instance
+        for its lease (rows whose lease ran out taken back first), and return them."""
         ...
 
     async def requeue_interrupted(self, now: float, older_than: float | None = None) -> int:
-        """Rows left in 'sending' go back to 'pending', in doubt; returns how many."""
+        """Rows this instance left in 'sending' (all, or those older than ``older_than``)
+        and anyone's whose lease ran out go back to 'pending', in doubt; how many."""
         ...
 
     async def recorded_sids(self, sids: Sequence[str]) -> set[str]:
