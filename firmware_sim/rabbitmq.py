@@ -3,8 +3,9 @@
 Issue 13 item 4: a clustered broker that stores QoS 1 messages durably before it
 acknowledges them. This starts one node of it for tests and benchmarks: persistent MQTT
 sessions (clean_session=False) live in quorum queues (``mqtt.durable_queue_type =
-quorum``), as docs/BROKERS.md tells a site to run it; a single node stands in for the
-cluster.
+quorum``), as docs/BROKERS.md tells a site to run it. ``firmware_sim.rabbitmq_cluster``
+joins several of these nodes (``ClusterShare``: one epmd, cookie and set of accounts)
+into a cluster.
 
 Everything of the node is in a new temp directory and on free loopback ports, so it
 never meets the machine's own RabbitMQ (Debian's ``rabbit@…`` on 5672/25672, if any):
