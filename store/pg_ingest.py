@@ -24,6 +24,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 from asyncpg.pool import PoolConnectionProxy
@@ -246,6 +247,20 @@ class PgIngestStore(PgDatabase):
         # Set once COMMIT has been sent: a failure after it leaves the batch in doubt, so
         # its ids may be stored and must not be handed out again.
         self._commit_sent = False
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._conn is not None:
+                # A batch still open (its caller failed): closing the pool would wait for
+                # its connection for ever.
+                await self.rollback()
+        finally:
+            await super().__aexit__(exc_type, exc, tb)
 
     async def _opened(self) -> None:
         # The pipeline may ask for ids before its first begin().
