@@ -348,7 +348,12 @@ async def serve_public(
     gate = ConnectionGate(server, max_connections=budget.max_connections,
                           header_timeout_s=limits.header_timeout_s)
     loop = asyncio.get_running_loop()
-    listener = await loop.create_server(gate, host, port, backlog=128, reuse_address=True)
+    # asyncio accepts up to ``backlog`` sockets per wake-up before the gate can close the
+    # ones over the cap, so one burst holds that many descriptors at once: it must fit in
+    # the reserve with room left for the store, checkpoints and the provider. With 128 it
+    # was the whole reserve, and an idle-connection flood hit EMFILE at accept.
+    backlog = max(16, min(128, budget.reserve // 2))
+    listener = await loop.create_server(gate, host, port, backlog=backlog, reuse_address=True)
     return listener, gate
 
 
