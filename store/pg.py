@@ -7,28 +7,29 @@ one is refused so that it never sits in a config file.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import TracebackType
 from typing import Self
-from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
 from store.pg_schema import migrate
 from store.sqlite_schema import StoreError
-
-URL_SCHEMES = ("postgresql", "postgres")
+from store.url import parse_store_url
 
 
 def check_url(url: str) -> None:
-    """Refuse a URL that is not PostgreSQL's or that carries a password."""
-    parts = urlsplit(url)
-    if parts.scheme not in URL_SCHEMES:
-        raise StoreError(f"not a PostgreSQL URL (postgresql://user@host/db): {parts.scheme}://")
-    if parts.password is not None or "password" in parse_qs(parts.query):
-        raise StoreError(
-            "the PostgreSQL URL carries a password: give it through the environment or a"
-            " systemd credential instead"
-        )
+    """Refuse a URL that is not PostgreSQL's or that carries a password.
+
+    The same rules as ``[store] url`` in the config (:func:`store.url.parse_store_url`),
+    so a URL given here in code is held to what an operator's config is.
+    """
+    try:
+        parsed = parse_store_url(url, Path())
+    except ValueError as exc:
+        raise StoreError(f"PostgreSQL URL: {exc}") from None
+    if parsed.backend != "postgresql":
+        raise StoreError("not a PostgreSQL URL (postgresql://user@host/db)")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
