@@ -21,7 +21,7 @@ import aiosqlite
 from gateway.config import Config, load_config, refuse_unsupported_store
 from gateway.ctl_format import err, out, print_json
 from gateway.errors import ConfigError
-from store.sqlite_schema import SCHEMA_VERSION, StoreError, migrate
+from store.sqlite_schema import SCHEMA_VERSION, StoreError, migrate, refuse_newer_schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +48,6 @@ class Migration:
         return f"schema {self.found} -> {self.target} ({state})"
 
 
-def newer_schema(found: int, known: int) -> StoreError:
-    """The error for a database from a newer panicd, worded as the store's own migrate."""
-    return StoreError(f"database schema version {found} is newer than this panicd ({known})")
-
-
 async def _sqlite_version(db: aiosqlite.Connection) -> int:
     rows = list(await db.execute_fetchall("PRAGMA user_version"))
     return int(rows[0][0])
@@ -66,8 +61,7 @@ async def _migrate_sqlite(config: Config, check: bool) -> Migration:
             return Migration(0, SCHEMA_VERSION, 0)
         async with aiosqlite.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
             found = await _sqlite_version(db)
-        if found > SCHEMA_VERSION:
-            raise newer_schema(found, SCHEMA_VERSION)
+        refuse_newer_schema(found, SCHEMA_VERSION)
         return Migration(found, SCHEMA_VERSION, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     async with aiosqlite.connect(path, isolation_level=None) as db:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from store.sqlite_schema import StoreError
+from store.sqlite_schema import refuse_newer_schema
 
 # A connection of its own or one borrowed from a pool: both take the same calls.
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -253,24 +253,17 @@ async def schema_version(conn: Connection) -> int:
     return 0 if value is None else int(value)
 
 
-def _refuse_newer(version: int) -> None:
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"database schema version {version} is newer than this panicd ({SCHEMA_VERSION})"
-        )
-
-
 async def migrate(conn: Connection) -> int:
     """Bring the schema to :data:`SCHEMA_VERSION`; refuses a database from a newer panicd."""
     # Checked before any lock or write: a newer database is refused untouched.
-    _refuse_newer(await schema_version(conn))
+    refuse_newer_schema(await schema_version(conn), SCHEMA_VERSION)
     while True:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute(_VERSION_TABLE)
             # Read again under the lock: a peer may have moved it on while we waited.
             version = int(await conn.fetchval("SELECT version FROM schema_version FOR UPDATE"))
-            _refuse_newer(version)
+            refuse_newer_schema(version, SCHEMA_VERSION)
             if version == SCHEMA_VERSION:
                 return SCHEMA_VERSION
             await conn.execute(MIGRATIONS[version])

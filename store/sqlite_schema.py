@@ -13,6 +13,12 @@ class StoreError(Exception):
     """The database refused an operation (corrupt file, newer schema, disk full...)."""
 
 
+def refuse_newer_schema(found: int, known: int) -> None:
+    """Raise the one-line StoreError for a database from a newer panicd (both backends)."""
+    if found > known:
+        raise StoreError(f"database schema version {found} is newer than this panicd ({known})")
+
+
 # Each entry moves the schema from version N to N+1 (PRAGMA user_version). Never edit a
 # shipped migration: append a new one.
 MIGRATIONS: tuple[str, ...] = (
@@ -241,10 +247,7 @@ async def migrate(db: aiosqlite.Connection) -> int:
     await db.execute("PRAGMA busy_timeout = 5000")
     rows = list(await db.execute_fetchall("PRAGMA user_version"))
     version = int(rows[0][0])
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"database schema version {version} is newer than this panicd ({SCHEMA_VERSION})"
-        )
+    refuse_newer_schema(version, SCHEMA_VERSION)
     for target in range(version, SCHEMA_VERSION):
         await db.execute("BEGIN IMMEDIATE")
         try:
