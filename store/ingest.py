@@ -26,6 +26,7 @@ def window_from_sql(value: int | None) -> int:
     """The replay window from its stored signed form."""
     return 0 if value is None else value & ((1 << 64) - 1)
 
+
 @dataclass(frozen=True, slots=True)
 class PressRow:
     """A new press row."""
