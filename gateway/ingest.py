@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from gateway.batch import (
 )
 from gateway.dedup import DedupPolicy
 from gateway.locate import Locator
+from store.errors import is_conflict, is_data_error
 from store.ingest import BatchWrites, DeadLetterRow, IngestStore
 
 # Sources and dispatch import these names from here.
@@ -60,13 +60,11 @@ IncidentListener = Callable[[IncidentEvent], None]
 
 # The dead-letter reason of a press the database could not store (see _commit_isolating).
 UNSTORABLE = "unstorable"
-# Errors that come from a batch's own values, not from the database being unavailable:
-# sqlite3 refuses a value (an integer past 64 bits, a lone surrogate, a wrong type) or a
-# constraint. OperationalError (disk full, read-only, locked) is none of these.
-_DATA_ERRORS: tuple[type[Exception], ...] = (
-    OverflowError, UnicodeError, TypeError, sqlite3.IntegrityError, sqlite3.InterfaceError,
-    sqlite3.DataError, sqlite3.ProgrammingError,
-)
+# How many times in a row a batch is decided again because a peer instance stored the
+# same press or burst first (store.errors.is_conflict). Each retry reads what the peer
+# committed, so a second conflict on the same batch is already rare; past this it is
+# treated as any other store failure (retried with backoff, and logged as an outage).
+CONFLICT_RETRIES = 8
 
 
 class _PoisonedBatch(Exception):  # noqa: N818 -- a signal inside the writer, not an error
@@ -250,8 +248,10 @@ class Ingestor:
                 # The press itself once more first: if it is stored now, the failure was
                 # the database's after all. Then its dead letter, in its own commit.
                 try:
-                    outcomes, work = await self._commit([item])
-                except _DATA_ERRORS:
+                    outcomes, work = await self._commit_deciding_again([item])
+                except Exception as exc:
+                    if not is_data_error(exc):
+                        raise
                     with contextlib.suppress(Exception):
                         await self._store.rollback()
                 else:
@@ -287,14 +287,14 @@ class Ingestor:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                result = await self._commit(batch)
-            except _DATA_ERRORS as exc:
-                if not isolate:
-                    raise
-                with contextlib.suppress(Exception):
-                    await self._store.rollback()
-                raise _PoisonedBatch(exc) from exc
-            except Exception as exc:  # noqa: BLE001 -- any database failure is retried
+                result = await self._commit_deciding_again(batch)
+            except Exception as exc:
+                if is_data_error(exc):
+                    if not isolate:
+                        raise
+                    with contextlib.suppress(Exception):
+                        await self._store.rollback()
+                    raise _PoisonedBatch(exc) from exc
                 attempt += 1
                 with contextlib.suppress(Exception):
                     await self._store.rollback()
@@ -319,6 +319,24 @@ class Ingestor:
                             attempts=attempt, pending=self._pending)
                 self._failing_since = None
             return result
+
+    async def _commit_deciding_again(
+        self, batch: list[Inbound]
+    ) -> tuple[list[Outcome], BatchResult]:
+        """:meth:`_commit`, decided again at once when a peer instance stored the same
+        press or burst first: that is the shared store working, not an outage."""
+        conflicts = 0
+        while True:
+            try:
+                return await self._commit(batch)
+            except Exception as exc:
+                if conflicts == CONFLICT_RETRIES or not is_conflict(exc):
+                    raise
+                conflicts += 1
+                with contextlib.suppress(Exception):
+                    await self._store.rollback()
+                log.info("store.decided_again", reason="stored by a peer first",
+                         error=str(exc)[:200], batch=len(batch), attempt=conflicts)
 
     async def _commit(self, batch: list[Inbound]) -> tuple[list[Outcome], BatchResult]:
         store = self._store
