@@ -45,7 +45,7 @@ from dispatch.health import (
     transitions,
 )
 from gateway.model import Device
-from store.dispatch import HealthRaise
+from store.dispatch import DispatchStore, HealthRaise
 from store.sqlite import Writers
 from store.sqlite_dispatch import SqliteDispatchStore
 
@@ -71,7 +71,7 @@ class HealthMonitor:
 
     def __init__(
         self,
-        database: Path,
+        database: Path | DispatchStore,
         devices: Mapping[str, Device],
         sources: SourceProbe,
         settings: HealthSettings,
@@ -86,7 +86,10 @@ class HealthMonitor:
         self._reported_offline = reported_offline
         self._source_alarms = source_alarms
         self._autostart = autostart  # False: the caller drives check() itself (tests)
-        self._store = SqliteDispatchStore(database, writers=writers)
+        # A store of its own (unopened; entered here), or a SQLite file's path (tests).
+        self._store: DispatchStore = (
+            SqliteDispatchStore(database, writers=writers) if isinstance(database, Path)
+            else database)
         self._devices = devices
         self._probe = sources
         self._settings = settings

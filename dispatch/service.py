@@ -23,9 +23,9 @@ from dispatch.responders import Responders, load_responders
 from dispatch.twilio_channel import TwilioChannel, twilio_credentials_from_env
 from gateway.config import Config, DispatchConfig
 from gateway.errors import ConfigError
+from store.backend import Stores
 from store.dispatch import DispatchStore
-from store.sqlite import Writers
-from store.sqlite_dispatch import SqliteDispatchStore
+from store.url import sqlite_url
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -56,16 +56,46 @@ def load_dispatch(config: Config, locator: Locator) -> DispatchPlan | None:
     return DispatchPlan(config.dispatch, routing, responders)
 
 
-def ack_secret(database: Path, environ: Mapping[str, str]) -> bytes:
-    """The ack-link signing key: credential ``ack-link-secret``, $PANICD_ACK_SECRET, or a
-    random key kept beside the database (mode 0600) so links survive restarts."""
+ACK_SECRET_CREDENTIAL = "ack-link-secret"  # noqa: S105  # a credential's name
+ACK_SECRET_ENV = "PANICD_ACK_SECRET"  # noqa: S105  # an environment variable's name
+
+
+def given_ack_secret(environ: Mapping[str, str]) -> bytes | None:
+    """The ack-link key from credential ``ack-link-secret`` or $PANICD_ACK_SECRET, if set."""
     directory = environ.get("CREDENTIALS_DIRECTORY")
     if directory:
-        path = Path(directory) / "ack-link-secret"
+        path = Path(directory) / ACK_SECRET_CREDENTIAL
         if path.exists() and path.read_text(encoding="utf-8").strip():
             return path.read_text(encoding="utf-8").strip().encode()
-    if environ.get("PANICD_ACK_SECRET"):
-        return environ["PANICD_ACK_SECRET"].encode()
+    if environ.get(ACK_SECRET_ENV):
+        return environ[ACK_SECRET_ENV].encode()
+    return None
+
+
+def shared_ack_secret_missing(config: Config, environ: Mapping[str, str]) -> ConfigError | None:
+    """Why a shared store cannot sign ack links, or None.
+
+    On one box a random key kept beside the SQLite file does; instances on one
+    PostgreSQL must all sign with the same key (a link is answered by any of them), so it
+    has to be given, and a secret is never kept in the database.
+    """
+    if config.dispatch is None or config.store.backend == "sqlite" or given_ack_secret(environ):
+        return None
+    return ConfigError(config.path, "store.url",
+                       f"a PostgreSQL store needs the ack-link key, the same on every instance:"
+                       f" credential {ACK_SECRET_CREDENTIAL} or ${ACK_SECRET_ENV}")
+
+
+def ack_secret(database: Path | None, environ: Mapping[str, str]) -> bytes:
+    """The ack-link signing key: credential ``ack-link-secret``, $PANICD_ACK_SECRET, or
+    (SQLite only) a random key kept beside the database (mode 0600) so links survive
+    restarts."""
+    given = given_ack_secret(environ)
+    if given is not None:
+        return given
+    if database is None:
+        raise ConfigError("[store]", "url", f"a PostgreSQL store needs credential "
+                          f"{ACK_SECRET_CREDENTIAL} or ${ACK_SECRET_ENV}")
     path = database.with_name(database.name + ".ack-secret")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,23 +133,25 @@ class OpenDispatch:
 @asynccontextmanager
 async def open_dispatch(
     plan: DispatchPlan,
-    database: Path,
+    stores: Stores | Path,
     *,
     feedback: Feedback | None,
     environ: Mapping[str, str] | None = None,
-    writers: Writers | None = None,
 ) -> AsyncIterator[OpenDispatch]:
     """Open the dispatch store, the channel and the dispatcher, which starts sending at once.
 
     Steps that fell due while panicd was down go out from here, before the web servers
     (:func:`serve_dispatch_web`) exist: sending needs only the store and the channel.
+    ``stores`` is the process's stores, or a SQLite file's path (tests).
     """
+    if isinstance(stores, Path):
+        stores = Stores(sqlite_url(stores))
     env = os.environ if environ is None else environ
     cfg = plan.config
     credentials = twilio_credentials_from_env(env)
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(
-            SqliteDispatchStore(database, writers=writers))
+        store = stores.dispatch()
+        await stack.enter_async_context(store)
         # Read before the dispatcher starts, which would claim what is due.
         now = time.time()
         overdue = any(due is not None and due <= now
@@ -137,7 +169,7 @@ async def open_dispatch(
                 TwilioChannel(credentials, from_number=cfg.from_number,
                               base_url=cfg.twilio_base_url)
             )
-        secret = ack_secret(database, env)
+        secret = ack_secret(stores.url.path, env)
         dispatcher = await stack.enter_async_context(
             Dispatcher(store, plan.routing, plan.responders, channel,
                        DispatchSettings(cfg.public_base_url, secret, cfg.ack_ttl_s,

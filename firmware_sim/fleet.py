@@ -84,9 +84,12 @@ def default_state_path() -> Path:
 
 def write_fleet(directory: Path, *, devices: int, mqtt_port: int, client_id: str = "panicd-test",
                 geo_file: Path | None = None, database: Path | None = None,
+                store_url: str | None = None,
                 extra_toml: str = "") -> tuple[Path, Path, list[SimDevice]]:
     """Write a panicd config, registry and keys for ``devices`` generated buttons.
 
+    The store is ``store_url`` (``[store] url``, e.g. a PostgreSQL database) if given,
+    else the SQLite file ``database`` (default ``panicd.sqlite3`` in ``directory``).
     Returns (config path, keys path, devices). Used by tests and benchmarks.
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -109,10 +112,13 @@ def write_fleet(directory: Path, *, devices: int, mqtt_port: int, client_id: str
     (directory / "devices.toml").write_text("\n".join(registry), encoding="utf-8")
     keys_path = directory / "device-keys.toml"
     keys_path.write_text("".join(keys), encoding="utf-8")
-    db = database or directory / "panicd.sqlite3"
+    if store_url is None:
+        store = f'database = "{database or directory / "panicd.sqlite3"}"\n\n'
+    else:
+        store = f'\n[store]\nurl = "{store_url}"\n\n'
     config = directory / "panicd.toml"
     config.write_text(
-        f'[panicd]\nsite = "simulated"\ndatabase = "{db}"\n\n'
+        f'[panicd]\nsite = "simulated"\n{store}'
         f'[geo]\nkelurahan_file = "{geo}"\n\n'
         '[devices]\nregistry = "devices.toml"\n\n'
         f'[[mqtt]]\nname = "local"\nhost = "127.0.0.1"\nport = {mqtt_port}\n'

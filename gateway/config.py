@@ -195,9 +195,8 @@ class Config:
     def database(self) -> Path:
         """The SQLite database file, for the SQLite code paths; ConfigError for PostgreSQL."""
         if self.store.path is None:
-            raise unsupported_store(self) or ConfigError(
-                self.path, "store.url", f"needs a SQLite store, not {self.store.backend}"
-            )
+            raise ConfigError(self.path, "store.url",
+                              f"needs a SQLite store, not {self.store.backend}")
         return self.store.path
 
     def device_for(self, frame: Frame) -> Device | None:
@@ -535,25 +534,6 @@ def _store(table: _Table, panicd: _Table, base: Path, environ: Mapping[str, str]
     if store.backend == "sqlite":
         return store
     return store.with_password(_secret(PASSWORD_ENV, PASSWORD_CREDENTIAL, environ))
-
-
-def unsupported_store(config: Config) -> ConfigError | None:
-    """Why this panicd cannot open ``config``'s store, or None (the one place to lift).
-
-    PostgreSQL parses and validates, but the daemon and panicctl are not wired to it yet
-    (issue 13): refusing here, at start, beats failing on the first press.
-    """
-    if config.store.backend == "sqlite":
-        return None
-    return ConfigError(config.path, "store.url", "postgresql is not yet supported by this "
-                       "panicd (issue 13); use sqlite:///PATH")
-
-
-def refuse_unsupported_store(config: Config) -> None:
-    """Raise :func:`unsupported_store`'s ConfigError, if any (panicd, check-config, migrate)."""
-    error = unsupported_store(config)
-    if error is not None:
-        raise error
 
 
 def _brokers(row: _Table) -> tuple[BrokerAddress, ...]:

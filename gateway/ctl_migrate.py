@@ -18,10 +18,10 @@ from typing import Any
 
 import aiosqlite
 
-from gateway.config import Config, load_config, refuse_unsupported_store
+from gateway.config import Config, load_config
 from gateway.ctl_format import err, out, print_json
-from gateway.errors import ConfigError
-from store.sqlite_schema import SCHEMA_VERSION, StoreError, migrate, refuse_newer_schema
+from store.errors import StoreError, StoreUnreachableError
+from store.sqlite_schema import SCHEMA_VERSION, migrate, refuse_newer_schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +73,29 @@ async def _migrate_sqlite(config: Config, check: bool) -> Migration:
 
 
 async def _migrate_postgresql(config: Config, check: bool) -> Migration:
-    del check  # the PostgreSQL branch arrives with the PostgreSQL store (issue 13)
-    # Until then, the same one line as panicd's own start gives.
-    refuse_unsupported_store(config)
-    raise ConfigError(config.path, "store.url", "panicctl migrate cannot migrate postgresql yet")
+    # Imported here: a SQLite panicctl never loads the PostgreSQL driver.
+    import asyncpg  # noqa: PLC0415
+
+    from store import pg_schema  # noqa: PLC0415
+    from store.pg import CONNECT_TIMEOUT_S  # noqa: PLC0415
+
+    store = config.store
+    try:
+        conn = await asyncpg.connect(store.dsn, password=store.password,
+                                     timeout=CONNECT_TIMEOUT_S)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StoreUnreachableError(f"cannot connect to {store}: {exc}") from None
+    try:
+        found = await pg_schema.schema_version(conn)
+        refuse_newer_schema(found, pg_schema.SCHEMA_VERSION)
+        if check:
+            return Migration(found, pg_schema.SCHEMA_VERSION, 0)
+        # The store's own migrate: each migration in its transaction under the advisory
+        # lock, so a panicd starting meanwhile (or a second migrate) waits, never doubles.
+        reached = await pg_schema.migrate(conn)
+    finally:
+        await conn.close()
+    return Migration(found, reached, reached - found)
 
 
 _BACKENDS: dict[str, Callable[[Config, bool], Coroutine[Any, Any, Migration]]] = {
@@ -90,6 +109,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     try:
         done = asyncio.run(_BACKENDS[config.store.backend](config, args.check))
+    except StoreUnreachableError as exc:  # the server away: not the schema's fault
+        err(exc)
+        return 1
     except StoreError as exc:
         err(exc)
         return 2

@@ -14,7 +14,6 @@ import asyncio
 import gc
 import os
 import signal
-import sqlite3
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -30,8 +29,9 @@ from dispatch.service import (
     load_dispatch,
     open_dispatch,
     serve_dispatch_web,
+    shared_ack_secret_missing,
 )
-from gateway.config import Config, load_config, refuse_unsupported_store, unheard_devices
+from gateway.config import Config, load_config, unheard_devices
 from gateway.dedup import DedupPolicy
 from gateway.errors import ConfigError
 from gateway.ingest import Ingestor
@@ -39,8 +39,8 @@ from gateway.locate import Locator
 from gateway.logs import configure_logging
 from gateway.sdnotify import Notifier, watchdog_loop
 from gateway.sources import Source
-from store.checkpoint import WalCheckpointer
-from store.sqlite import SqliteStore, StoreError, Writers
+from store.backend import PG_HEALTH_POOL, Stores
+from store.errors import StoreError
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -78,7 +78,9 @@ def load(path: Path, *, defer_geometry: bool = False) -> Loaded:
     web server can take a press; everything else is still validated here.
     """
     config = load_config(path)
-    refuse_unsupported_store(config)
+    missing = shared_ack_secret_missing(config, os.environ)
+    if missing is not None:
+        raise missing
     from_file = Locator.deferred if defer_geometry else Locator.from_geojson
     locator = from_file(config.kelurahan_file, nearest_within_m=config.nearest_within_m)
     for device in config.devices.values():
@@ -142,15 +144,14 @@ class Daemon:
         """Run until :meth:`request_stop`; returns after a graceful drain."""
         config = self.config
         async with AsyncExitStack() as stack:
-            # Checkpoints run on a connection of their own, never inside a commit; entered
-            # first, so it closes last and leaves no WAL behind.
-            await stack.enter_async_context(WalCheckpointer(config.database))
-            # One write lock for every connection of this process (ingest, dispatch,
-            # health): writers queue in asyncio instead of SQLite's sleeping busy handler.
-            writers = Writers(background_checkpoints=True)
-            store = await stack.enter_async_context(SqliteStore(config.database, writers=writers))
-            log.info("store.opened", database=str(config.database))
+            stores = Stores(config.store)
+            # SQLite's checkpoints run on a connection of their own, never inside a
+            # commit; entered first, so it closes last and leaves no WAL behind.
+            await stack.enter_async_context(stores.checkpointer())
             ingest = config.ingest
+            store = stores.ingest(batch_max=ingest.batch_max)
+            await stack.enter_async_context(store)
+            log.info("store.opened", store=str(stores), shared=stores.shared)
             ingestor = await stack.enter_async_context(
                 Ingestor(
                     store,
@@ -171,8 +172,7 @@ class Daemon:
             running: OpenDispatch | None = None
             if self.dispatch_plan is not None:
                 running = await stack.enter_async_context(
-                    open_dispatch(self.dispatch_plan, config.database, feedback=self._feedback,
-                                  writers=writers)
+                    open_dispatch(self.dispatch_plan, stores, feedback=self._feedback)
                 )
                 ingestor.add_listener(running.dispatcher.on_incident)
                 # Loading the rest competes with that send for the CPU and the GIL: let
@@ -191,10 +191,9 @@ class Daemon:
             from dispatch.health_monitor import HealthMonitor  # noqa: PLC0415
 
             self.health = await stack.enter_async_context(
-                HealthMonitor(config.database, config.devices, self._source_flags,
-                              HealthSettings.from_config(config.health),
+                HealthMonitor(stores.dispatch(pool=PG_HEALTH_POOL), config.devices,
+                              self._source_flags, HealthSettings.from_config(config.health),
                               ops=running.dispatcher if running else None,
-                              writers=writers,
                               reported_offline=lambda: self.reported_offline,
                               source_alarms=self._source_alarms)
             )
@@ -325,7 +324,7 @@ class Daemon:
             return
         try:
             self._counts = await self.health.counts()
-        except (StoreError, sqlite3.Error) as exc:
+        except Exception as exc:  # noqa: BLE001 -- a status line never stops the daemon
             log.warning("daemon.status_failed", error=str(exc))
 
 
@@ -365,7 +364,7 @@ async def serve(loaded: Loaded) -> int:
         try:
             await daemon.run()
         except* StoreError as group:
-            log.critical("store.unusable", error=_first(group), database=str(config.database))
+            log.critical("store.unusable", error=_first(group), store=str(config.store))
             code = 1
         except* ConfigError as group:
             log.critical("config.invalid", error=_first(group))

@@ -13,9 +13,13 @@ from typing import Self
 
 import asyncpg
 
+from store.errors import StoreError, StoreUnreachableError
 from store.pg_schema import migrate
-from store.sqlite_schema import StoreError
 from store.url import parse_store_url
+
+# How long one connection attempt may take (asyncpg's default is 60 s): a server that
+# does not answer within it is reported, and systemd's restart tries again.
+CONNECT_TIMEOUT_S = 10.0
 
 
 def check_url(url: str) -> None:
@@ -65,14 +69,20 @@ class PgDatabase:
         self._pool: asyncpg.Pool | None = None
 
     async def __aenter__(self) -> Self:
-        pool = await asyncpg.create_pool(
-            self.url,
-            password=self._password,
-            min_size=self._min_size,
-            max_size=self._max_size,
-            command_timeout=self._command_timeout_s,
-            reset=_keep_session,
-        )
+        try:
+            pool = await asyncpg.create_pool(
+                self.url,
+                password=self._password,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=self._command_timeout_s,
+                reset=_keep_session,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Refused, unreachable, unknown database, wrong password: one line for the
+            # journal naming the server (the URL holds no password), then exit 1.
+            raise StoreUnreachableError(f"cannot connect to {self.url}: {exc}") from exc
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)

@@ -128,25 +128,37 @@ def stored_presses(database: Path) -> dict[tuple[str, int], int]:
         conn.close()
 
 
-def count_rows(database: Path, sql: str, params: tuple[object, ...] = ()) -> int:
-    """One integer from the database (read-only, beside a running daemon)."""
+def store_rows(database: Path | str, sql: str,
+               params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Rows from the daemon's store beside the running daemon: a SQLite file (read-only)
+    or a PostgreSQL URL (``?`` placeholders, as SQLite writes them)."""
+    if isinstance(database, str):
+        from tests.pg import pg_rows  # noqa: PLC0415 -- asyncpg only for PostgreSQL tests
+
+        return pg_rows(database, sql, params)
     conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        return int(conn.execute(sql, params).fetchone()[0])
+        return [tuple(row) for row in conn.execute(sql, params)]
     finally:
         conn.close()
 
 
-def wait_until(predicate_sql: str, database: Path, expected: int, timeout_s: float) -> int:
+def count_rows(database: Path | str, sql: str, params: tuple[object, ...] = ()) -> int:
+    """One integer from the store (read-only, beside a running daemon)."""
+    return int(str(store_rows(database, sql, params)[0][0]))
+
+
+def wait_until(predicate_sql: str, database: Path | str, expected: int,
+               timeout_s: float) -> int:
     """Poll a count until it reaches ``expected`` (a database written by another process
     offers no event to wait on); returns the last value."""
     deadline = time.monotonic() + timeout_s
     value = -1
     while time.monotonic() < deadline:
-        if database.exists():
+        if isinstance(database, str) or database.exists():
             try:
                 value = count_rows(database, predicate_sql)
-            except sqlite3.OperationalError:
+            except (sqlite3.OperationalError, LookupError):
                 value = -1
             if value >= expected:
                 return value

@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import sqlite3
 import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -26,6 +24,7 @@ from firmware_sim.broker import Mosquitto
 from firmware_sim.button import press
 from firmware_sim.fleet import SimDevice, write_fleet
 from gateway.model import PressKind
+from tests.daemon_proc import store_rows
 from tests.prism import free_port
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
@@ -67,7 +66,7 @@ class Deployment:
 
     config: Path
     keys: Path
-    database: Path
+    database: Path | str  # the SQLite file, or the PostgreSQL database's URL
     devices: list[SimDevice]
     public_url: str
 
@@ -86,6 +85,17 @@ def client_id(mosquitto: Mosquitto) -> Iterator[str]:
     asyncio.run(forget())
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def daemon_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The daemon's store, both backends: None (its SQLite file) or a new PostgreSQL
+    database's URL, with the ack-link key every instance on it must be given."""
+    if request.param == "sqlite":
+        return None
+    monkeypatch.setenv("PANICD_ACK_SECRET", "e2e-ack-link-key-" + "7" * 32)
+    url: str = request.getfixturevalue("pg_database")
+    return url
+
+
 @pytest.fixture
 def twilio_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Twilio credentials for the daemon's environment (never in its TOML file)."""
@@ -95,9 +105,10 @@ def twilio_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def deploy(
     directory: Path, *, mosquitto: Mosquitto, client_id: str, twilio_base_url: str,
-    policies: str, buttons: int = 1,
+    policies: str, buttons: int = 1, store_url: str | None = None,
 ) -> Deployment:
-    """Write the fleet, responders, policies and a [dispatch] table on a free port."""
+    """Write the fleet, responders, policies and a [dispatch] table on a free port; the
+    store is ``panicd.sqlite3`` in ``directory`` or the PostgreSQL ``store_url``."""
     port = free_port()
     public_url = f"http://127.0.0.1:{port}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -112,9 +123,10 @@ def deploy(
     )
     config, keys, devices = write_fleet(
         directory, devices=buttons, mqtt_port=mosquitto.port, client_id=client_id,
-        extra_toml=extra,
+        store_url=store_url, extra_toml=extra,
     )
-    return Deployment(config, keys, directory / "panicd.sqlite3", devices, public_url)
+    database = directory / "panicd.sqlite3" if store_url is None else store_url
+    return Deployment(config, keys, database, devices, public_url)
 
 
 def press_panic(mosquitto: Mosquitto, device: SimDevice) -> None:
@@ -123,13 +135,14 @@ def press_panic(mosquitto: Mosquitto, device: SimDevice) -> None:
                       int(time.time())))
 
 
-def rows(database: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-    """Rows from the daemon's database (read-only, beside the running daemon)."""
-    with closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-        return list(conn.execute(sql, params))
+def rows(database: Path | str, sql: str,
+         params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Rows from the daemon's store (read-only, beside the running daemon): a SQLite
+    file or a PostgreSQL URL."""
+    return store_rows(database, sql, params)
 
 
-def duplicated_outbox_keys(database: Path) -> list[tuple[object, ...]]:
+def duplicated_outbox_keys(database: Path | str) -> list[tuple[object, ...]]:
     """Alert pages sent more than once per (incident, round, level, person, channel)."""
     return rows(
         database,

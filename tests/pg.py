@@ -22,10 +22,13 @@ left connections open (``dropdb --force``). Its value is the database's URL.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
 
+import asyncpg
 import pytest
 
 from firmware_sim.pgserver import PostgresNotInstalledError, PostgresServer
@@ -68,3 +71,22 @@ def pg_database(postgres: PostgresServer) -> Iterator[str]:
         yield database_url(postgres, name)
     finally:
         _client(postgres, "dropdb", "--force", name)
+
+
+def pg_rows(url: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Rows of one query on database ``url``, from synchronous test code; ``?``
+    placeholders (SQLite's, so one test reads either backend) become ``$1, $2, …``.
+    A table the daemon has not created yet reads as :class:`LookupError`."""
+    numbered = iter(range(1, len(params) + 1))
+    query = re.sub(r"\?", lambda _: f"${next(numbered)}", sql)
+
+    async def fetch() -> list[tuple[object, ...]]:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return [tuple(row) for row in await conn.fetch(query, *params)]
+        except asyncpg.UndefinedTableError as exc:
+            raise LookupError(str(exc)) from exc
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())

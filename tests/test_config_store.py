@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gateway.config import Config, load_config, refuse_unsupported_store
+from dispatch.service import shared_ack_secret_missing
+from gateway.config import Config, load_config
 from gateway.daemon import load
 from gateway.errors import ConfigError
 from gateway.redact import scrub_event
 from store.url import PgHost
-from tests.test_config import BASE_MAIN, _assert_names, _error, _write
+from tests.test_config import BASE_MAIN, DEMO, _assert_names, _error, _write
 
 PG_URL = "postgresql://panicd@db1.example:5432,db2.example:5432/panicd"
 SECRET = "s3cret-Store-pw"
@@ -61,24 +62,43 @@ def test_a_postgresql_url_parses_and_the_sqlite_paths_refuse_it(tmp_path: Path) 
     with pytest.raises(ConfigError) as caught:
         _ = config.database
     _assert_names(caught.value, path, "store.url")
-    assert "postgresql is not yet supported by this panicd (issue 13)" in str(caught.value)
+    assert caught.value.problem == "needs a SQLite store, not postgresql"
 
 
-def test_postgresql_is_refused_at_start_with_one_line_naming_file_and_key(
-    tmp_path: Path,
-) -> None:
-    path = _with_store(tmp_path, f'url = "{PG_URL}"')
-    with pytest.raises(ConfigError) as caught:
-        refuse_unsupported_store(load_config(path, {}))
-    _assert_names(caught.value, path, "store.url")
-    assert str(caught.value) == (
-        f"{path.resolve()}: store.url: postgresql is not yet supported by this panicd "
-        "(issue 13); use sqlite:///PATH"
+def test_a_shared_store_with_dispatch_needs_the_ack_link_key_given(tmp_path: Path) -> None:
+    # Every instance must sign ack links with one key (any instance answers a link), and
+    # a secret is never kept in the database: no random key beside a file as on SQLite.
+    dispatch = (f'[dispatch]\nresponders = "{DEMO / "responders.toml"}"\n'
+                f'policies = "{DEMO / "policies.toml"}"\n'
+                'public_base_url = "https://panicd.example"\n')
+    path = _write(tmp_path, main=BASE_MAIN + dispatch + f'\n[store]\nurl = "{PG_URL}"\n')
+    config = load_config(path, {})
+    assert config.dispatch is not None
+    no_dispatch = tmp_path / "no-dispatch"
+    no_dispatch.mkdir()
+    assert shared_ack_secret_missing(load_config(_with_store(no_dispatch, f'url = "{PG_URL}"'),
+                                                 {}), {}) is None  # no dispatch: no links
+    error = shared_ack_secret_missing(config, {})
+    assert error is not None
+    _assert_names(error, path, "store.url")
+    assert str(error) == (
+        f"{path.resolve()}: store.url: a PostgreSQL store needs the ack-link key, the same "
+        "on every instance: credential ack-link-secret or $PANICD_ACK_SECRET"
     )
+    assert shared_ack_secret_missing(config, {"PANICD_ACK_SECRET": "k" * 32}) is None
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "ack-link-secret").write_text("k" * 32, encoding="utf-8")
+    assert shared_ack_secret_missing(config, {"CREDENTIALS_DIRECTORY": str(creds)}) is None
+    (creds / "ack-link-secret").write_text("\n", encoding="utf-8")  # a placeholder: absent
+    assert shared_ack_secret_missing(config, {"CREDENTIALS_DIRECTORY": str(creds)}) is not None
     # panicd and check-config both load through gateway.daemon.load, which refuses it.
-    with pytest.raises(ConfigError, match="not yet supported"):
+    with pytest.raises(ConfigError, match="needs the ack-link key"):
         load(path)
-    refuse_unsupported_store(load_config(_write(tmp_path), {}))  # SQLite passes
+    # SQLite keeps its own key beside the file.
+    (tmp_path / "sqlite").mkdir()
+    sqlite = _write(tmp_path / "sqlite", main=BASE_MAIN + dispatch)
+    assert shared_ack_secret_missing(load_config(sqlite, {}), {}) is None
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""``panicctl migrate [--check]`` and the PostgreSQL refusal of panicctl and check-config.
+"""``panicctl migrate [--check]`` on both backends, and check-config on PostgreSQL.
 
 Against real SQLite files at real schema versions: an absent file, one left at an older
-version by the shipped migrations themselves, the current one, and one from a newer panicd.
+version by the shipped migrations themselves, the current one, and one from a newer panicd;
+and against a real PostgreSQL database: empty, migrated, and from a newer panicd.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from store.pg_schema import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+from tests.pg import pg_rows
 from tests.pipeline import Fleet, make_fleet
+from tests.prism import free_port
 
 SECRET = "pg-Secret-4711"
 
@@ -112,33 +116,57 @@ def test_a_database_from_a_newer_panicd_exits_2_with_the_stores_one_line(
     assert _version(fleet.database) == 99, "never downgraded"
 
 
-def _postgresql(fleet: Fleet) -> Path:
+def _postgresql(fleet: Fleet, url: str) -> Path:
     text = fleet.config_path.read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if not line.startswith("database = ")]
-    lines.insert(0, '[store]\nurl = "postgresql://panicd@db1:5432,db2:5432/panicd"\n')
+    lines.insert(0, f'[store]\nurl = "{url}"\n')
     fleet.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return fleet.config_path
 
 
-@pytest.mark.parametrize("argv", [["migrate"], ["migrate", "--check"], ["check-config"],
-                                  ["incidents"], ["status"]])
-def test_a_postgresql_store_is_refused_with_one_line_and_no_password(
+def test_a_postgresql_database_is_checked_migrated_then_up_to_date(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet, pg_database: str,
+) -> None:
+    config = _postgresql(fleet, pg_database)
+    pending = f"schema 0 -> {PG_SCHEMA_VERSION} ({PG_SCHEMA_VERSION} pending)\n"
+    assert _run(capsys, config, "migrate", "--check") == (1, pending, "")
+    assert pg_rows(pg_database, "SELECT to_regclass('schema_version') IS NULL") == [(True,)]
+    code, out, _ = _run(capsys, config, "migrate", "--json")
+    assert code == 0
+    assert json.loads(out) == {"store": pg_database, "from": 0, "to": PG_SCHEMA_VERSION,
+                               "applied": PG_SCHEMA_VERSION, "pending": 0}
+    assert pg_rows(pg_database, "SELECT version FROM schema_version") == [(PG_SCHEMA_VERSION,)]
+    up_to_date = f"schema {PG_SCHEMA_VERSION} -> {PG_SCHEMA_VERSION} (up to date)\n"
+    assert _run(capsys, config, "migrate") == (0, up_to_date, "")
+    assert _run(capsys, config, "migrate", "--check") == (0, up_to_date, "")
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_a_postgresql_database_from_a_newer_panicd_exits_2_untouched(
+    capsys: pytest.CaptureFixture[str], fleet: Fleet, pg_database: str, check: bool,
+) -> None:
+    config = _postgresql(fleet, pg_database)
+    assert _run(capsys, config, "migrate")[0] == 0
+    pg_rows(pg_database, "UPDATE schema_version SET version = 99")
+    code, out, err = _run(capsys, config, "migrate", *(["--check"] if check else []))
+    assert (code, out) == (2, "")
+    assert err == (
+        f"panicctl: database schema version 99 is newer than this panicd ({PG_SCHEMA_VERSION})\n"
+    )
+    assert pg_rows(pg_database, "SELECT version FROM schema_version") == [(99,)]
+
+
+def test_an_unreachable_postgresql_is_one_line_without_the_password(
     capsys: pytest.CaptureFixture[str], fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
-    argv: list[str],
 ) -> None:
     monkeypatch.setenv("PANICD_STORE_PASSWORD", SECRET)
-    monkeypatch.setenv("PANICD_DEVICE_KEYS_FILE", str(fleet.keys_path))
-    config = _postgresql(fleet)
-    code, out, err = _run(capsys, config, *argv)
-    assert code == 2
+    url = f"postgresql://panicd@127.0.0.1:{free_port()}/panicd"
+    config = _postgresql(fleet, url)
+    code, out, err = _run(capsys, config, "migrate")
+    assert (code, out) == (1, "")
+    (line,) = err.splitlines()
+    assert line.startswith(f"panicctl: cannot connect to {url}: "), line
     assert SECRET not in out + err
-    refusal = (f"panicctl: {config}: store.url: postgresql is not yet supported by this "
-               "panicd (issue 13); use sqlite:///PATH")
-    # status first says it cannot reach the daemon (no [dispatch], no control socket).
-    lines = err.splitlines()
-    if argv == ["status"]:
-        lines = lines[-1:]
-    assert lines == [refusal]
 
 
 def test_check_config_shows_the_store_url(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import socket
 import sqlite3
@@ -26,6 +27,7 @@ from firmware_sim.storm import storm
 from gateway.daemon import GC_YOUNG_THRESHOLD, settle_gc
 from store.sqlite_schema import SCHEMA_VERSION
 from tests.daemon_proc import DaemonProcess, count_rows, wait_until
+from tests.prism import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "config" / "demo"
@@ -104,20 +106,41 @@ def test_a_missing_registry_file_exits_2_with_one_line_naming_that_file(tmp_path
                     f"{tmp_path / 'devices.toml'} does not exist")
 
 
-def test_a_postgresql_store_exits_2_with_one_line_naming_the_file_and_key(
+def test_a_postgresql_store_with_dispatch_but_no_ack_key_exits_2_naming_file_and_key(
     tmp_path: Path,
 ) -> None:
-    config, keys, _ = write_fleet(tmp_path, devices=1, mqtt_port=1)
-    text = config.read_text(encoding="utf-8")
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("database = "))
-    config.write_text('[store]\nurl = "postgresql://panicd@db1,db2/panicd"\n' + text,
-                      encoding="utf-8")
+    # Any instance on a shared store may answer an ack link, so all must sign with one
+    # given key: refused at start, before anything is opened, never on the first page.
+    config, keys, _ = write_fleet(
+        tmp_path, devices=1, mqtt_port=1, store_url="postgresql://panicd@db1,db2/panicd",
+        extra_toml=(f'\n[dispatch]\nresponders = "{REPO / "config/demo/responders.toml"}"\n'
+                    f'policies = "{REPO / "config/demo/policies.toml"}"\n'
+                    'public_base_url = "https://panicd.example"\n'),
+    )
     result = _run_panicd(config, keys, PANICD_STORE_PASSWORD="pg-Secret-4711")
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
-    assert line == (f"panicd: {config}: store.url: postgresql is not yet supported by this "
-                    "panicd (issue 13); use sqlite:///PATH")
+    assert line == (f"panicd: {config}: store.url: a PostgreSQL store needs the ack-link "
+                    "key, the same on every instance: credential ack-link-secret or "
+                    "$PANICD_ACK_SECRET")
     assert "pg-Secret-4711" not in result.stdout + result.stderr
+    assert not (tmp_path / "panicd.sqlite3").exists()
+
+
+def test_an_unreachable_postgresql_exits_1_naming_the_server_but_not_the_password(
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # nobody listens: connection refused
+    url = f"postgresql://panicd@127.0.0.1:{port}/panicd"
+    config, keys, _ = write_fleet(tmp_path, devices=1, mqtt_port=1, store_url=url)
+    result = _run_panicd(config, keys, PANICD_STORE_PASSWORD="pg-Secret-4711")
+    assert result.returncode == 1, result.stderr
+    (unusable,) = [json.loads(line) for line in result.stderr.splitlines()
+                   if '"store.unusable"' in line]
+    assert unusable["error"].startswith(f"cannot connect to {url}: "), unusable
+    assert unusable["store"] == url
+    assert "pg-Secret-4711" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "panicd.sqlite3").exists()
 
 
@@ -205,7 +228,7 @@ def test_a_database_from_a_newer_schema_exits_1_with_store_unusable(
     assert unusable["error"] == (
         f"database schema version 99 is newer than this panicd ({SCHEMA_VERSION})"
     )
-    assert unusable["database"] == str(database)
+    assert unusable["store"] == f"sqlite:///{database.resolve()}"
     # That is the one thing said about it: no traceback, no second error line.
     assert "Traceback" not in daemon.log()
     problems = [e for e in daemon.events() if e["log_level"] in ("error", "critical")]

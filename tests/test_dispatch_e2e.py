@@ -22,6 +22,7 @@ from tests.dispatch_e2e import (
     AUTH_TOKEN,
     RecordingPeer,
     client_id,
+    daemon_store,
     deploy,
     duplicated_outbox_keys,
     policies_toml,
@@ -31,7 +32,7 @@ from tests.dispatch_e2e import (
     twilio_peer,
 )
 
-__all__ = ["client_id", "twilio_env", "twilio_peer"]  # fixtures used by name
+__all__ = ["client_id", "daemon_store", "twilio_env", "twilio_peer"]  # fixtures used by name
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +54,13 @@ def post_signed(url: str, form: dict[str, str], *, token: str = AUTH_TOKEN) -> t
 
 def test_a_press_pages_through_twilio_and_a_gather_ack_stops_escalation(
     mosquitto: Mosquitto, twilio_peer: RecordingPeer, tmp_path: Path, client_id: str,
-    twilio_env: None,
+    twilio_env: None, daemon_store: str | None,
 ) -> None:
     # Level 1 waits 60 s: the ack below must stop level 2 long before it is due.
+    # On both backends: the daemon is the same program on a SQLite file or PostgreSQL.
     site = deploy(tmp_path / "cfg", mosquitto=mosquitto, client_id=client_id,
-                  twilio_base_url=twilio_peer.url, policies=policies_toml(60))
+                  twilio_base_url=twilio_peer.url, policies=policies_toml(60),
+                  store_url=daemon_store)
     database = site.database
     with DaemonProcess(site.config, site.keys, tmp_path / "run") as daemon:
         press_panic(mosquitto, site.devices[0])

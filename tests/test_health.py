@@ -45,6 +45,7 @@ from gateway.dedup import DedupPolicy
 from gateway.ingest import Ingestor
 from gateway.model import PressKind
 from store.sqlite import SqliteStore
+from store.sqlite_dispatch import SqliteDispatchStore
 from tests.pipeline import Collector, Fleet, frame_bytes, make_fleet, rows
 from tests.query_plans import traced, whole_reads
 
@@ -525,7 +526,9 @@ async def test_healing_searches_the_outbox_keys_instead_of_walking_them(
     restarted = HealthMonitor(world.fleet.database, world.fleet.config.devices, list,
                               SETTINGS, ops=RecordingOps(), clock=world.clock,
                               autostart=False)
-    async with restarted, traced(restarted._store.db) as statements:
+    store = restarted._store
+    assert isinstance(store, SqliteDispatchStore)
+    async with restarted, traced(store.db) as statements:
         await restarted.heal()
     (select,) = [sql for sql in statements if "FROM device_health" in sql]
     with closing(sqlite3.connect(world.fleet.database)) as db:

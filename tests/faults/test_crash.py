@@ -55,7 +55,7 @@ UNSETTLED = (
 )
 
 
-def settle(database: Path, presses: int, timeout_s: float) -> None:
+def settle(database: Path | str, presses: int, timeout_s: float) -> None:
     """Until every press is stored and no step or page is left to do."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
