@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
+Label = TypeVar("Label", bound=str)
 
 
 class Panicd:
@@ -175,14 +176,61 @@ def repeated_runs(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Print the machine, run ``one_run`` in a fresh temp dir ``runs`` times (each run's
     figures to stderr); return the per-key median and every run's figures."""
+    by_label = labelled_runs(runs, prefix, [""], lambda tmp, _label: one_run(tmp))
+    return by_label[""]
+
+
+def labelled_runs(
+    runs: int, prefix: str, labels: Sequence[Label], one_run: Callable[[Path, Label], Any]
+) -> dict[Label, tuple[dict[str, float], list[dict[str, Any]]]]:
+    """Like :func:`repeated_runs` for each label (a store backend), the labels taking
+    turns within each round so that the machine's background load falls on all alike;
+    label → (per-key median, every run's figures)."""
     print(f"machine: {os.cpu_count()} cpu, {cpu_model()}, Python {platform.python_version()}, "
           f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
-    results = []
+    results: dict[Label, list[dict[str, Any]]] = {label: [] for label in labels}
     for index in range(runs):
-        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-            figures = one_run(Path(tmp))
-        results.append(asdict(figures))
-        print(f"run {index + 1}: {json.dumps(results[-1])} load {os.getloadavg()[0]:.2f}",
-              file=sys.stderr)
-    median = {key: statistics.median(float(r[key]) for r in results) for key in results[0]}
-    return median, results
+        for label in labels:
+            with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+                figures = one_run(Path(tmp), label)
+            results[label].append(asdict(figures))
+            name = f"run {index + 1}" + (f" {label}" if label else "")
+            print(f"{name}: {json.dumps(results[label][-1])} load {os.getloadavg()[0]:.2f}",
+                  file=sys.stderr)
+    return {
+        label: ({key: statistics.median(float(r[key]) for r in rows) for key in rows[0]}, rows)
+        for label, rows in results.items()
+    }
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    """``--store-url`` and ``--both``: which store panicd runs on (bench.stores)."""
+    parser.add_argument(
+        "--store-url", default=None,
+        help="sqlite:///FILE (must not exist) or postgresql://user@host/db (a fresh database "
+             "is made on that server per run; password from $PANICD_STORE_PASSWORD); "
+             "default: SQLite in the run's temp dir",
+    )
+    parser.add_argument(
+        "--both", action="store_true",
+        help="run SQLite and PostgreSQL in turn in one run and print them side by side with "
+             "the ratio PostgreSQL/SQLite (PostgreSQL at --store-url if it is one, else a "
+             "private cluster)",
+    )
+
+
+def side_by_side(
+    medians: Mapping[str, Mapping[str, float]], keys: Sequence[str]
+) -> dict[str, float | None]:
+    """Print SQLite's and PostgreSQL's medians per key with the ratio PostgreSQL/SQLite
+    (to stderr); return the ratios."""
+    ratios: dict[str, float | None] = {}
+    sqlite, pg = medians["sqlite"], medians["postgresql"]
+    print(f"{'figure':<20} {'sqlite':>12} {'postgresql':>12} {'pg/sqlite':>10}", file=sys.stderr)
+    for key in keys:
+        # None (JSON null) where SQLite's figure is 0, e.g. the store server's CPU.
+        ratio = round(pg[key] / sqlite[key], 3) if sqlite[key] else None
+        ratios[key] = ratio
+        shown = "-" if ratio is None else f"{ratio:.3f}"
+        print(f"{key:<20} {sqlite[key]:>12.2f} {pg[key]:>12.2f} {shown:>10}", file=sys.stderr)
+    return ratios

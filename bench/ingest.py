@@ -17,7 +17,12 @@ Two measurements against a private Mosquitto started with the project's own conf
   "received" feedback, which is published right after COMMIT: an upper bound of
   publish→commit.
 
-The last line of output is one JSON object with the figures (the median over ``--runs``).
+The store is SQLite in the run's temp dir, or what ``--store-url`` names; ``--both`` runs
+SQLite and PostgreSQL in turn (a private cluster unless ``--store-url`` names a server)
+and prints them side by side with the ratio PostgreSQL/SQLite (``bench.stores``).
+
+The last line of output is one JSON object with the figures (the median over ``--runs``;
+with ``--both`` one object per backend and the ratios).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import contextlib
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -40,13 +44,16 @@ import aiomqtt
 from bench.common import (
     Panicd,
     add_run_options,
+    add_store_options,
     cpu_seconds,
+    labelled_runs,
     percentile,
     profiled,
-    repeated_runs,
+    side_by_side,
 )
 from bench.floor import FLOOR_CLIENT_ID, drain_floor
 from bench.history import fill_history
+from bench.stores import BACKENDS, Backend, BenchStore, Reader, Stores, server_cpu_s
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import SimDevice, write_fleet
 from firmware_sim.storm import storm
@@ -71,6 +78,7 @@ class RunFigures:
     floor_per_s: float
     floor_ratio: float
     p50_ms: float
+    p95_ms: float
     p99_ms: float
     p999_ms: float
     max_ms: float
@@ -84,6 +92,7 @@ class RunFigures:
     commit_fb_p50_ms: float
     commit_fb_p99_ms: float
     drain_cpu: float
+    drain_store_cpu: float
     storm_cpu: float
     storm_broker_cpu: float
     storm_bench_cpu: float
@@ -134,33 +143,26 @@ def broker_pid(broker: Mosquitto) -> int:
 
 
 def wait_committed(
-    database: Path, expected: int, timeout_s: float, history: int = 0
+    store: BenchStore, expected: int, timeout_s: float, history: int = 0
 ) -> tuple[float, float]:
     """Poll the database read-only until ``expected`` presses past ``history`` are stored.
 
     Returns (first press received_at, time the last press was seen committed).
     """
     deadline = time.monotonic() + timeout_s
-    while not database.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError("panicd never created its database")
-        time.sleep(POLL_S)
-    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
+    with store.reader(timeout_s) as reader:
         while time.monotonic() < deadline:
             try:
-                count = int(conn.execute("SELECT COUNT(*) FROM presses WHERE id > ?",
-                                         (history,)).fetchone()[0])
-            except sqlite3.OperationalError:  # schema not created yet
+                count = int(reader.scalar("SELECT COUNT(*) FROM presses WHERE id > ?",
+                                          (history,)))
+            except LookupError:  # schema not created yet
                 count = 0
             if count >= expected:
                 done = time.time()
-                first = float(conn.execute("SELECT MIN(received_at) FROM presses WHERE id > ?",
-                                           (history,)).fetchone()[0])
+                first = float(reader.scalar("SELECT MIN(received_at) FROM presses WHERE id > ?",
+                                            (history,)))
                 return first, done
             time.sleep(POLL_S)
-    finally:
-        conn.close()
     raise RuntimeError(f"panicd stored fewer than {expected} presses in {timeout_s}s")
 
 
@@ -185,20 +187,52 @@ async def wait_feedback_quiet(host: str, port: int, quiet_s: float, timeout_s: f
                 last = time.time()
 
 
-def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
+def one_run(
+    args: argparse.Namespace, workdir: Path, stores: Stores, backend: Backend
+) -> RunFigures:
+    """A fresh store of ``backend``, then :func:`measure` on it."""
+    with stores.fresh(backend, workdir) as store:
+        return measure(args, workdir, store, stores)
+
+
+def add_history(store: BenchStore, presses: int) -> None:
+    """Fill the (SQLite) store with ``presses`` past presses before panicd starts."""
+    if store.sqlite_path is None:  # main() refuses --history with PostgreSQL
+        raise ValueError("--history fills a SQLite database only")
+    took = fill_history(store.sqlite_path, presses)
+    # A real history is long on disk; without this the kernel writes the fresh
+    # hundreds of MB back during the run and panicd's fsyncs queue behind them.
+    os.sync()
+    print(f"history: {presses} past presses stored in {took:.1f}s", file=sys.stderr)
+
+
+def panicd_process(args: argparse.Namespace, config: Path, keys: Path, workdir: Path) -> Panicd:
+    """The panicd subprocess of a run (not started yet)."""
+    panicd = Panicd(config, keys, workdir / "run", args.log_level)
+    if args.switch_interval_ms is not None:
+        # Informative only: how much the GIL hand-off between the event loop and
+        # aiosqlite's thread (default 5 ms) costs the pipeline.
+        panicd.launcher = [
+            "-c",
+            f"import runpy, sys; sys.setswitchinterval({args.switch_interval_ms / 1000!r}); "
+            "sys.argv[0] = 'panicd'; runpy.run_module('gateway.daemon', run_name='__main__')",
+        ]
+    return panicd
+
+
+def measure(
+    args: argparse.Namespace, workdir: Path, store: BenchStore, stores: Stores
+) -> RunFigures:
     """Broker, backlog, both drains, then the latency storm; one set of figures."""
     with Mosquitto(workdir / "broker") as broker:
         config, keys, devices = write_fleet(
             workdir / "cfg", devices=args.devices, mqtt_port=broker.port,
             client_id=PANICD_CLIENT_ID, extra_toml=args.extra_toml,
+            database=store.sqlite_path,
+            store_url=None if store.sqlite_path is not None else store.url,
         )
-        database = workdir / "cfg" / "panicd.sqlite3"
         if args.history:
-            took = fill_history(database, args.history)
-            # A real history is long on disk; without this the kernel writes the fresh
-            # hundreds of MB back during the run and panicd's fsyncs queue behind them.
-            os.sync()
-            print(f"history: {args.history} past presses stored in {took:.1f}s", file=sys.stderr)
+            add_history(store, args.history)
         for client_id in (BASELINE_CLIENT_ID, FLOOR_CLIENT_ID, PANICD_CLIENT_ID):
             asyncio.run(park_session(broker.host, broker.port, client_id))
 
@@ -217,27 +251,22 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
         floor_per_s = args.presses / floor_s
         print(f"durable floor stored {args.presses} in {floor_s:.3f}s", file=sys.stderr)
 
-        panicd = Panicd(config, keys, workdir / "run", args.log_level)
-        if args.switch_interval_ms is not None:
-            # Informative only: how much the GIL hand-off between the event loop and
-            # aiosqlite's thread (default 5 ms) costs the pipeline.
-            panicd.launcher = [
-                "-c",
-                f"import runpy, sys; sys.setswitchinterval({args.switch_interval_ms / 1000!r}); "
-                "sys.argv[0] = 'panicd'; runpy.run_module('gateway.daemon', run_name='__main__')",
-            ]
-        with panicd:
+        with panicd_process(args, config, keys, workdir) as panicd:
             assert panicd.process is not None
             pid = panicd.process.pid
             profile = args.profile
             with profiled(pid, profile / "drain.txt" if profile else None):
                 panicd.wait_ready(args.timeout)
                 cpu_before = panicd.cpu_s()
-                first, done = wait_committed(database, args.presses, args.timeout,
+                server_before = server_cpu_s(stores.server)
+                first, done = wait_committed(store, args.presses, args.timeout,
                                              args.history)
             panicd_s = done - first
             # READY comes a little after the first messages; close enough for a share.
             drain_cpu = (panicd.cpu_s() - cpu_before) / panicd_s
+            # The private PostgreSQL's processes (0 for SQLite, which runs in panicd);
+            # the benchmark's own polling query is in it.
+            drain_store_cpu = (server_cpu_s(stores.server) - server_before) / panicd_s
             presses_per_s = args.presses / panicd_s
             print(f"panicd committed {args.presses} in {panicd_s:.3f}s", file=sys.stderr)
             quiet_at = asyncio.run(wait_feedback_quiet(broker.host, broker.port, 1.0,
@@ -251,7 +280,7 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
             broker_before = cpu_seconds(mosquitto)
             bench_before = time.process_time()
             with profiled(pid, profile / "storm.txt" if profile else None):
-                latency = latency_storm(broker, devices, args, database)
+                latency = latency_storm(broker, devices, args, store)
             storm_cpu = (panicd.cpu_s() - cpu_before) / args.duration
             broker_cpu = (cpu_seconds(mosquitto) - broker_before) / args.duration
             bench_cpu = (time.process_time() - bench_before) / args.duration
@@ -267,6 +296,7 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
         floor_per_s=round(floor_per_s, 1),
         floor_ratio=round(floor_per_s / baseline_per_s, 3),
         p50_ms=round(percentile(latencies, 0.50), 2),
+        p95_ms=round(percentile(latencies, 0.95), 2),
         p99_ms=round(percentile(latencies, 0.99), 2),
         p999_ms=round(percentile(latencies, 0.999), 2),
         max_ms=round(latencies[-1] if latencies else float("nan"), 2),
@@ -277,6 +307,7 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
         commit_fb_p50_ms=round(percentile(latency.after_receive_ms, 0.50), 2),
         commit_fb_p99_ms=round(percentile(latency.after_receive_ms, 0.99), 2),
         drain_cpu=round(drain_cpu, 2),
+        drain_store_cpu=round(drain_store_cpu, 2),
         storm_cpu=round(storm_cpu, 2),
         storm_broker_cpu=round(broker_cpu, 2),
         storm_bench_cpu=round(bench_cpu, 2),
@@ -287,24 +318,23 @@ def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
 
 
 def latency_storm(
-    broker: Mosquitto, devices: Sequence[SimDevice], args: argparse.Namespace, database: Path
+    broker: Mosquitto, devices: Sequence[SimDevice], args: argparse.Namespace,
+    store: BenchStore,
 ) -> Latency:
     """Fixed-rate presses with feedback timing, split at panicd's own receive timestamp."""
     count = int(args.rate * args.duration)
     result = asyncio.run(storm(broker.host, broker.port, devices, count=count, rate=args.rate,
                                counter_base=LATENCY_COUNTER_BASE, watch_feedback=True,
                                feedback_grace_s=10.0))
-    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
+    reader: Reader
+    with store.reader(args.timeout) as reader:
         received = {
             (str(device_id), int(counter)): float(at)
-            for device_id, counter, at in conn.execute(
+            for device_id, counter, at in reader.rows(
                 "SELECT device_id, counter, received_at FROM presses WHERE counter >= ?",
                 (LATENCY_COUNTER_BASE,),
             )
         }
-    finally:
-        conn.close()
     inbound = sorted((received[key] - sent) * 1000 for key, sent in result.sent.items()
                      if key in received)
     after = sorted((result.feedback[key] - at) * 1000 for key, at in received.items()
@@ -337,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="run panicd with sys.setswitchinterval (informative comparison)")
+    add_store_options(parser)
     args = parser.parse_args(argv)
     args.extra_toml = args.extra_toml.replace("\\n", "\n")
     # aiomqtt warns per publish once many are pending; the storm keeps thousands in flight.
@@ -344,23 +375,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.presses < 1 or args.devices < 1 or args.rate <= 0 or args.duration <= 0:
         parser.error("--presses, --devices, --rate and --duration must be positive")
 
-    summary, runs = repeated_runs(args.runs, "panicd-bench-", lambda tmp: one_run(args, tmp))
-    print(json.dumps({
+    with Stores(args.store_url) as stores:
+        backends = BACKENDS if args.both else (stores.given or "sqlite",)
+        if args.history and "postgresql" in backends:
+            parser.error("--history fills a SQLite database only")
+        by_backend = labelled_runs(
+            args.runs, "panicd-bench-", backends,
+            lambda tmp, backend: one_run(args, tmp, stores, backend),
+        )
+    summaries = {backend: summary_of(*by_backend[backend]) for backend in backends}
+    ok = all(r["latency_feedback"] == r["latency_sent"]
+             for _, runs in by_backend.values() for r in runs)
+    if not args.both:
+        print(json.dumps({**summaries[backends[0]], "store": backends[0]}))
+        return 0 if ok else 1
+    ratios = side_by_side({b: by_backend[b][0] for b in backends}, COMPARED)
+    print(json.dumps({**summaries, "pg_over_sqlite": ratios, "runs": args.runs}))
+    return 0 if ok else 1
+
+
+# The figures --both prints side by side (and whose ratio PostgreSQL/SQLite it gives).
+COMPARED = ("presses_per_s", "ratio", "floor_per_s", "p50_ms", "p95_ms", "p99_ms", "max_ms",
+            "commit_fb_p50_ms", "commit_fb_p99_ms", "drain_cpu", "drain_store_cpu",
+            "storm_cpu", "rss_mb")
+
+
+def summary_of(summary: dict[str, float], runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The JSON summary of one backend's runs (medians)."""
+    return {
         "presses_per_s": summary["presses_per_s"],
         "baseline_per_s": summary["baseline_per_s"],
         "ratio": summary["ratio"],
         "floor_per_s": summary["floor_per_s"],
         "floor_ratio": summary["floor_ratio"],
         "p50_ms": summary["p50_ms"],
+        "p95_ms": summary["p95_ms"],
         "p99_ms": summary["p99_ms"],
         "rss_mb": summary["rss_mb"],
         "p999_ms": summary["p999_ms"],
         "max_ms": summary["max_ms"],
+        "drain_cpu": summary["drain_cpu"],
+        "drain_store_cpu": summary["drain_store_cpu"],
         "latency_feedback": summary["latency_feedback"],
         "latency_sent": summary["latency_sent"],
         "runs": len(runs),
-    }))
-    return 0 if all(r["latency_feedback"] == r["latency_sent"] for r in runs) else 1
+    }
 
 
 if __name__ == "__main__":
