@@ -20,8 +20,11 @@ read from panicd's database after the run. Latency = first request of the incide
 publish time; ``lost`` = presses without a request. The database's own timestamps split
 it into stages (publish→received, →planned, →step fired, →request).
 
-The baseline is Prism alone: the round trip of a direct Message create. The last line
-of output is one JSON object with the figures (the median over ``--runs``).
+The baseline is Prism alone: the round trip of a direct Message create. The store is
+SQLite in the run's temp dir, or what ``--store-url`` names; ``--both`` runs SQLite and
+PostgreSQL in turn and prints them side by side with the ratio PostgreSQL/SQLite
+(``bench.stores``). The last line of output is one JSON object with the figures (the
+median over ``--runs``; with ``--both`` one object per backend and the ratios).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -48,7 +50,16 @@ from typing import IO, Self
 import aiohttp
 from aiohttp import web
 
-from bench.common import Panicd, add_run_options, percentile, profiled, repeated_runs
+from bench.common import (
+    Panicd,
+    add_run_options,
+    add_store_options,
+    labelled_runs,
+    percentile,
+    profiled,
+    side_by_side,
+)
+from bench.stores import BACKENDS, Backend, BenchStore, Reader, Stores, server_cpu_s
 from firmware_sim.broker import Mosquitto, free_port
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import storm
@@ -100,6 +111,7 @@ class RunFigures:
 
     rate: float
     p50_ms: float
+    p95_ms: float
     p99_ms: float
     max_ms: float
     sent: int
@@ -120,6 +132,7 @@ class RunFigures:
     baseline_p50_ms: float
     baseline_p99_ms: float
     cpu: float
+    store_cpu: float
     rss_mb: float
 
 
@@ -322,22 +335,19 @@ async def peer_baseline(base_url: str, rate: float, count: int) -> list[float]:
 # -- panicd ---------------------------------------------------------------------------
 
 
-def wait_dispatched(database: Path, expected: int, timeout_s: float) -> int:
+def wait_dispatched(store: BenchStore, expected: int, timeout_s: float) -> int:
     """Poll (read-only) until ``expected`` alert messages left the outbox; returns the count."""
     deadline = time.monotonic() + timeout_s
     done = 0
-    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
+    with store.reader(timeout_s) as reader:
         while time.monotonic() < deadline:
-            done = int(conn.execute(
+            done = int(reader.scalar(
                 "SELECT COUNT(*) FROM outbox WHERE purpose = 'alert'"
                 " AND state NOT IN ('pending', 'sending')"
-            ).fetchone()[0])
+            ))
             if done >= expected:
                 break
             time.sleep(POLL_S)
-    finally:
-        conn.close()
     return done
 
 
@@ -354,30 +364,23 @@ class Timings:
     fired_at: float | None
 
 
-def incident_timings(database: Path) -> dict[int, Timings]:
+def incident_timings(reader: Reader) -> dict[int, Timings]:
     """Incident id → its device and the database's stage timestamps."""
-    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        rows = conn.execute(
-            "SELECT i.id, i.device_id, MIN(p.received_at), d.planned_at, MIN(s.fired_at)"
-            " FROM incidents i JOIN presses p ON p.incident_id = i.id"
-            " LEFT JOIN incident_dispatch d ON d.incident_id = i.id"
-            " LEFT JOIN escalation_steps s ON s.incident_id = i.id AND s.state = 'fired'"
-            " GROUP BY i.id"
-        ).fetchall()
-        return {int(r[0]): Timings(str(r[1]), float(r[2]), r[3], r[4]) for r in rows}
-    finally:
-        conn.close()
+    # One incident_dispatch row per incident: MIN only satisfies PostgreSQL's GROUP BY.
+    rows = reader.rows(
+        "SELECT i.id, i.device_id, MIN(p.received_at), MIN(d.planned_at), MIN(s.fired_at)"
+        " FROM incidents i JOIN presses p ON p.incident_id = i.id"
+        " LEFT JOIN incident_dispatch d ON d.incident_id = i.id"
+        " LEFT JOIN escalation_steps s ON s.incident_id = i.id AND s.state = 'fired'"
+        " GROUP BY i.id, i.device_id"
+    )
+    return {int(r[0]): Timings(str(r[1]), float(r[2]), r[3], r[4]) for r in rows}
 
 
-def outbox_incidents(database: Path) -> dict[int, int]:
+def outbox_incidents(reader: Reader) -> dict[int, int]:
     """Outbox id → incident id."""
-    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        return {int(a): int(b) for a, b in conn.execute(
-            "SELECT id, incident_id FROM outbox WHERE incident_id IS NOT NULL")}
-    finally:
-        conn.close()
+    return {int(a): int(b) for a, b in reader.rows(
+        "SELECT id, incident_id FROM outbox WHERE incident_id IS NOT NULL")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,10 +391,13 @@ class Measured:
     records: list[tuple[float, float, int, str, str]]
     baseline_ms: list[float]
     cpu: float
+    store_cpu: float
     rss_mb: float
 
 
-def measure(args: argparse.Namespace, workdir: Path) -> Measured:
+def measure(
+    args: argparse.Namespace, workdir: Path, store: BenchStore, stores: Stores
+) -> Measured:
     """Peers, panicd and the storm; returns publish times and the peer's records."""
     count = int(args.rate * args.duration)
     channels = [c.strip() for c in args.channels.split(",") if c.strip()]
@@ -413,8 +419,11 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measured:
             f'from_number = "{FROM_NUMBER}"\ntwilio_base_url = "{proxy.url}"\n' + args.extra_toml
         )
         registered = max(count, args.registered)
-        config, keys, devices = write_fleet(cfg, devices=registered, mqtt_port=broker.port,
-                                            client_id=PANICD_CLIENT_ID, extra_toml=dispatch_toml)
+        config, keys, devices = write_fleet(
+            cfg, devices=registered, mqtt_port=broker.port, client_id=PANICD_CLIENT_ID,
+            extra_toml=dispatch_toml, database=store.sqlite_path,
+            store_url=None if store.sqlite_path is not None else store.url,
+        )
         twilio_env = {"PANICD_ACK_SECRET": "bench-ack-secret",
                       "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN}
         panicd = stack.enter_context(
@@ -423,13 +432,16 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measured:
         panicd.wait_ready(args.timeout)
         assert panicd.process is not None
         cpu_before = panicd.cpu_s()
+        server_before = server_cpu_s(stores.server)
         with profiled(panicd.process.pid, args.profile):
             started = time.monotonic()
             result = asyncio.run(storm(broker.host, broker.port, devices[:count], count=count,
                                        rate=args.rate, counter_base=COUNTER_BASE))
-            done = wait_dispatched(cfg / "panicd.sqlite3", count * len(channels), args.grace)
+            done = wait_dispatched(store, count * len(channels), args.grace)
             busy_s = time.monotonic() - started
         cpu = (panicd.cpu_s() - cpu_before) / busy_s
+        # The private PostgreSQL's processes (0 for SQLite, which runs in panicd).
+        store_cpu = (server_cpu_s(stores.server) - server_before) / busy_s
         rss_mb = panicd.peak_rss_mb()
         records = proxy.records()
         print(f"storm: {len(result.sent)} presses at {args.rate:.0f}/s; {done} alerts sent; "
@@ -437,13 +449,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measured:
         if args.keep_log:
             args.keep_log.write_bytes(panicd.log_path.read_bytes())
     published = {device: at for (device, _counter), at in result.sent.items()}
-    return Measured(published, records, baseline, cpu, rss_mb)
+    return Measured(published, records, baseline, cpu, store_cpu, rss_mb)
 
 
-def analyse(args: argparse.Namespace, measured: Measured, database: Path) -> RunFigures:
+def analyse(args: argparse.Namespace, measured: Measured, store: BenchStore) -> RunFigures:
     """Join each press to the first request of its incident; split it into stages."""
-    timings = incident_timings(database)
-    by_outbox = outbox_incidents(database)
+    with store.reader(args.timeout) as reader:
+        timings = incident_timings(reader)
+        by_outbox = outbox_incidents(reader)
     first_request: dict[int, float] = {}
     peer_ms: list[float] = []
     non_2xx = 0
@@ -470,10 +483,11 @@ def analyse(args: argparse.Namespace, measured: Measured, database: Path) -> Run
         send.append((arrived_at - t.fired_at) * 1000)
     total.sort()
     p50, p99 = p50_p99(total)
+    p95 = round(percentile(total, 0.95), 2)
     stages = [p50_p99(v) for v in (inbound, plan, fire, send, peer_ms, measured.baseline_ms)]
     sent = len(measured.published)
     return RunFigures(
-        rate=args.rate, p50_ms=p50, p99_ms=p99,
+        rate=args.rate, p50_ms=p50, p95_ms=p95, p99_ms=p99,
         max_ms=round(total[-1], 2) if total else float("nan"),
         sent=sent, lost=sent - len(total), incidents=len(timings),
         requests=len(peer_ms), non_2xx=non_2xx,
@@ -483,14 +497,18 @@ def analyse(args: argparse.Namespace, measured: Measured, database: Path) -> Run
         send_p50_ms=stages[3][0], send_p99_ms=stages[3][1],
         peer_p50_ms=stages[4][0], peer_p99_ms=stages[4][1],
         baseline_p50_ms=stages[5][0], baseline_p99_ms=stages[5][1],
-        cpu=round(measured.cpu, 2), rss_mb=round(measured.rss_mb, 1),
+        cpu=round(measured.cpu, 2), store_cpu=round(measured.store_cpu, 2),
+        rss_mb=round(measured.rss_mb, 1),
     )
 
 
-def one_run(args: argparse.Namespace, workdir: Path) -> RunFigures:
-    """One measured storm and its figures."""
-    measured = measure(args, workdir)
-    return analyse(args, measured, workdir / "cfg" / "panicd.sqlite3")
+def one_run(
+    args: argparse.Namespace, workdir: Path, stores: Stores, backend: Backend
+) -> RunFigures:
+    """One measured storm on a fresh store of ``backend`` and its figures."""
+    with stores.fresh(backend, workdir) as store:
+        measured = measure(args, workdir, store, stores)
+        return analyse(args, measured, store)
 
 
 
@@ -518,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_toml_help="appended to [dispatch], e.g. 'send_concurrency = 32\\n'",
         profile_help="write py-spy raw stacks of panicd during the storm here",
     )
+    add_store_options(parser)
     parser.add_argument("--serve-proxy", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--records", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -533,12 +552,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     # aiomqtt warns per publish once many are pending.
     logging.getLogger("mqtt").setLevel(logging.ERROR)
 
-    summary, runs = repeated_runs(
-        args.runs, "panicd-bench-dispatch-", lambda tmp: one_run(args, tmp)
-    )
-    print(json.dumps({
+    with Stores(args.store_url) as stores:
+        backends = BACKENDS if args.both else (stores.given or "sqlite",)
+        by_backend = labelled_runs(
+            args.runs, "panicd-bench-dispatch-", backends,
+            lambda tmp, backend: one_run(args, tmp, stores, backend),
+        )
+    summaries = {b: summary_of(args, *by_backend[b]) for b in backends}
+    ok = all(r["lost"] == 0 for _, runs in by_backend.values() for r in runs)
+    if not args.both:
+        print(json.dumps({**summaries[backends[0]], "store": backends[0]}))
+        return 0 if ok else 1
+    ratios = side_by_side({b: by_backend[b][0] for b in backends}, COMPARED)
+    print(json.dumps({**summaries, "pg_over_sqlite": ratios, "runs": args.runs}))
+    return 0 if ok else 1
+
+
+# The figures --both prints side by side (and whose ratio PostgreSQL/SQLite it gives).
+COMPARED = ("p50_ms", "p95_ms", "p99_ms", "max_ms", "inbound_p99_ms", "plan_p50_ms",
+            "plan_p99_ms", "fire_p99_ms", "send_p99_ms", "cpu", "store_cpu", "rss_mb")
+
+
+def summary_of(
+    args: argparse.Namespace, summary: dict[str, float], runs: Sequence[dict[str, float]]
+) -> dict[str, object]:
+    """The JSON summary of one backend's runs (medians; lost: the worst run)."""
+    return {
         "rate": summary["rate"],
         "p50_ms": summary["p50_ms"],
+        "p95_ms": summary["p95_ms"],
         "p99_ms": summary["p99_ms"],
         "sent": int(summary["sent"]),
         "lost": int(max(r["lost"] for r in runs)),
@@ -548,10 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peer": args.peer,
         "channels": args.channels,
         "cpu": summary["cpu"],
+        "store_cpu": summary["store_cpu"],
         "rss_mb": summary["rss_mb"],
         "runs": len(runs),
-    }))
-    return 0 if all(r["lost"] == 0 for r in runs) else 1
+    }
 
 
 if __name__ == "__main__":

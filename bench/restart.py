@@ -36,6 +36,7 @@ from bench.dispatch import (
     RecordingProxy,
     wait_dispatched,
 )
+from bench.stores import BenchStore
 from firmware_sim.broker import Mosquitto, free_port
 from firmware_sim.button import press
 from firmware_sim.fleet import write_fleet
@@ -74,7 +75,8 @@ class RestartFigures:
 
 def _wait_for(database: Path, expected: int, timeout_s: float) -> None:
     """Until ``expected`` alert pages left the outbox (bench.dispatch's own poll)."""
-    if wait_dispatched(database, expected, timeout_s) < expected:
+    store = BenchStore("sqlite", f"sqlite:///{database}", database)
+    if wait_dispatched(store, expected, timeout_s) < expected:
         raise RuntimeError(f"fewer than {expected} alert pages sent in {timeout_s} s")
 
 

@@ -8,9 +8,10 @@ is printed here as ``{"benchmark": NAME, "command": …, "figures": {…}}`` (or
 The benchmarks (docs/PERFORMANCE.md has their latest figures):
 
 * ``ingest``: durable drain throughput against the bare aiomqtt subscriber and the
-  durable floor in the same run, and publish→"received" latency at 1,000 presses/s;
+  durable floor in the same run, and publish→"received" latency at 1,000 presses/s, on
+  SQLite and on a private PostgreSQL in turn, with the ratios PostgreSQL/SQLite;
 * ``dispatch``: publish → the first provider request, SMS at 200 presses/s, Prism as the
-  provider behind the recording proxy;
+  provider behind the recording proxy, on SQLite and on PostgreSQL in turn;
 * ``city``: a city-wide storm, 10,000 buttons pressing within 10 s out of 100,000
   registered, every incident paged (the provider answered by the proxy): latency, lost
   pages and panicd's peak memory with 100,000 devices and 10,000 open incidents;
@@ -37,8 +38,8 @@ from bench.common import cpu_model
 REPO = Path(__file__).resolve().parent.parent
 
 BENCHMARKS: dict[str, list[str]] = {
-    "ingest": ["bench.ingest"],
-    "dispatch": ["bench.dispatch", "--peer", "prism"],
+    "ingest": ["bench.ingest", "--both"],
+    "dispatch": ["bench.dispatch", "--peer", "prism", "--both"],
     "city": ["bench.dispatch", "--peer", "self", "--rate", "1000", "--duration", "10",
              "--registered", "100000", "--timeout", "300", "--grace", "120"],
     "restart": ["bench.restart"],
