@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -152,6 +153,10 @@ class DispatchConfig:
     twilio_base_url: str
     ack_ttl_s: float
     send_concurrency: int
+    # How long a claimed page is this instance's (a shared store): past it, a peer takes
+    # the row back in doubt. Above the provider request timeout (10 s), so a live
+    # instance never loses a send it is making.
+    lease_s: float = 30.0
     # The public web server's limits (issue 11 case 4, dispatch/web_limits.py).
     max_connections: int = 256
     header_timeout_s: float = 10.0
@@ -176,6 +181,9 @@ class Config:
 
     path: Path
     site: str
+    # This process's name among the instances on one store (claims, heartbeats); the
+    # host name unless [panicd] instance says otherwise (two instances on one box).
+    instance: str
     ready_timeout_s: float
     store: StoreUrl
     kelurahan_file: Path
@@ -593,6 +601,7 @@ def _serial(row: _Table) -> SerialSourceConfig:
 
 
 _E164 = re.compile(r"\+[1-9]\d{6,14}")
+_INSTANCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def _dispatch(table: _Table, base: Path) -> DispatchConfig | None:
@@ -626,6 +635,7 @@ def _dispatch(table: _Table, base: Path) -> DispatchConfig | None:
         header_timeout_s=table.number("header_timeout_s", 10, 0.5, 300),
         body_timeout_s=table.number("body_timeout_s", 10, 0.5, 300),
         fd_reserve=table.integer("fd_reserve", 128, 32, 65536),
+        lease_s=table.number("lease_s", 30, 15, 3600),
     )
     table.check_unknown()
     return cfg
@@ -705,6 +715,10 @@ def _load(path: Path, environ: Mapping[str, str] | None, asked: set[str]) -> Con
     site = panicd.get("site", str, "Kota Madiun")
     # Below the unit's TimeoutStartSec=90, so a dead receiver cannot cause a restart loop.
     ready_timeout_s = panicd.number("ready_timeout_s", 60, 1, 3600)
+    instance = panicd.get("instance", str, socket.gethostname())
+    if not _INSTANCE.fullmatch(instance):
+        raise panicd.error("instance", "must be 1-64 letters, digits or . _ : - "
+                           "(unique among the instances on one store)")
     store = _store(root.table("store"), panicd, base, env)
     panicd.check_unknown()
 
@@ -753,6 +767,7 @@ def _load(path: Path, environ: Mapping[str, str] | None, asked: set[str]) -> Con
     return Config(
         path=path,
         site=site,
+        instance=instance,
         ready_timeout_s=ready_timeout_s,
         store=store,
         kelurahan_file=kelurahan_file,

@@ -144,14 +144,16 @@ class Daemon:
         """Run until :meth:`request_stop`; returns after a graceful drain."""
         config = self.config
         async with AsyncExitStack() as stack:
-            stores = Stores(config.store)
+            stores = Stores(config.store, instance=config.instance,
+                            lease_s=config.dispatch.lease_s if config.dispatch else None)
             # SQLite's checkpoints run on a connection of their own, never inside a
             # commit; entered first, so it closes last and leaves no WAL behind.
             await stack.enter_async_context(stores.checkpointer())
             ingest = config.ingest
             store = stores.ingest(batch_max=ingest.batch_max)
             await stack.enter_async_context(store)
-            log.info("store.opened", store=str(stores), shared=stores.shared)
+            log.info("store.opened", store=str(stores), shared=stores.shared,
+                     instance=config.instance)
             ingestor = await stack.enter_async_context(
                 Ingestor(
                     store,

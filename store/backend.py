@@ -18,6 +18,7 @@ import contextlib
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
+from store.dispatch_base import DEFAULT_LEASE_S
 from store.sqlite import SqliteStore, Writers
 from store.url import StoreUrl
 
@@ -37,8 +38,14 @@ class Stores:
     """The stores of one panicd process on ``url``, made unopened (each is entered by
     whoever uses it)."""
 
-    def __init__(self, url: StoreUrl) -> None:
+    def __init__(self, url: StoreUrl, *, instance: str | None = None,
+                 lease_s: float | None = None) -> None:
         self.url = url
+        # Who claims on a shared store, the same across restarts: a restarted instance
+        # takes back at once (in doubt) the pages its killed run left claimed, and a
+        # peer takes those of one that stays dead when ``lease_s`` runs out.
+        self.instance = instance
+        self.lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
         # SQLite only: one write lock for every connection of this process (ingest,
         # dispatch, health), and the WAL checkpointed off the commit path.
         self.writers = Writers(background_checkpoints=True) if url.backend == "sqlite" else None
@@ -74,7 +81,8 @@ class Stores:
             return SqliteDispatchStore(self.url.path, writers=self.writers)
         from store.pg_dispatch import PgDispatchStore  # noqa: PLC0415  # see module doc
 
-        return PgDispatchStore(self._dsn(), password=self.url.password, max_size=pool)
+        return PgDispatchStore(self._dsn(), password=self.url.password, max_size=pool,
+                               instance=self.instance, lease_s=self.lease_s)
 
     def _dsn(self) -> str:
         dsn = self.url.dsn

@@ -214,7 +214,7 @@ def test_an_unknown_key_far_from_any_lists_the_known_keys(tmp_path: Path) -> Non
     error = _error(path, {})
     _assert_names(error, path, "panicd.zzzz")
     assert error.problem == (
-        "unknown key (expected one of: database, ready_timeout_s, site)"
+        "unknown key (expected one of: database, instance, ready_timeout_s, site)"
     )
 
 

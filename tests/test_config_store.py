@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,29 @@ def test_the_password_is_in_no_repr_str_dsn_or_log_line(tmp_path: Path) -> None:
     line = buffer.getvalue()
     assert SECRET not in line
     assert json.loads(line)["dsn"] == config.store.dsn
+
+
+def test_the_instance_name_is_the_host_unless_set_and_must_be_a_plain_name(
+    tmp_path: Path,
+) -> None:
+    assert load_config(_write(tmp_path), {}).instance == socket.gethostname()
+    path = _write(tmp_path, main='[panicd]\ninstance = "madiun-a:2"\n' + BASE_MAIN)
+    assert load_config(path, {}).instance == "madiun-a:2"
+    for bad in ('""', '"two words"', f'"{"x" * 65}"', "7"):
+        path = _write(tmp_path, main=f"[panicd]\ninstance = {bad}\n" + BASE_MAIN)
+        error = _error(path, {})
+        _assert_names(error, path, "panicd.instance")
+
+
+def test_the_page_lease_defaults_to_30_s_and_stays_above_the_request_timeout(
+    tmp_path: Path,
+) -> None:
+    dispatch = (f'[dispatch]\nresponders = "{DEMO / "responders.toml"}"\n'
+                f'policies = "{DEMO / "policies.toml"}"\n'
+                'public_base_url = "https://panicd.example"\n')
+    config = load_config(_write(tmp_path, main=BASE_MAIN + dispatch), {})
+    assert config.dispatch is not None
+    assert config.dispatch.lease_s == 30
+    path = _write(tmp_path, main=BASE_MAIN + dispatch + "lease_s = 5\n")
+    error = _error(path, {})
+    _assert_names(error, path, "dispatch.lease_s")
