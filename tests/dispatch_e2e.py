@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -127,6 +127,39 @@ def deploy(
     )
     database = directory / "panicd.sqlite3" if store_url is None else store_url
     return Deployment(config, keys, database, devices, public_url)
+
+
+def instance_configs(site: Deployment, count: int, client_id: str) -> list[Path]:
+    """``count`` instances of ``site`` on its one store: each its own config with its
+    own [panicd] instance name, persistent MQTT session (``client_id-k``), web port and
+    control socket; the rest (store, devices, policies, public URL) shared."""
+    text = site.config.read_text(encoding="utf-8")
+    port_line = next(line for line in text.splitlines() if line.startswith("listen_port = "))
+    socket_line = next(line for line in text.splitlines()
+                       if line.startswith("control_socket = "))
+    configs = []
+    for k in range(count):
+        own = (text.replace("[panicd]\n", f'[panicd]\ninstance = "i{k}"\n', 1)
+               .replace(f'client_id = "{client_id}"', f'client_id = "{client_id}-{k}"', 1)
+               .replace(port_line, f"listen_port = {free_port()}", 1)
+               .replace(socket_line,
+                        f'control_socket = "{site.config.parent / f"control-{k}.sock"}"', 1))
+        path = site.config.with_name(f"panicd-{k}.toml")
+        path.write_text(own, encoding="utf-8")
+        configs.append(path)
+    return configs
+
+
+def forget_sessions(mosquitto: Mosquitto, client_ids: Iterable[str]) -> None:
+    """End the persistent sessions of ``client_ids`` (clean_session connects)."""
+
+    async def forget() -> None:
+        for name in client_ids:
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier=name,
+                                      clean_session=True):
+                pass
+
+    asyncio.run(forget())
 
 
 def press_panic(mosquitto: Mosquitto, device: SimDevice) -> None:
