@@ -46,10 +46,14 @@ from dispatch.health import (
 )
 from gateway.model import Device
 from store.dispatch import DispatchStore, HealthRaise
+from store.leader import Leader, SoleLeader
 from store.sqlite import Writers
 from store.sqlite_dispatch import SqliteDispatchStore
 
 log = structlog.get_logger("panicd.health")
+
+# How often an instance that does not lead looks again whether it does (a peer died).
+NOT_LEADING_RECHECK_S = 1.0
 
 SourceProbe = Callable[[], Iterable[tuple[str, str, bool]]]
 # device id -> since when its network reports it offline (absent: online or unknown).
@@ -82,7 +86,11 @@ class HealthMonitor:
         writers: Writers | None = None,
         reported_offline: AvailabilityProbe | None = None,
         source_alarms: AlarmProbe | None = None,
+        leader: Leader | None = None,
     ) -> None:
+        # Several instances on one store: only the leader checks (store/leader.py).
+        self._leader: Leader = leader or SoleLeader()
+        self._led = False
         self._reported_offline = reported_offline
         self._source_alarms = source_alarms
         self._autostart = autostart  # False: the caller drives check() itself (tests)
@@ -136,11 +144,21 @@ class HealthMonitor:
                 if s.name in alarms else s for s in states]
 
     async def _run(self) -> None:
-        await self._guarded("heal", self.heal)
         while True:
-            await self._guarded("check", self.check)
-            await self._guarded("external", self.announce_external)
-            await self._guarded("summary", self.maybe_summary)
+            self.source_states()  # every instance watches its own sources' uptime
+            if self._leader.leading():
+                if not self._led:
+                    # Leading from now on (at start, or a peer died): first queue what
+                    # the previous leader recorded but may not have sent.
+                    self._led = True
+                    await self._guarded("heal", self.heal)
+                await self._guarded("check", self.check)
+                await self._guarded("external", self.announce_external)
+                await self._guarded("summary", self.maybe_summary)
+            else:
+                self._led = False
+                await asyncio.sleep(NOT_LEADING_RECHECK_S)  # a peer leads: ask again soon
+                continue
             now = self._clock()
             due = min(now + self._settings.check_every_s,
                       next_summary_at(now, self._settings.daily_summary_at))

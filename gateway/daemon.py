@@ -192,12 +192,15 @@ class Daemon:
             from dispatch.health import HealthSettings  # noqa: PLC0415  # see _finish_loading
             from dispatch.health_monitor import HealthMonitor  # noqa: PLC0415
 
+            # Device health runs once for the cluster: on the instance that leads.
+            leader = stores.leader()
+            await stack.enter_async_context(leader)
             self.health = await stack.enter_async_context(
                 HealthMonitor(stores.dispatch(pool=PG_HEALTH_POOL), config.devices,
                               self._source_flags, HealthSettings.from_config(config.health),
                               ops=running.dispatcher if running else None,
                               reported_offline=lambda: self.reported_offline,
-                              source_alarms=self._source_alarms)
+                              source_alarms=self._source_alarms, leader=leader)
             )
             frozen = settle_gc()
             log.debug("daemon.gc_settled", frozen=frozen, thresholds=gc.get_threshold())

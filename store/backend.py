@@ -19,6 +19,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 from store.dispatch_base import DEFAULT_LEASE_S
+from store.leader import PgLeader, SoleLeader
 from store.sqlite import SqliteStore, Writers
 from store.url import StoreUrl
 
@@ -83,6 +84,14 @@ class Stores:
 
         return PgDispatchStore(self._dsn(), password=self.url.password, max_size=pool,
                                instance=self.instance, lease_s=self.lease_s)
+
+    def leader(self) -> SoleLeader | PgLeader:
+        """Who runs the cluster's once-only work (device health): this process on
+        SQLite; on PostgreSQL the instance holding an advisory lock (store/leader.py)."""
+        if self.url.path is not None:
+            return SoleLeader()
+        return PgLeader(self._dsn(), password=self.url.password,
+                        instance=self.instance or "panicd")
 
     def _dsn(self) -> str:
         dsn = self.url.dsn

@@ -1,0 +1,148 @@
+"""Which instance runs the work done once for the whole cluster (device health, the daily
+summary): the holder of a PostgreSQL advisory lock (docs/HA.md).
+
+On SQLite there is one process, which always leads (:class:`SoleLeader`). On PostgreSQL
+each instance keeps one dedicated connection and tries a session-level advisory lock on
+it (:class:`PgLeader`); the holder leads. The lock lives exactly as long as that
+connection: an instance that is killed, hangs up or loses the network loses its
+backend, the server releases the lock, and a peer's next try (every ``retry_s``) takes
+it. A leader checks its connection as often, and stops leading the moment the check
+fails, so two instances lead at once for at most one check interval, and only when the
+old leader's connection is silently cut; the work led here is idempotent in the store
+(a condition's row and its SMS keys are unique), so that overlap sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, Self
+
+import structlog
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = structlog.get_logger("panicd.store")
+
+# The advisory lock key (the single-bigint key space, beside the migration lock).
+HEALTH_LEADER_LOCK = 0x70616E6963_02  # "panic" 02
+RETRY_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+class Leader(Protocol):
+    """Whether this instance does the cluster's once-only work now."""
+
+    def leading(self) -> bool:
+        """True while this instance leads."""
+        ...
+
+
+class SoleLeader:
+    """One process on one store: always the leader; an async context manager (as
+    :class:`PgLeader`) that holds nothing."""
+
+    def leading(self) -> bool:
+        """Always True."""
+        return True
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+class PgLeader:
+    """The holder of an advisory lock on a connection of its own; an async context
+    manager whose task keeps trying to lead (and keeps checking it still does)."""
+
+    def __init__(self, dsn: str, *, password: str | None, instance: str,
+                 key: int = HEALTH_LEADER_LOCK, retry_s: float = RETRY_S,
+                 on_change: Callable[[bool], None] | None = None) -> None:
+        self._dsn = dsn
+        self._password = password
+        self._instance = instance
+        self._key = key
+        self._retry_s = retry_s
+        self._on_change = on_change
+        self._leading = False
+        self._conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def leading(self) -> bool:
+        """True while this instance holds the lock (as last checked)."""
+        return self._leading
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run(), name="store.leader")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._set(leading=False)
+        await self._close()  # the server releases the lock with the session
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- any failure: not leading, try again
+                if self._leading:
+                    log.warning("store.leader_lost", instance=self._instance, error=str(exc))
+                self._set(leading=False)
+                await self._close()
+            await asyncio.sleep(self._retry_s)
+
+    async def _once(self) -> None:
+        """Connect if needed; take the lock if free; check it is still held."""
+        import asyncpg  # noqa: PLC0415 -- only a PostgreSQL store gets here
+
+        if self._conn is None or self._conn.is_closed():
+            if self._leading:  # the lock went with the old session
+                log.warning("store.leader_lost", instance=self._instance,
+                            error="the session holding the lock ended")
+                self._set(leading=False)
+            self._conn = await asyncpg.connect(self._dsn, password=self._password,
+                                               timeout=CONNECT_TIMEOUT_S)
+        conn = self._conn
+        if self._leading:
+            # Held on this session: a round trip proves the session (and so the lock).
+            await conn.fetchval("SELECT 1", timeout=self._retry_s * 2)
+            return
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key,
+                               timeout=self._retry_s * 2):
+            self._set(leading=True)
+            log.info("store.leading", instance=self._instance, work="device health")
+
+    def _set(self, *, leading: bool) -> None:
+        if leading != self._leading:
+            self._leading = leading
+            if self._on_change is not None:
+                self._on_change(leading)
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=5)
+            if not conn.is_closed():
+                conn.terminate()

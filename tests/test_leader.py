@@ -1,0 +1,119 @@
+"""The cluster's once-only work has one leader: store/leader.py on a real PostgreSQL.
+
+Two (or three) instances try the advisory lock on connections of their own: exactly one
+leads; when it stops, dies or has its session cut by the server, a peer leads within a
+few retries; and device health checks only on the leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import asyncpg
+
+from dispatch.health import Finding, HealthSettings, Key
+from dispatch.health_monitor import HealthMonitor
+from store.leader import PgLeader, SoleLeader
+from store.pg_dispatch import PgDispatchStore
+
+RETRY_S = 0.05
+
+
+def _leaders(url: str, count: int, changes: list[tuple[int, bool]] | None = None,
+             ) -> list[PgLeader]:
+    def note(k: int) -> Callable[[bool], None]:
+        return lambda leading: changes.append((k, leading)) if changes is not None else None
+
+    return [PgLeader(url, password=None, instance=f"i{k}", retry_s=RETRY_S, on_change=note(k))
+            for k in range(count)]
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "never happened"
+        await asyncio.sleep(0.01)
+
+
+def _who(leaders: list[PgLeader]) -> list[int]:
+    return [k for k, leader in enumerate(leaders) if leader.leading()]
+
+
+async def test_one_of_three_leads_and_a_peer_takes_over_when_it_stops(pg_database: str) -> None:
+    changes: list[tuple[int, bool]] = []
+    leaders = _leaders(pg_database, 3, changes)
+    for leader in leaders:
+        await leader.__aenter__()
+    try:
+        await _until(lambda: len(_who(leaders)) == 1)
+        await asyncio.sleep(RETRY_S * 10)  # the others keep trying, and keep failing
+        (first,) = _who(leaders)
+        await leaders[first].__aexit__(None, None, None)  # a graceful stop
+        assert not leaders[first].leading()
+        await _until(lambda: len(_who(leaders)) == 1)
+        (second,) = _who(leaders)
+        assert second != first
+        await asyncio.sleep(RETRY_S * 10)
+        assert _who(leaders) == [second]
+    finally:
+        for leader in leaders:
+            await leader.__aexit__(None, None, None)
+    assert changes[:3] == [(first, True), (first, False), (second, True)]
+
+
+async def test_a_leader_whose_session_the_server_cuts_stops_leading_and_a_peer_leads(
+    pg_database: str,
+) -> None:
+    # As when the leader's host dies or the network between it and the database fails:
+    # its backend goes away and the server releases the lock with the session.
+    leaders = _leaders(pg_database, 2)
+    for leader in leaders:
+        await leader.__aenter__()
+    try:
+        await _until(lambda: len(_who(leaders)) == 1)
+        (first,) = _who(leaders)
+        conn = await asyncpg.connect(pg_database)
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
+                " WHERE l.locktype = 'advisory' AND l.granted")
+        finally:
+            await conn.close()
+        assert killed == 1
+        await _until(lambda: _who(leaders) == [1 - first])
+        # The cut one reconnects and then waits its turn; it does not lead again.
+        await asyncio.sleep(RETRY_S * 20)
+        assert _who(leaders) == [1 - first]
+    finally:
+        for leader in leaders:
+            await leader.__aexit__(None, None, None)
+
+
+async def test_the_sole_leader_of_one_box_always_leads() -> None:
+    async with SoleLeader() as leader:
+        assert leader.leading()
+
+
+class _NotLeading:
+    def leading(self) -> bool:
+        return False
+
+
+async def test_device_health_checks_only_on_the_leading_instance(pg_database: str) -> None:
+    checks: list[str] = []
+
+    class Counting(HealthMonitor):
+        async def check(self) -> tuple[list[Finding], list[Key]]:
+            checks.append("leader" if self is led else "follower")
+            return await super().check()
+
+    settings = HealthSettings(check_every_s=0.05)
+    led = Counting(PgDispatchStore(pg_database, max_size=1), {}, list, settings, ops=None,
+                   leader=SoleLeader())
+    follower = Counting(PgDispatchStore(pg_database, max_size=1), {}, list, settings,
+                        ops=None, leader=_NotLeading())
+    async with led, follower:
+        await _until(lambda: checks.count("leader") >= 3)
+    assert "follower" not in checks
