@@ -52,9 +52,10 @@ def post_signed(url: str, form: dict[str, str], *, token: str = AUTH_TOKEN) -> t
     return asyncio.run(go())
 
 
+@pytest.mark.usefixtures("twilio_env")
 def test_a_press_pages_through_twilio_and_a_gather_ack_stops_escalation(
     mosquitto: Mosquitto, twilio_peer: RecordingPeer, tmp_path: Path, client_id: str,
-    twilio_env: None, daemon_store: str | None,
+    daemon_store: str | None,
 ) -> None:
     # Level 1 waits 60 s: the ack below must stop level 2 long before it is due.
     # On both backends: the daemon is the same program on a SQLite file or PostgreSQL.

@@ -2,13 +2,14 @@
 
 Issue 13 item 6 (proof). Three instances share one PostgreSQL database and one broker,
 each with its own persistent MQTT session, so every instance receives every press. A
-storm of 5,000 signed presses from 500 buttons (450 heartbeating, 50 pressing panic twice:
-50 incidents, opened through the storm, that escalate through two levels with nobody
-answering, six pages each through Prism behind the recording peer) runs while, every couple of seconds, one random
-instance is SIGKILLed and started again, ten times. The buttons retransmit until they
-hear "received" (docs/FRAMES.md). Afterwards, counted in the database and at the
-provider: no acknowledged press lost, none stored twice, one incident per panic button,
-every step fired once (by whichever instance), every page accepted by the provider once.
+storm of 5,000 signed presses from 500 buttons (450 heartbeating, 50 pressing panic
+twice: 50 incidents, opened through the storm, that escalate through two levels with
+nobody answering, six pages each through Prism behind the recording peer) runs while,
+every couple of seconds, one random instance is SIGKILLed and started again, ten times.
+The buttons retransmit until they hear "received" (docs/FRAMES.md). Afterwards, counted
+in the database and at the provider: no acknowledged press lost, none stored twice, one
+incident per panic button, every step fired once (by whichever instance), every page
+accepted by the provider once.
 
 ``failover`` is measured per kill as the longest any step due from the kill on waited
 past its due time before some instance fired it (docs/HA.md).
