@@ -23,7 +23,7 @@ import structlog
 
 from dispatch.channel import Channel
 from dispatch.escalation import EscalationStep, IncidentRef, plan_steps, resolve_targets_via
-from dispatch.loops import SteadyClock, resilient, wait_until
+from dispatch.loops import SharedClock, SteadyClock, resilient, wait_until
 from dispatch.metrics import Histogram
 from dispatch.outbox import Outbox
 from dispatch.policy import Level, Medium, Policy, Routing
@@ -42,6 +42,9 @@ DRAIN_DEADLINE_S = 10.0
 # the comparison is two clock reads; nothing waits on it (SteadyClock keeps every
 # comparison in one frame until the step is applied).
 CLOCK_CHECK_S = 1.0
+# How often an instance on a shared store measures the database's clock again: the two
+# drift apart by NTP's slew at most (0.5 ms/s), 5 ms between measurements.
+SHARED_CLOCK_SYNC_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class _Fired:
@@ -70,18 +73,27 @@ class Dispatcher:
         feedback: Feedback | None = None,
     ) -> None:
         """``clock`` defaults to a :class:`SteadyClock` on the system clocks, whose steps
-        are followed; a plain callable (a test's) is taken as it is."""
+        are followed, or on a store several instances share to a :class:`SharedClock`,
+        the database's; a plain callable (a test's) is taken as it is."""
         self._store = store
         self._routing = routing
         self._responders = responders
         self._channel = channel
         self._settings = settings
-        self._clock: Callable[[], float] = SteadyClock() if clock is None else clock
-        self._steady = self._clock if isinstance(self._clock, SteadyClock) else None
+        if clock is None:
+            clock = SharedClock() if store.shared_clock else SteadyClock()
+        self._clock: Callable[[], float] = clock
+        self._steady = clock if isinstance(clock, SteadyClock) else None
+        self._shared = clock if isinstance(clock, SharedClock) else None
         clock = self._clock
         self._feedback = feedback
         self._events: asyncio.Queue[IncidentEvent] = asyncio.Queue()
         self._step_wake = asyncio.Event()
+        # Another instance stored an incident (or may have: its wake-ups were lost): it
+        # may die before planning it, so this one looks too (plan_missing's ``peers``).
+        self._peer_incidents = asyncio.Event()
+        store.on_wake("step", self._step_wake.set)
+        store.on_wake("incident", self._peer_incidents.set)
         # Every incident up to this id is planned or closed (closing is final), so an
         # 'opened' event at or below it needs no scan.
         self._planned_through = 0
@@ -107,6 +119,9 @@ class Dispatcher:
         return self.base_url_of(self._settings)
 
     async def __aenter__(self) -> Self:
+        if self._shared is not None:
+            # Before anything is planned or claimed: due times and leases in its clock.
+            await self._shared.sync(self._store.database_time)
         await self.plan_missing()
         requeued = await self._store.requeue_interrupted(self._clock())
         if requeued:
@@ -117,10 +132,15 @@ class Dispatcher:
             self._group.create_task(self._event_loop(), name="dispatch.events"),
             self._group.create_task(self._scheduler_loop(), name="dispatch.scheduler"),
             self._group.create_task(self._outbox.run(), name="dispatch.outbox"),
+            self._group.create_task(self._peer_loop(), name="dispatch.peers"),
         ]
         if self._steady is not None:
             self._tasks.append(
                 self._group.create_task(self._clock_loop(), name="dispatch.clock")
+            )
+        if self._shared is not None:
+            self._tasks.append(
+                self._group.create_task(self._shared_clock_loop(), name="dispatch.clock")
             )
         return self
 
@@ -157,7 +177,8 @@ class Dispatcher:
         return policy
 
     async def plan_missing(
-        self, *, fire_now: bool = False, committed_through: int | None = None
+        self, *, fire_now: bool = False, committed_through: int | None = None,
+        peers: bool = False,
     ) -> int:
         """Plan escalation for every open incident without a plan; returns how many.
 
@@ -167,31 +188,51 @@ class Dispatcher:
         connection, which is what a storm queues on (bench/dispatch.py).
         ``committed_through`` is an incident id known to be committed (an 'opened'
         event's); without it the newest committed id is read before the scan.
+
+        With ``peers`` it looks at every open incident, and learns nothing from what it
+        finds: instances on one PostgreSQL reserve incident ids ahead and commit them out
+        of order, so a peer's incident may sit below one this instance planned. A peer
+        planning the same incident at once is no harm: the database keeps one plan
+        (incident_dispatch's key), and only its commit inserts the steps and fires them.
         """
         # An incident stamped after a step is planned in the stepped frame: apply it first.
         await self.follow_clock_step()
+        if peers:
+            return await self._plan_found(await self._store.unplanned_incidents(0),
+                                          fire_now=fire_now)
         if committed_through is None:
             committed_through = await self._store.newest_incident_id()
         # Ingest commits ids in order, so every incident up to committed_through is
         # committed before the scan below starts and the scan sees it: those it does not
         # return are planned or closed already. Advancing past them even when nothing is
         # found keeps the first panic after a restart from scanning from id 0 again.
+        found = await self._store.unplanned_incidents(self._planned_through)
+        await self._plan_found(found, fire_now=fire_now)
+        self._planned_through = max(
+            self._planned_through, committed_through, *(incident.id for incident in found)
+        )
+        return len(found)
+
+    async def _plan_found(self, found: Sequence[IncidentInfo], *, fire_now: bool) -> int:
+        """Plan (and with ``fire_now`` fire the due steps of) these unplanned incidents in
+        one commit; returns how many."""
+        if not found:
+            return 0
         plans = []
-        for incident in await self._store.unplanned_incidents(self._planned_through):
+        now = self._clock()
+        for incident in found:
             policy, route = self._routing.policy_for(
                 incident.kelurahan_kode, incident.kecamatan, test=incident.test
             )
-            steps = plan_steps(
-                IncidentRef(str(incident.id), incident.opened_at, incident.test), policy
-            )
+            # Stamped by the receiving instance's clock, compared here in the database's:
+            # a receiver ahead of it must not hold the first level back (one behind brings
+            # the levels forward by its lag, never later).
+            opened = min(incident.opened_at, now) if self._shared else incident.opened_at
+            steps = plan_steps(IncidentRef(str(incident.id), opened, incident.test), policy)
             plans.append((incident, policy, route, steps))
-        if not plans:
-            self._planned_through = max(self._planned_through, committed_through)
-            return 0
-        now = self._clock()
         stored = [self._plan(incident, policy, route.value, steps, now, fire_now=fire_now)
                   for incident, policy, route, steps in plans]
-        incidents = {incident.id: incident for incident, *_ in plans}
+        incidents = {incident.id: incident for incident in found}
         firings = [(firing, incidents[plan.incident_id]) for plan in stored
                    for firing in plan.fire]
         fired = self._outcomes(await self._store.plan_incidents(stored, now), firings)
@@ -199,9 +240,6 @@ class Dispatcher:
             self._log_fired(outcome, now)
         if fired:
             self._outbox.wake()
-        self._planned_through = max(
-            self._planned_through, committed_through, *(incident.id for incident, *_ in plans)
-        )
         for incident, policy, route, _steps in plans:
             log.info(
                 "escalation.planned",
@@ -253,6 +291,19 @@ class Dispatcher:
             self._events.put_nowait(event)
             raise
 
+    async def _peer_loop(self) -> None:
+        await resilient("peers", self._peer_once)
+
+    async def _peer_once(self) -> None:
+        await self._peer_incidents.wait()
+        # Cleared before the scan: an incident stored while it runs gets a scan of its own.
+        self._peer_incidents.clear()
+        try:
+            await self.plan_missing(fire_now=True, peers=True)
+        except Exception:
+            self._peer_incidents.set()  # not lost: _resilient pauses before the retry
+            raise
+
     async def _hasten(self, incident_id: int, reason: str = "repeated_presses") -> None:
         """Bring the next pending level forward to now (repeated presses, or a level at
         which nobody could be reached)."""
@@ -273,6 +324,14 @@ class Dispatcher:
     async def _clock_once(self) -> None:
         await asyncio.sleep(CLOCK_CHECK_S)
         await self.follow_clock_step()
+
+    async def _shared_clock_loop(self) -> None:
+        await resilient("clock", self._shared_clock_once)
+
+    async def _shared_clock_once(self) -> None:
+        await asyncio.sleep(SHARED_CLOCK_SYNC_S)
+        if self._shared is not None:
+            await self._shared.sync(self._store.database_time)
 
     async def follow_clock_step(self) -> float:
         """Apply a step of the wall clock to every pending due time; returns the step.

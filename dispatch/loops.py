@@ -88,3 +88,54 @@ class SteadyClock:
     def follow(self, delta: float) -> None:
         """Take ``delta`` (from :meth:`step`) into the frame: due times were shifted by it."""
         self._offset += delta
+
+
+#: A difference between this host's clock and the database's worth a journal line.
+SKEW_WARN_S = 1.0
+
+
+class SharedClock:
+    """Unix seconds in the database's clock, for instances that share one store.
+
+    Due times, message due times and leases are written by one instance and compared by
+    another, so they must be in one clock: the database's (issue 13 item 3). Reading it
+    for every comparison would cost a round trip each, so this clock advances with the
+    local monotonic clock from an offset that :meth:`sync` measures (the read's midpoint)
+    and re-measures as often as its owner calls it. A step of this host's wall clock
+    changes nothing here, so nothing is shifted in the shared rows (the single box's
+    :class:`SteadyClock` shifts them to follow a step; on a shared store each instance
+    would shift every peer's rows again).
+    """
+
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._wall = wall
+        self._monotonic = monotonic
+        # Until the first sync: this host's clock (the owner syncs before it plans).
+        self._offset = wall() - monotonic()
+        self.synced = False
+        self.skew_s = 0.0  # this host's wall clock minus the database's, as last seen
+
+    def __call__(self) -> float:
+        """Now, in the database's clock."""
+        return self._monotonic() + self._offset
+
+    async def sync(self, read: Callable[[], Awaitable[float | None]]) -> bool:
+        """Measure the database's clock with ``read``; False when it has none to give."""
+        before = self._monotonic()
+        database = await read()
+        after = self._monotonic()
+        if database is None:
+            return False
+        self._offset = database - (before + after) / 2
+        self.synced = True
+        skew = self._wall() - self()
+        if abs(skew) >= SKEW_WARN_S and abs(skew - self.skew_s) >= SKEW_WARN_S / 2:
+            log.warning("clock.skewed", skew_s=round(skew, 3),
+                        hint="this host's clock differs from the database's; due times"
+                             " follow the database's, press times this host's: run NTP")
+        self.skew_s = skew
+        return True

@@ -152,6 +152,9 @@ class Outbox:
         # on it to give the first overdue page a head start (gateway/daemon.py).
         self.accepted = asyncio.Event()
         self.retries_scheduled = 0
+        # A row queued by a peer, or one a peer's send or lease freed (its number's next
+        # call may go now), wakes this claim at once rather than at its timer.
+        store.on_wake("outbox", self.wake)
 
     def wake(self) -> None:
         """New rows may be due: look now."""

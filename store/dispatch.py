@@ -9,7 +9,7 @@ Each method that writes is one transaction, inside the store: dispatch/ holds no
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self
@@ -235,6 +235,12 @@ class QueueDepths:
 
 StatusOutcome = Literal["applied", "replayed", "sid_mismatch", "unknown"]
 
+# What a wake-up says changed, committed by any instance on the database: a step pending
+# (inserted, or its due time moved), an outbox row pending or out of 'sending' (its lease
+# freed), an incident stored, an ack recorded.
+WakeKind = Literal["step", "outbox", "incident", "ack"]
+WAKE_KINDS: tuple[WakeKind, ...] = ("step", "outbox", "incident", "ack")
+
 
 class DispatchStore(Protocol):
     """What dispatch needs of a database; an async context manager (open, migrated).
@@ -253,6 +259,22 @@ class DispatchStore(Protocol):
         tb: TracebackType | None,
     ) -> None:
         """Close it."""
+        ...
+
+    def on_wake(self, kind: WakeKind, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop, never blocking) when another instance may
+        have changed work of ``kind``; on one process (SQLite) it is never called, its
+        owner waking itself."""
+        ...
+
+    # Whether due times and leases are compared in the database's clock (several
+    # instances on one store) rather than this process's (dispatch.loops.SharedClock).
+    shared_clock: bool
+
+    async def database_time(self) -> float | None:
+        """The database's clock now (Unix seconds) when several instances share the store
+        and compare due times and leases in that one clock; None for one process's own
+        file, whose owner's clock is the only one."""
         ...
 
     # -- incidents and steps (store/dispatch_steps.py) ----------------------------------

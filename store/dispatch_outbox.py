@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from store import locks
 from store.dispatch import Delivery, OutboxRow, StatusOutcome
 from store.dispatch_base import DispatchBase
 from store.sql import Tx
@@ -32,9 +33,8 @@ _CLAIMABLE = (
 )
 
 
-# The advisory lock ("panic" 02; store/pg_schema.py's migrations hold 01) under which
-# PostgreSQL instances take turns claiming.
-_CLAIM_LOCK = 0x70616E6963_02
+# The advisory lock under which PostgreSQL instances take turns claiming (store/locks.py).
+_CLAIM_LOCK = locks.OUTBOX_CLAIM
 
 _OUTBOX_COLUMNS = (
     "id, key, incident_id, person_id, phone, channel, purpose, body, state, attempts,"

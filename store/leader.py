@@ -10,17 +10,26 @@ it. A leader checks its connection as often, and stops leading the moment the ch
 fails, so two instances lead at once for at most one check interval, and only when the
 old leader's connection is silently cut; the work led here is idempotent in the store
 (a condition's row and its SMS keys are unique), so that overlap sends nothing twice.
+
+The same round trip is the instance's heartbeat: its row in ``instances`` (host, pid,
+start, the database's clock at the last check, whether it leads), which ``panicctl
+status`` lists, so an operator sees which instances run and which one leads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
 
 import structlog
+
+from store import locks
 
 if TYPE_CHECKING:
     import asyncpg
@@ -28,9 +37,19 @@ if TYPE_CHECKING:
 log = structlog.get_logger("panicd.store")
 
 # The advisory lock key (the single-bigint key space, beside the migration lock).
-HEALTH_LEADER_LOCK = 0x70616E6963_02  # "panic" 02
+HEALTH_LEADER_LOCK = locks.HEALTH_LEADER
 RETRY_S = 2.0
 CONNECT_TIMEOUT_S = 10.0
+
+# The instance's row, stamped with the database's clock (instances whose clocks differ
+# still compare), its lock as the server sees it: the row says what the lock says.
+_HEARTBEAT = (
+    "INSERT INTO instances (instance_id, host, pid, started_at, heartbeat_at, is_leader)"
+    " VALUES ($1, $2, $3, $4, extract(epoch FROM clock_timestamp()), $5)"
+    " ON CONFLICT (instance_id) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid,"
+    " started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at,"
+    " is_leader = EXCLUDED.is_leader"
+)
 
 
 class Leader(Protocol):
@@ -77,6 +96,8 @@ class PgLeader:
         self._leading = False
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._started_at = time.time()
+        self._host = socket.gethostname()
 
     def leading(self) -> bool:
         """True while this instance holds the lock (as last checked)."""
@@ -124,14 +145,14 @@ class PgLeader:
             self._conn = await asyncpg.connect(self._dsn, password=self._password,
                                                timeout=CONNECT_TIMEOUT_S)
         conn = self._conn
-        if self._leading:
-            # Held on this session: a round trip proves the session (and so the lock).
-            await conn.fetchval("SELECT 1", timeout=self._retry_s * 2)
-            return
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key,
-                               timeout=self._retry_s * 2):
+        # Held on this session: the heartbeat's round trip proves the session (and so
+        # the lock) while leading.
+        if not self._leading and await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", self._key, timeout=self._retry_s * 2):
             self._set(leading=True)
             log.info("store.leading", instance=self._instance, work="device health")
+        await conn.execute(_HEARTBEAT, self._instance, self._host, os.getpid(),
+                           self._started_at, self._leading, timeout=self._retry_s * 2)
 
     def _set(self, *, leading: bool) -> None:
         if leading != self._leading:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from store import locks
 from store.sqlite_schema import refuse_newer_schema
 
 # A connection of its own or one borrowed from a pool: both take the same calls.
 Connection = asyncpg.Connection | PoolConnectionProxy
 
 # The advisory lock key (the single-bigint key space) that serialises migrations.
-MIGRATION_LOCK = 0x70616E6963_01  # "panic" 01
+MIGRATION_LOCK = locks.MIGRATION
 
 # Each entry moves the schema from version N to N+1 (schema_version.version). Never edit a
 # shipped migration: append a new one, here and in store/sqlite_schema.py.
@@ -230,9 +231,78 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE outbox ADD COLUMN lease_until DOUBLE PRECISION;
     CREATE INDEX outbox_lease ON outbox (lease_until) WHERE state = 'sending';
     """,
+    # 8: peers are woken by LISTEN/NOTIFY, not polling (issue 13 item 3). A commit that
+    # leaves work for any instance notifies WAKE_CHANNEL with what changed: 'step' (a
+    # pending step inserted, or its due time moved), 'outbox' (a row pending, or one
+    # leaving 'sending': its lease, and a number's one unsettled call, are free),
+    # 'incident' (inserted, perhaps by an instance that dies before planning it) and 'ack'.
+    # Statement triggers over transition tables: one notification per statement, none for
+    # a statement that changed nothing (the conditional claims), and PostgreSQL sends it
+    # at COMMIT, folding repeats within a transaction, and never for a rollback.
+    """
+    CREATE FUNCTION panicd_wake_if_pending() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM new_rows WHERE state = 'pending') THEN
+            PERFORM pg_notify('panicd_wake', TG_ARGV[0]);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION panicd_wake_if_any() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM new_rows) THEN
+            PERFORM pg_notify('panicd_wake', TG_ARGV[0]);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION panicd_wake_if_outbox_freed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM new_rows WHERE state = 'pending')
+           OR EXISTS (SELECT 1 FROM old_rows WHERE state = 'sending') THEN
+            PERFORM pg_notify('panicd_wake', 'outbox');
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER escalation_steps_wake_insert AFTER INSERT ON escalation_steps
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION panicd_wake_if_pending('step');
+    CREATE TRIGGER escalation_steps_wake_update AFTER UPDATE ON escalation_steps
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION panicd_wake_if_pending('step');
+    CREATE TRIGGER outbox_wake_insert AFTER INSERT ON outbox
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION panicd_wake_if_pending('outbox');
+    CREATE TRIGGER outbox_wake_update AFTER UPDATE ON outbox
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION panicd_wake_if_outbox_freed();
+    CREATE TRIGGER incidents_wake_insert AFTER INSERT ON incidents
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION panicd_wake_if_any('incident');
+    CREATE TRIGGER acks_wake_insert AFTER INSERT ON acks
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION panicd_wake_if_any('ack');
+    """,
+    # 9: every instance receives every transmission of a press; the copy that answers a
+    # transmission "received" is recorded, so that the others do not answer it again
+    # (gateway/batch.py SAME_TRANSMISSION_S). And each instance's heartbeat, written every
+    # couple of seconds on its leadership connection (store/leader.py) in the database's
+    # clock, for panicctl status: who runs, since when, who leads device health.
+    """
+    ALTER TABLE presses ADD COLUMN answered_at DOUBLE PRECISION;
+    CREATE TABLE instances (
+        instance_id  TEXT PRIMARY KEY,
+        host         TEXT NOT NULL,
+        pid          INTEGER NOT NULL,
+        started_at   DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL,
+        is_leader    BOOLEAN NOT NULL DEFAULT false
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# The channel version 8's triggers notify; the payload names what changed.
+WAKE_CHANNEL = "panicd_wake"
 
 # The version lives in a one-row table (PostgreSQL has no user_version).
 _VERSION_TABLE = """

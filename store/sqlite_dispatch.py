@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from store.dispatch import WakeKind
 from store.dispatch_base import DEFAULT_LEASE_S, DispatchBase
 from store.dispatch_health import Health
 from store.dispatch_observe import Observe
@@ -43,6 +44,16 @@ class SqliteDispatchBase(SqliteDatabase, DispatchBase):
         # taken back at start as before leases.
         self.instance = "local"
         self.lease_s = lease_s
+
+    def on_wake(self, kind: WakeKind, callback: Callable[[], None]) -> None:
+        """Nothing to register: one process on one file, whose every change comes from its
+        own tasks, which wake each other."""
+
+    shared_clock = False
+
+    async def database_time(self) -> float | None:
+        """None: one process, whose own clock (dispatch.loops.SteadyClock) is the frame."""
+        return None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:

@@ -232,6 +232,19 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE outbox ADD COLUMN lease_until REAL;
     CREATE INDEX outbox_lease ON outbox (lease_until) WHERE state = 'sending';
     """,
+    # 8: PostgreSQL's version 8 adds the triggers that wake peer instances (LISTEN/NOTIFY,
+    # store/pg_schema.py); one process on one file has no peer to wake, so nothing here
+    # but the version, which stays the same number on both backends.
+    """
+    -- nothing to change
+    """,
+    # 9: every instance receives every transmission of a press; the copy that answers a
+    # transmission "received" is recorded, so that the others do not answer it again
+    # (gateway/batch.py SAME_TRANSMISSION_S). PostgreSQL's 9 also adds the instances'
+    # heartbeats, which one process has no use for.
+    """
+    ALTER TABLE presses ADD COLUMN answered_at REAL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -34,6 +34,8 @@ class SqliteBackend:
     duplicate_press_match: str = "UNIQUE"
     # Tables an empty database has once a newer panicd set its version (none: a pragma).
     version_tables: frozenset[str] = frozenset()
+    # Tables of this backend alone (the instances' heartbeats: one box has no peers).
+    own_tables: frozenset[str] = frozenset()
 
     def store(self) -> AnyStore:
         """A store on this database, not yet opened."""
@@ -69,6 +71,7 @@ class PgBackend:
     duplicate_press: type[Exception] = PressConflictError
     duplicate_press_match: str = "already stored"
     version_tables: frozenset[str] = frozenset({"schema_version"})
+    own_tables: frozenset[str] = frozenset({"instances"})
 
     def store(self) -> AnyStore:
         """A store on this database, not yet opened."""

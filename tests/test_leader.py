@@ -2,7 +2,8 @@
 
 Two (or three) instances try the advisory lock on connections of their own: exactly one
 leads; when it stops, dies or has its session cut by the server, a peer leads within a
-few retries; and device health checks only on the leader.
+few retries; device health checks only on the leader; and each instance's heartbeat row
+says whether it leads.
 """
 
 from __future__ import annotations
@@ -12,13 +13,24 @@ import time
 from collections.abc import Callable
 
 import asyncpg
+import pytest
 
 from dispatch.health import Finding, HealthSettings, Key
 from dispatch.health_monitor import HealthMonitor
-from store.leader import PgLeader, SoleLeader
+from store import locks
+from store.leader import HEALTH_LEADER_LOCK, PgLeader, SoleLeader
 from store.pg_dispatch import PgDispatchStore
 
 RETRY_S = 0.05
+
+
+@pytest.fixture
+async def migrated(pg_database: str) -> str:
+    """pg_database with panicd's schema, as every instance has migrated it before it
+    tries to lead (the heartbeat's table)."""
+    async with PgDispatchStore(pg_database, max_size=1):
+        pass
+    return pg_database
 
 
 def _leaders(url: str, count: int, changes: list[tuple[int, bool]] | None = None,
@@ -41,9 +53,9 @@ def _who(leaders: list[PgLeader]) -> list[int]:
     return [k for k, leader in enumerate(leaders) if leader.leading()]
 
 
-async def test_one_of_three_leads_and_a_peer_takes_over_when_it_stops(pg_database: str) -> None:
+async def test_one_of_three_leads_and_a_peer_takes_over_when_it_stops(migrated: str) -> None:
     changes: list[tuple[int, bool]] = []
-    leaders = _leaders(pg_database, 3, changes)
+    leaders = _leaders(migrated, 3, changes)
     for leader in leaders:
         await leader.__aenter__()
     try:
@@ -64,17 +76,17 @@ async def test_one_of_three_leads_and_a_peer_takes_over_when_it_stops(pg_databas
 
 
 async def test_a_leader_whose_session_the_server_cuts_stops_leading_and_a_peer_leads(
-    pg_database: str,
+    migrated: str,
 ) -> None:
     # As when the leader's host dies or the network between it and the database fails:
     # its backend goes away and the server releases the lock with the session.
-    leaders = _leaders(pg_database, 2)
+    leaders = _leaders(migrated, 2)
     for leader in leaders:
         await leader.__aenter__()
     try:
         await _until(lambda: len(_who(leaders)) == 1)
         (first,) = _who(leaders)
-        conn = await asyncpg.connect(pg_database)
+        conn = await asyncpg.connect(migrated)
         try:
             killed = await conn.fetchval(
                 "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
@@ -89,6 +101,38 @@ async def test_a_leader_whose_session_the_server_cuts_stops_leading_and_a_peer_l
     finally:
         for leader in leaders:
             await leader.__aexit__(None, None, None)
+
+
+async def test_each_instance_heartbeats_and_its_row_says_whether_it_leads(
+    migrated: str,
+) -> None:
+    leaders = _leaders(migrated, 2)
+    conn = await asyncpg.connect(migrated)
+    for leader in leaders:
+        await leader.__aenter__()
+    try:
+        await _until(lambda: len(_who(leaders)) == 1)
+        (first,) = _who(leaders)
+        rows: list[asyncpg.Record] = []
+
+        async def beating() -> bool:
+            rows[:] = await conn.fetch("SELECT instance_id, is_leader, heartbeat_at"
+                                       " FROM instances ORDER BY instance_id")
+            return [r["is_leader"] for r in rows] == [k == first for k in range(2)]
+
+        deadline = time.monotonic() + 10
+        while not await beating():
+            assert time.monotonic() < deadline, f"rows never agreed with the lock: {rows}"
+            await asyncio.sleep(0.01)
+        seen = {r["instance_id"]: r["heartbeat_at"] for r in rows}
+        await asyncio.sleep(RETRY_S * 5)
+        later = await conn.fetch("SELECT instance_id, heartbeat_at FROM instances")
+        assert all(r["heartbeat_at"] > seen[r["instance_id"]] for r in later)
+        assert {r["instance_id"] for r in later} == {"i0", "i1"}
+    finally:
+        for leader in leaders:
+            await leader.__aexit__(None, None, None)
+        await conn.close()
 
 
 async def test_the_sole_leader_of_one_box_always_leads() -> None:
@@ -117,3 +161,10 @@ async def test_device_health_checks_only_on_the_leading_instance(pg_database: st
     async with led, follower:
         await _until(lambda: checks.count("leader") >= 3)
     assert "follower" not in checks
+
+
+def test_no_two_uses_of_an_advisory_lock_share_a_key() -> None:
+    # The leader's session lock once was the outbox's claim lock: the leading instance's
+    # outbox waited on it until the statement timed out, and its pages never went.
+    assert len(set(locks.SINGLE_KEYS.values())) == len(locks.SINGLE_KEYS)
+    assert HEALTH_LEADER_LOCK == locks.HEALTH_LEADER

@@ -125,6 +125,7 @@ async def test_migrate_from_empty_records_the_version_and_creates_every_table(
         "acks",
         "device_health",
         *backend.version_tables,
+        *backend.own_tables,
     }
 
 
