@@ -25,6 +25,7 @@ from gateway.explain import FORMATS, UnsupportedFormatError, explain
 from gateway.locate import Locator, map_link
 from gateway.model import GeoFix
 from store import queries
+from store.sqlite_schema import StoreError
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -56,7 +57,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     summary: dict[str, object] = {
         "config": str(config.path),
         "store": str(config.store),
-        "database": str(config.database),
+        "database": None if config.store.path is None else str(config.store.path),
         "devices": len(config.devices),
         "devices_without_key": keyless,
         "gateways": len(config.gateways),
@@ -84,14 +85,8 @@ def cmd_incidents(args: argparse.Namespace) -> int:
     since = None
     if args.since:
         since = datetime.fromisoformat(args.since).replace(tzinfo=WIB).timestamp()
-    with queries.read_only(config.database) as conn:
-        rows = queries.incidents(
-            conn,
-            active_only=args.open,
-            kelurahan=args.kelurahan,
-            since=since,
-            limit=args.limit,
-        )
+    rows = ctl_ops.read_store(config, lambda reader: reader.incidents(
+        active_only=args.open, kelurahan=args.kelurahan, since=since, limit=args.limit))
     if args.json:
         print_json(rows)
         return 0
@@ -112,12 +107,11 @@ def cmd_incidents(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     """One incident: location, presses with their paths, and the timeline."""
     config = _config(args)
-    with queries.read_only(config.database) as conn:
-        try:
-            row = queries.incident(conn, args.id)
-        except queries.NotFoundError as exc:
-            err(exc)
-            return 1
+    try:
+        row = ctl_ops.read_store(config, lambda reader: reader.incident(args.id))
+    except queries.NotFoundError as exc:
+        err(exc)
+        return 1
     if args.json:
         print_json(row)
         return 0
@@ -146,8 +140,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     """The newest rejected frames with their reasons."""
     config = _config(args)
-    with queries.read_only(config.database) as conn:
-        rows = queries.dead_letters(conn, limit=args.limit)
+    rows = ctl_ops.read_store(config, lambda reader: reader.dead_letters(limit=args.limit))
     if args.json:
         print_json(rows)
         return 0
@@ -241,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dead-letters", cmd_dead_letters, "rejected frames and why")
     p.add_argument("--limit", type=int, default=50)
     dispatch_ctl.register(add)
+    # ack also works on a shared PostgreSQL store with no instance answering here: the
+    # one of gateway/ctl_ops.py, which needs the store (dispatch/ctl.py's needs the socket).
+    sub.choices["ack"].set_defaults(func=ctl_ops.cmd_ack)
     ctl_ops.register(add)
     ctl_migrate.register(add)
     p = add("decode", cmd_decode, "decode and verify one frame; print press and verdict",
@@ -262,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         err(exc)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, queries.StoreAccessError, StoreError) as exc:
+        # No store yet, or a server away or refusing: one line, and try again later.
         err(exc)
         return 1
     except sqlite3.DatabaseError as exc:

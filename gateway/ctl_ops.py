@@ -1,10 +1,13 @@
-"""panicctl's operations commands: status, devices, reassign, test-press, backup, purge.
+"""panicctl's operations commands: status, devices, ack, reassign, test-press, backup, purge.
 
-``status`` and ``reassign`` go through the daemon's control socket; ``status`` falls back
-to the database (exit 1, "daemon not reachable") when the daemon does not answer.
-``devices``, ``backup`` and ``purge`` work on the database beside a running daemon
-(WAL; purge takes the write lock briefly). Exit codes: 0 ok, 1 not found / unreachable /
-no feedback, 2 usage or configuration.
+``status``, ``ack`` and ``reassign`` go through the daemon's control socket; ``status``
+falls back to the store (exit 1, "daemon not reachable") when the daemon does not answer,
+and ``ack`` on a shared PostgreSQL store records the ack in the database itself, as any
+instance would. ``devices`` and ``purge`` work on the store beside running instances
+(SQLite: WAL, purge takes the write lock briefly; PostgreSQL: one transaction);
+``backup`` copies a SQLite file and sends a PostgreSQL store to pg_dump. Every read goes
+through :class:`store.queries.StoreReader`, so both backends print the same. Exit codes:
+0 ok, 1 not found / unreachable / no feedback, 2 usage or configuration.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import json
 import sqlite3
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import aiomqtt
@@ -29,19 +33,19 @@ from dispatch.health import (
     device_findings,
     device_subject,
 )
+from dispatch.messages import build_handled_sms
+from dispatch.responders import load_responders
 from firmware_sim.button import build_frame, topic_for
 from firmware_sim.fleet import SimDevice
 from gateway.config import Config, MqttSourceConfig, load_config
 from gateway.ctl_format import err, out, print_json, table, when
 from gateway.formats import native
 from gateway.model import PressKind
-from store import queries
-from store.dispatch_observe import (
-    OPEN_INCIDENTS_SQL,
-    PENDING_OUTBOX_SQL,
-    PENDING_STEPS_SQL,
-    UNHEALTHY_SQL,
-)
+from store.dispatch import Notice
+from store.queries import DeviceSeen, StoreAccessError, StoreReader, open_reader, read_only
+from store.url import StoreUrl
+
+T = TypeVar("T")
 
 
 class ControlError(Exception):
@@ -70,26 +74,48 @@ async def _control(socket_path: Path, method: str, path: str,
         return response.status, {"error": text.strip()}
 
 
+# -- reading the store ------------------------------------------------------------------
+
+
+def read_store(config: Config, view: Callable[[StoreReader], Awaitable[T]]) -> T:
+    """``view`` run on a reader of the store ``config`` names (one snapshot on PostgreSQL)."""
+
+    async def run() -> T:
+        async with open_reader(config.store) as reader:
+            return await view(reader)
+
+    return asyncio.run(run())
+
+
 # -- status ----------------------------------------------------------------------------
 
 
-def _db_status(config: Config) -> dict[str, Any]:
-    with queries.read_only(config.database) as conn:
-        return {
-            "daemon": {"reachable": False, "now": time.time()},
-            "sources": [{"name": s.name, "kind": k, "connected": None, "since": None}
-                        for k, group in (("mqtt", config.mqtt), ("serial", config.serial))
-                        for s in group],
-            "queues": {"ingest": None,
-                       "outbox": conn.execute(PENDING_OUTBOX_SQL).fetchone()[0],
-                       "escalation": conn.execute(PENDING_STEPS_SQL).fetchone()[0]},
-            "open_incidents": [dict(r) for r in conn.execute(OPEN_INCIDENTS_SQL)],
-            "unhealthy": unhealthy(config, conn, time.time()),
-        }
+async def _db_status(config: Config, reader: StoreReader, now: float) -> dict[str, Any]:
+    outbox, escalation = await reader.queue_depths()
+    return {
+        "daemon": {"reachable": False, "now": now},
+        "sources": [{"name": s.name, "kind": k, "connected": None, "since": None}
+                    for k, group in (("mqtt", config.mqtt), ("serial", config.serial))
+                    for s in group],
+        "queues": {"ingest": None, "outbox": outbox, "escalation": escalation},
+        "open_incidents": await reader.open_incidents(),
+    }
+
+
+async def _store_views(config: Config, reader: StoreReader, now: float,
+                       snapshot: dict[str, Any] | None) -> dict[str, Any]:
+    """The daemon's snapshot (or the store's own when it did not answer) with what only
+    the store knows: the unhealthy list and the instances sharing it."""
+    snap = snapshot if snapshot is not None else await _db_status(config, reader, now)
+    # The daemon lists the conditions its monitor has raised so far; `devices` reads the
+    # devices' state now. Both show :func:`unhealthy`, so they cannot disagree.
+    snap["unhealthy"] = unhealthy(config, await reader.devices(), await reader.raised(), now)
+    snap["instances"] = await reader.instances()
+    return snap
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Sources, queue depths, open incidents, pending steps and unhealthy devices."""
+    """Sources, queue depths, open incidents, pending steps, unhealthy devices, instances."""
     config = load_config(args.config)
     reason = "dispatch is not configured, so there is no control socket"
     snapshot: dict[str, Any] | None = None
@@ -105,17 +131,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             reason = str(exc)
     if snapshot is None:
         err(f"daemon not reachable ({reason}); showing the database only")
-        snapshot = _db_status(config)
-    else:
-        # The daemon lists the conditions its monitor has raised so far; `devices` reads
-        # the devices' state now. Both show :func:`unhealthy`, so they cannot disagree.
-        with queries.read_only(config.database) as conn:
-            snapshot["unhealthy"] = unhealthy(config, conn, time.time())
+    now = time.time()
+    snap = read_store(config, lambda reader: _store_views(config, reader, now, snapshot))
     if args.json:
-        print_json(snapshot)
+        print_json(snap)
     else:
-        _print_status(snapshot)
-    return 0 if snapshot["daemon"]["reachable"] else 1
+        _print_status(snap)
+    return 0 if snap["daemon"]["reachable"] else 1
 
 
 def _print_status(snap: dict[str, Any]) -> None:
@@ -143,6 +165,16 @@ def _print_status(snap: dict[str, Any]) -> None:
     if rows:
         out(*table(rows, [("subject", "SUBJECT"), ("condition", "CONDITION"),
                             ("raised", "RAISED")]))
+    instances = snap.get("instances")
+    if instances is None:
+        return  # one box (SQLite): the daemon above is the only instance
+    rows = [{**r, "started": when(r["started_at"]), "heartbeat": when(r["heartbeat_at"]),
+             "leads": "device health" if r["is_leader"] else ""} for r in instances]
+    out("", f"Instances: {len(rows)}")
+    if rows:
+        out(*table(rows, [("instance_id", "INSTANCE"), ("host", "HOST"), ("pid", "PID"),
+                            ("started", "STARTED"), ("heartbeat", "LAST HEARTBEAT"),
+                            ("leads", "LEADS")]))
 
 
 def incident_flags(row: dict[str, Any]) -> str:
@@ -154,32 +186,26 @@ def incident_flags(row: dict[str, Any]) -> str:
 # -- devices and health ------------------------------------------------------------------
 
 
-def _raised(conn: sqlite3.Connection) -> dict[tuple[str, str], float]:
-    """The conditions the daemon's health monitor has raised and not cleared, with when."""
-    return {(r[0], r[1]): r[2] for r in conn.execute(UNHEALTHY_SQL)}
-
-
 _CONDITIONS = frozenset(c.value for c in Condition)
 
 
-def device_rows(config: Config, conn: sqlite3.Connection, now: float,
-                raised: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
-    """Every registered device with what was last heard and its health state.
+def device_rows(config: Config, seen: dict[str, DeviceSeen],
+                raised: dict[tuple[str, str], float], now: float) -> list[dict[str, Any]]:
+    """Every registered device with what was last heard (``seen``, from the store) and its
+    health state.
 
     ``conditions`` is the one definition of an unhealthy device, for ``devices`` and
     ``status`` alike: never heard, or offline / low battery by :func:`device_findings`
     with the thresholds of ``[health]`` and the monitor's raised conditions (so a battery
     alert clears with the same margin the monitor uses).
     """
-    if raised is None:
-        raised = _raised(conn)
     keys: set[Key] = {(s, Condition(c)) for s, c in raised if c in _CONDITIONS}
-    seen = {r[0]: r for r in conn.execute(
-        "SELECT id, last_seen_at, battery, last_kind, last_path FROM devices")}
     settings = HealthSettings.from_config(config.health)
     out = []
     for device in sorted(config.devices.values(), key=lambda d: d.id):
-        _, last_seen, battery, kind, path = seen.get(device.id, (None, None, None, None, None))
+        heard = seen.get(device.id)
+        last_seen = heard.last_seen_at if heard else None
+        battery = heard.battery if heard else None
         view = DeviceView(device.id, device.heartbeat_interval_s, last_seen, battery)
         found = {f.condition for f in device_findings(view, settings, now, baseline=None,
                                                       raised=keys)}
@@ -189,7 +215,8 @@ def device_rows(config: Config, conn: sqlite3.Connection, now: float,
         out.append({
             "id": device.id, "hardware": device.hardware, "kelurahan": device.kelurahan_kode,
             "landmark": device.landmark, "last_seen_at": last_seen, "battery": battery,
-            "last_kind": kind, "last_path": path, "heartbeat_interval_s":
+            "last_kind": heard.last_kind if heard else None,
+            "last_path": heard.last_path if heard else None, "heartbeat_interval_s":
             device.heartbeat_interval_s, "state": ",".join(states) or "ok",
             "conditions": states,
             "offline": last_seen is None or Condition.OFFLINE in found,
@@ -198,12 +225,12 @@ def device_rows(config: Config, conn: sqlite3.Connection, now: float,
     return out
 
 
-def unhealthy(config: Config, conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+def unhealthy(config: Config, seen: dict[str, DeviceSeen],
+              raised: dict[tuple[str, str], float], now: float) -> list[dict[str, Any]]:
     """``status``'s Unhealthy list: each condition of each device whose ``devices`` state is
     not ok, then the source and provider conditions the daemon has raised."""
-    raised = _raised(conn)
     rows = []
-    for device in device_rows(config, conn, now, raised):
+    for device in device_rows(config, seen, raised, now):
         subject = device_subject(device["id"])
         rows += [{"subject": subject, "condition": condition,
                   "raised_at": raised.get((subject, condition))}
@@ -217,8 +244,12 @@ def unhealthy(config: Config, conn: sqlite3.Connection, now: float) -> list[dict
 def cmd_devices(args: argparse.Namespace) -> int:
     """Registered devices: last seen, battery, offline / low battery."""
     config = load_config(args.config)
-    with queries.read_only(config.database) as conn:
-        rows = device_rows(config, conn, time.time())
+    now = time.time()
+
+    async def view(reader: StoreReader) -> list[dict[str, Any]]:
+        return device_rows(config, await reader.devices(), await reader.raised(), now)
+
+    rows = read_store(config, view)
     if args.offline:
         rows = [r for r in rows if r["offline"]]
     if args.low_battery:
@@ -233,6 +264,80 @@ def cmd_devices(args: argparse.Namespace) -> int:
                         ("batt", "BATTERY"), ("last_kind", "LAST"), ("hardware", "HARDWARE"),
                         ("landmark", "LANDMARK")]))
     return 0
+
+
+# -- ack -------------------------------------------------------------------------------
+
+
+async def ack_in_store(store_url: StoreUrl, incident_id: int, *, person_id: str | None,
+                       name: str, now: float) -> dict[str, Any]:
+    """Record an operator's ack in a shared PostgreSQL store, as an instance's control API
+    would (dispatch/responses.py): one conditional update under the incident's row lock
+    (``record_ack``), so of acks at once, on any instance or here, one only is the first;
+    it stops escalation and queues "handled by" to those already paged."""
+    # Imported here: a SQLite panicctl never loads the PostgreSQL driver.
+    from store.pg_dispatch import PgDispatchStore  # noqa: PLC0415
+    from store.pg_queries import require_current_schema  # noqa: PLC0415
+
+    reply = {"incident": incident_id, "status": "unknown", "first": False,
+             "accepted": False, "repeated": False}
+    # Opening the dispatch store migrates; panicctl must not move a schema under the
+    # instances, so it acks only on the schema it knows.
+    await require_current_schema(store_url)
+    async with PgDispatchStore(str(store_url.dsn), password=store_url.password,
+                               max_size=1) as store:
+        incident = await store.incident(incident_id)
+        if incident is None:
+            return reply
+        body = build_handled_sms(incident_code=str(incident_id), responder_name=name, at=now,
+                                 test=incident.test)
+        recorded = await store.record_ack(
+            incident_id, person_id=person_id, name=name, via="cli", now=now,
+            handled=Notice(f"{incident_id}:handled", "handled", body))
+    accepted = recorded.outcome != "ignored"
+    return {**reply, "status": "acknowledged" if recorded.outcome in ("first", "added")
+            else recorded.status, "first": recorded.outcome == "first",
+            "accepted": accepted, "repeated": recorded.outcome == "repeated"}
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    """Acknowledge an incident (stops escalation) and say who handles it.
+
+    Through this machine's instance (its control socket); on a shared PostgreSQL store
+    with no instance answering here, in the database itself. Either way the first ack
+    wins and a later one is told whose it was.
+    """
+    config = load_config(args.config)
+    if config.dispatch is None:
+        err("dispatch is not configured ([dispatch] section)")
+        return 2
+    path = f"/ops/incidents/{args.id}/ack"
+    try:
+        code, reply = asyncio.run(_control(config.dispatch.control_socket, "POST", path,
+                                           {"by": args.by}))
+    except ControlError as exc:
+        if config.store.backend != "postgresql":
+            err(f"cannot reach panicd: {exc} (is it running?)")
+            return 1
+        # Named as the control API names them: a known person id acks as that person.
+        person = load_responders(config.dispatch.responders_file)[0].people.get(args.by)
+        reply = asyncio.run(ack_in_store(
+            config.store, args.id, person_id=args.by if person else None,
+            name=person.name if person else args.by, now=time.time()))
+        code = 404 if reply["status"] == "unknown" else 200
+        reply["via"] = "database"
+    if code == 200:
+        first = read_store(config, lambda reader: reader.first_ack(args.id))
+        reply["handled_by"] = first["actor"] if first else None
+    if args.json:
+        print_json(reply)
+    elif code == 200:
+        out(" ".join(f"{k}={v}" for k, v in sorted(reply.items())))
+        if not reply.get("first") and reply.get("handled_by"):
+            out(f"incident {args.id} is handled by {reply['handled_by']}")
+    else:
+        err(str(reply.get("error", reply)))
+    return 0 if code == 200 else 1
 
 
 # -- reassign --------------------------------------------------------------------------
@@ -311,12 +416,12 @@ def cmd_test_press(args: argparse.Namespace) -> int:
                                                            if args.source else ""))
         return 2
     counter = int(time.time())
-    if config.database.exists():
-        with queries.read_only(config.database) as conn:
-            row = conn.execute("SELECT last_counter FROM devices WHERE id = ?",
-                               (device.id,)).fetchone()
-        if row is not None and row[0] is not None:
-            counter = max(counter, int(row[0]) + 1)
+    try:
+        seen = read_store(config, lambda reader: reader.devices()).get(device.id)
+    except (FileNotFoundError, StoreAccessError):
+        seen = None  # no store yet (or unreachable): the clock's counter is new anyway
+    if seen is not None and seen.last_counter is not None:
+        counter = max(counter, seen.last_counter + 1)
     sim = SimDevice(device.id, device.key, device.location)
     try:
         feedback = asyncio.run(send_test_press(source, sim, counter, args.timeout))
@@ -342,13 +447,19 @@ def cmd_test_press(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     """An online, consistent copy of the database (SQLite backup API)."""
     config = load_config(args.config)
+    if config.store.path is None:
+        # The server's own tools make a consistent copy of a live cluster; a copy by
+        # panicctl would be one more, weaker, way to do it.
+        err(f"backup copies a SQLite store; {config.store} is PostgreSQL: use pg_dump -Fc "
+            "(or the cluster's base backups and WAL archive)")
+        return 2
     target: Path = args.file
     if target.exists() and not args.force:
         err(f"{target} exists (use --force to overwrite)")
         return 2
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
-    with queries.read_only(config.database) as source:
+    with read_only(config.database) as source:
         dest = sqlite3.connect(partial)
         try:
             # One step (pages=-1) under one read transaction: a consistent snapshot even
@@ -416,7 +527,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return 2
     config = load_config(args.config)
     cutoff = time.time() - args.older_than * 86400.0
-    counts = purge(config.database, cutoff, dry_run=args.dry_run)
+    if config.store.path is not None:
+        counts = purge(config.store.path, cutoff, dry_run=args.dry_run)
+    else:
+        from store import pg_queries  # noqa: PLC0415  # SQLite never loads the driver
+
+        statements = [(table, sql.format(closed=_CLOSED)) for table, sql in PURGE_STATEMENTS]
+        counts = asyncio.run(pg_queries.purge(config.store, statements, {"cutoff": cutoff},
+                                              dry_run=args.dry_run))
     if args.json:
         print_json({"dry_run": args.dry_run, "cutoff": cutoff, "deleted": counts})
     else:
@@ -429,7 +547,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def register(add: Any) -> None:
     """Add the operations subcommands to panicctl's parser."""
-    add("status", cmd_status, "sources, queues, open incidents, pending steps, unhealthy devices")
+    add("status", cmd_status,
+        "sources, queues, open incidents, pending steps, unhealthy devices, instances")
     p = add("devices", cmd_devices, "registered devices: last seen, battery, offline")
     p.add_argument("--offline", action="store_true", help="only offline or never seen")
     p.add_argument("--low-battery", action="store_true", help="only low battery")

@@ -7,6 +7,7 @@ file+key errors; exit codes 0 / 1 (not found) / 2 (bad configuration).
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import re
 import sqlite3
@@ -138,7 +139,7 @@ def test_listing_the_open_incidents_reads_no_whole_table(fleet: Fleet) -> None:
     statements: list[str] = []
     with queries.read_only(fleet.database) as conn:
         conn.set_trace_callback(statements.append)
-        listed = queries.incidents(conn, active_only=True)
+        listed = asyncio.run(queries.SqliteReader(conn).incidents(active_only=True))
         conn.set_trace_callback(None)
         assert len(statements) == 1
         assert [row["id"] for row in listed] == [3, 1]
