@@ -9,7 +9,7 @@ ingest.Ingestor` around it owns the queue, the transaction and the acknowledgeme
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from gateway.dedup import (
@@ -46,6 +46,12 @@ from store.ingest import (
     TimelineRow,
 )
 
+# Copies of one transmission reach every instance within milliseconds; a button's next
+# transmission of the press comes 0.8 s later at the soonest (1 s less 20 %, docs/FRAMES.md).
+# A copy this far or further from the last answered one is a new transmission, answered
+# once more: its button did not hear the first "received".
+SAME_TRANSMISSION_S = 0.5
+
 
 @dataclass(frozen=True, slots=True)
 class Stored:
@@ -60,11 +66,17 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class Repeated:
-    """The press was already stored; this copy added a path."""
+    """The press was already stored; this copy added a path.
+
+    ``answer`` is False for a copy of a transmission another copy was answered for
+    (another instance's, on one shared store): its source sends the button no second
+    "received".
+    """
 
     press_id: int
     device_id: str
     counter: int | None
+    answer: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +125,10 @@ class Inbound:
     format: str
     trust: Trust
     on_done: Callable[[Outcome], None]
+    # The source answers "received" on a broker every instance subscribes to (a native
+    # button over MQTT): a copy of a press already stored is answered only if no copy of
+    # its transmission was (``Repeated.answer``).
+    answers_shared: bool = False
 
 
 class Registry(Protocol):
@@ -246,6 +262,9 @@ class BatchProcessor:
                 return self._dead_letter(item, work, reason, detail)
             case Duplicate(device, press_id):
                 work.writes.paths.append(self._path_row(press_id, item))
+                answer = True
+                if item.answers_shared and known is not None:
+                    answer = self._claim_answer(known, device.id, frame.counter, at, work)
                 work.logs.append(
                     (
                         "press.duplicate",
@@ -257,11 +276,25 @@ class BatchProcessor:
                         },
                     )
                 )
-                return Repeated(press_id, device.id, frame.counter)
+                return Repeated(press_id, device.id, frame.counter, answer)
             case Accept(device, counter_reset, trust):
                 return self._accept(
                     item, frame, device, work, counter_reset=counter_reset, trust=trust
                 )
+
+    @staticmethod
+    def _claim_answer(known: KnownPress, device_id: str, counter: int | None, at: float,
+                      work: BatchResult) -> bool:
+        """Whether this copy of a stored press is the one of its transmission to answer
+        "received"; if so it is recorded as answered (decided under the device's lock,
+        so of the instances that received the transmission, one answers)."""
+        answered = known.received_at if known.answered_at is None else known.answered_at
+        if abs(at - answered) < SAME_TRANSMISSION_S:
+            return False
+        work.writes.answered.append((known.press_id, at))
+        if counter is not None:
+            work.known[device_id, counter] = replace(known, answered_at=at)
+        return True
 
     def _path_row(self, press_id: int, item: Inbound) -> PathRow:
         r = item.reception

@@ -84,6 +84,10 @@ class KnownPress:
     kind: PressKind
     received_at: float
     trust: Trust = Trust.SIGNED
+    # When a copy of it was last answered "received" (its first copy's reception until a
+    # later one is answered): which copy of a transmission several instances received
+    # answers it (gateway/batch.py ``SAME_TRANSMISSION_S``).
+    answered_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,6 +138,8 @@ class BatchWrites:
     timeline: list[TimelineRow] = field(default_factory=list)
     devices: dict[str, DeviceSeen] = field(default_factory=dict)
     dead_letters: list[DeadLetterRow] = field(default_factory=list)
+    # (press id, when): a copy of a stored press answered "received" (presses.answered_at).
+    answered: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,10 @@ press at once. Exactness comes from the database, not from timing:
 
 Ids are handed out synchronously by the pipeline, so they are reserved ahead from the
 tables' identity sequences; several instances never get the same id, gaps are expected.
+
+A batch is four round trips (docs/PERFORMANCE.md measured each statement's cost under
+load): BEGIN with the device locks (one simple-protocol message), one statement reading
+the batch's state, one statement writing everything (data-modifying CTEs), COMMIT.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ from types import TracebackType
 from typing import Any
 
 from asyncpg.pool import PoolConnectionProxy
-from asyncpg.transaction import Transaction
 
 from gateway.dedup import ActiveIncident
 from gateway.model import PressKind, Trust
 from gateway.verify import DeviceState, KnownPress
+from store import locks
 from store.ingest import (
     BatchState,
     BatchWrites,
@@ -47,7 +51,7 @@ from store.sqlite_schema import StoreError
 
 # The first key of the two-int4 advisory locks ingest takes per device (the two-key
 # space is apart from the single-bigint one migrations use).
-DEVICE_LOCK_CLASS = 0x70616E69  # "pani"
+DEVICE_LOCK_CLASS = locks.DEVICE_CLASS
 
 _CLOSED = ("resolved", "cancelled")
 
@@ -98,68 +102,96 @@ _RESERVE = (
     " ARRAY(SELECT nextval('incidents_id_seq') FROM generate_series(1, $2))"
 )
 # Evaluated row by row in the array's order, which is sorted: every instance takes its
-# locks in one global order, so two never wait for each other in a cycle.
+# locks in one global order, so two never wait for each other in a cycle. Sent with BEGIN
+# as one simple-protocol message (the keys are ints, formatted by int()), so the lock
+# costs no round trip of its own.
+_BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
+_LOCK_DEVICES_LITERAL = (
+    "SELECT pg_advisory_xact_lock({cls}, key) FROM unnest('{{{keys}}}'::int4[]) AS key"
+)
 _LOCK_DEVICES = "SELECT pg_advisory_xact_lock($1, key) FROM unnest($2::int4[]) AS key"
-_DEVICES = (
-    "SELECT id, last_counter, last_seen_at, battery, replay_window, last_network_counter"
+# Device state, active incidents and stored presses in one statement (one snapshot, one
+# round trip), told apart by ``part``: 0 devices, 1 active incidents (by id: the newest
+# wins, as before), 2 stored presses (by id).
+_STATE = (
+    "SELECT 0 AS part, id AS device_id, NULL::bigint AS id, last_counter AS n1,"
+    " battery AS n2, replay_window AS n3, last_network_counter AS n4, last_seen_at AS f,"
+    " NULL::text AS t1, NULL::text AS t2, NULL::float8 AS f2"
     " FROM devices WHERE id = ANY($1::text[])"
-)
-_ACTIVE = (
-    "SELECT id, device_id, test, opened_at, press_count, urgent FROM incidents"
-    " WHERE device_id = ANY($1::text[]) AND status IN ('open', 'acknowledged') ORDER BY id"
-)
-_KNOWN = (
-    "SELECT p.device_id, p.counter, p.id, p.kind, p.received_at, p.trust"
-    " FROM unnest($1::text[], $2::bigint[]) AS k (device_id, counter)"
+    " UNION ALL"
+    " SELECT 1, device_id, id, test, press_count, urgent, NULL, opened_at, NULL, NULL, NULL"
+    " FROM incidents WHERE device_id = ANY($1::text[]) AND status IN ('open', 'acknowledged')"
+    " UNION ALL"
+    " SELECT 2, p.device_id, p.id, p.counter, NULL, NULL, NULL, p.received_at, p.kind, p.trust,"
+    " p.answered_at"
+    " FROM unnest($2::text[], $3::bigint[]) AS k (device_id, counter)"
     " JOIN presses AS p ON p.device_id = k.device_id AND p.counter = k.counter"
-    " ORDER BY p.id"
+    " ORDER BY part, id"
 )
-_INSERT_INCIDENT = (
+# The parts of the one write statement, each a data-modifying CTE over unnest()ed column
+# arrays ({} is the unnest's argument list). They share one snapshot and cannot see each
+# other's rows; what they must agree on is arranged in write().
+_UPDATE_INCIDENTS = (
+    "UPDATE incidents AS i SET"
+    " press_count = i.press_count + c.add_presses,"
+    " last_press_at = CASE WHEN c.pressed_at IS NULL THEN i.last_press_at"
+    " ELSE GREATEST(i.last_press_at, c.pressed_at) END,"
+    " updated_at = GREATEST(i.updated_at, c.at),"
+    " status = COALESCE(c.status, i.status),"
+    " closed_at = COALESCE(c.closed_at, i.closed_at),"
+    " urgent = COALESCE(c.urgent, i.urgent),"
+    " lat = COALESCE(c.lat, i.lat), lon = COALESCE(c.lon, i.lon),"
+    " location_source = COALESCE(c.location_source, i.location_source)"
+    " FROM unnest({}) AS c (id, add_presses, pressed_at, at, status, closed_at, urgent, lat,"
+    " lon, location_source)"
+    " WHERE i.id = c.id"
+)
+_UPDATE_TYPES = ("bigint", "bigint", "float8", "float8", "text", "float8", "bigint", "float8",
+                 "float8", "text")
+_INSERT_INCIDENTS = (
     "INSERT INTO incidents (id, device_id, status, test, urgent, opened_at, updated_at,"
     " closed_at, press_count, last_press_at, lat, lon, location_source, kelurahan_kode,"
     " kelurahan, kecamatan, kelurahan_match, address, landmark)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
-    " $18, $19)"
+    " SELECT * FROM unnest({})"
 )
-_UPDATE_INCIDENT = (
-    "UPDATE incidents SET"
-    " press_count = press_count + $1,"
-    " last_press_at = CASE WHEN $1 > 0 THEN GREATEST(last_press_at, $2) ELSE last_press_at END,"
-    " updated_at = GREATEST(updated_at, $2),"
-    " status = COALESCE($3, status),"
-    " closed_at = CASE WHEN $3 IN ('resolved', 'cancelled') THEN $2 ELSE closed_at END,"
-    " urgent = COALESCE($4, urgent),"
-    " lat = COALESCE($5, lat), lon = COALESCE($6, lon),"
-    " location_source = COALESCE($7, location_source)"
-    " WHERE id = $8"
-)
+_INCIDENT_TYPES = ("bigint", "text", "text", "bigint", "bigint", "float8", "float8", "float8",
+                   "bigint", "float8", "float8", "float8", "text", "text", "text", "text",
+                   "text", "text", "text")
 # A signed press already stored is skipped, not an error that aborts the transaction;
 # RETURNING tells which rows went in.
 _INSERT_PRESSES = (
     "INSERT INTO presses (id, device_id, counter, kind, format, trust, received_at,"
     " device_time, battery, lat, lon, accuracy_m, incident_id, outcome)"
-    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[],"
-    " $6::text[], $7::float8[], $8::bigint[], $9::bigint[], $10::float8[], $11::float8[],"
-    " $12::float8[], $13::bigint[], $14::text[])"
+    " SELECT * FROM unnest({})"
     " ON CONFLICT (device_id, counter) WHERE trust = 'signed' DO NOTHING"
     " RETURNING id"
 )
+_PRESS_TYPES = ("bigint", "text", "bigint", "text", "text", "text", "float8", "bigint",
+                "bigint", "float8", "float8", "float8", "bigint", "text")
+# A path of a press this batch inserts goes in only if the press did (``presses_in``):
+# one skipped as a peer's must fail as PressConflictError, not as a foreign key.
 _UPSERT_PATHS = (
     "INSERT INTO press_paths (press_id, path, first_heard_at, last_heard_at, heard, rssi, snr)"
-    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::float8[],"
-    " $5::bigint[], $6::float8[], $7::float8[])"
+    " SELECT x.press_id, x.path, x.first_heard_at, x.last_heard_at, x.heard, x.rssi, x.snr"
+    " FROM unnest({}) AS x (press_id, path, first_heard_at, last_heard_at, heard, rssi, snr,"
+    " new_press)"
+    " WHERE NOT x.new_press OR x.press_id IN (SELECT id FROM presses_in)"
     " ON CONFLICT (press_id, path) DO UPDATE SET heard = press_paths.heard + EXCLUDED.heard,"
     " last_heard_at = GREATEST(press_paths.last_heard_at, EXCLUDED.last_heard_at)"
 )
-_INSERT_EVENT = (
+_PATH_TYPES = ("bigint", "text", "float8", "float8", "bigint", "float8", "float8", "bool")
+# In the batch's order (ids, and so the timeline's order, follow it).
+_INSERT_EVENTS = (
     "INSERT INTO incident_events (incident_id, at, event, reason, actor, press_id, detail)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    " SELECT incident_id, at, event, reason, actor, press_id, detail"
+    " FROM unnest({}) WITH ORDINALITY"
+    " AS t (incident_id, at, event, reason, actor, press_id, detail, n) ORDER BY n"
 )
+_EVENT_TYPES = ("bigint", "float8", "text", "text", "text", "bigint", "text")
 _UPSERT_DEVICES = (
     "INSERT INTO devices (id, last_counter, last_seen_at, last_kind, last_path, battery,"
     " replay_window, last_network_counter)"
-    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::text[], $5::text[],"
-    " $6::bigint[], $7::bigint[], $8::bigint[])"
+    " SELECT * FROM unnest({})"
     " ON CONFLICT (id) DO UPDATE SET"
     " last_counter = COALESCE(EXCLUDED.last_counter, devices.last_counter),"
     " last_seen_at = GREATEST(COALESCE(devices.last_seen_at, 0), EXCLUDED.last_seen_at),"
@@ -169,10 +201,45 @@ _UPSERT_DEVICES = (
     " last_network_counter = COALESCE(EXCLUDED.last_network_counter,"
     " devices.last_network_counter)"
 )
-_INSERT_DEAD_LETTER = (
-    "INSERT INTO dead_letters (received_at, source, path, format, device_ref, reason,"
-    " detail, payload) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+# A copy of a stored press answered "received" (gateway/batch.py _claim_answer).
+_ANSWERED = (
+    "UPDATE presses AS p SET answered_at = GREATEST(COALESCE(p.answered_at, 0), a.at)"
+    " FROM unnest({}) AS a (id, at) WHERE p.id = a.id"
 )
+_ANSWERED_TYPES = ("bigint", "float8")
+_DEVICE_TYPES = ("text", "bigint", "float8", "text", "text", "bigint", "bigint", "bigint")
+_INSERT_DEAD_LETTERS = (
+    "INSERT INTO dead_letters (received_at, source, path, format, device_ref, reason,"
+    " detail, payload)"
+    " SELECT received_at, source, path, format, device_ref, reason, detail, payload"
+    " FROM unnest({}) WITH ORDINALITY"
+    " AS d (received_at, source, path, format, device_ref, reason, detail, payload, n)"
+    " ORDER BY n"
+)
+_DEAD_LETTER_TYPES = ("float8", "text", "text", "text", "text", "text", "text", "bytea")
+
+
+class _Statement:
+    """One write statement being put together: its CTEs and their array arguments."""
+
+    def __init__(self) -> None:
+        self.ctes: list[str] = []
+        self.args: list[list[Any]] = []
+
+    def add(self, name: str, template: str, types: Sequence[str],
+            rows: Sequence[Sequence[Any]]) -> None:
+        """The CTE ``name``: ``template`` over ``rows`` as one array per column."""
+        first = len(self.args) + 1
+        arrays = ", ".join(f"${first + index}::{kind}[]" for index, kind in enumerate(types))
+        self.ctes.append(f"{name} AS ({template.format(arrays)})")
+        self.args.extend(_columns(rows, len(types)))
+
+    def sql(self, returning: str | None) -> str:
+        """The statement; its rows are ``returning``'s ids (none without it)."""
+        # ``returning`` is one of this module's CTE names, never outside text.
+        main = (f"SELECT id FROM {returning}" if returning  # noqa: S608
+                else "SELECT NULL::bigint AS id WHERE false")
+        return f"WITH {', '.join(self.ctes)} {main}"
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
@@ -210,8 +277,42 @@ def _new_incident_row(row: IncidentRow, changes: Iterable[IncidentChange]) -> tu
     )
 
 
-def _path_rows(paths: Iterable[PathRow]) -> list[tuple[Any, ...]]:
-    """One row per (press, path): the first hearing's values, the count, the last time.
+def _folded_change(changes: Sequence[IncidentChange]) -> tuple[Any, ...]:
+    """An existing incident's changes in this batch, in their order, as one update row.
+
+    One statement cannot update a row twice, so the changes are folded here into what
+    applying them one by one leaves (``_UPDATE_INCIDENTS``'s columns): the presses
+    summed, the latest time of a change that added presses and of any change, the last
+    status given and the time of the last change to a closed one, and the last value
+    given of each other field.
+    """
+    add_presses = 0
+    pressed_at: float | None = None
+    at = changes[0].at
+    status: str | None = None
+    closed_at: float | None = None
+    urgent: int | None = None
+    lat: float | None = None
+    lon: float | None = None
+    source: str | None = None
+    for change in changes:
+        add_presses += change.add_presses
+        if change.add_presses > 0:
+            pressed_at = change.at if pressed_at is None else max(pressed_at, change.at)
+        at = max(at, change.at)
+        status = status if change.status is None else change.status
+        closed_at = change.at if change.status in _CLOSED else closed_at
+        urgent = urgent if change.urgent is None else int(change.urgent)
+        lat = lat if change.lat is None else change.lat
+        lon = lon if change.lon is None else change.lon
+        source = source if change.location_source is None else change.location_source
+    return (changes[0].id, add_presses, pressed_at, at, status, closed_at, urgent, lat, lon,
+            source)
+
+
+def _path_rows(paths: Iterable[PathRow], new_presses: set[int]) -> list[tuple[Any, ...]]:
+    """One row per (press, path): the first hearing's values, the count, the last time,
+    and whether the press is one this batch inserts.
 
     One statement cannot touch a row twice, so hearings of one path in one batch are
     merged here, to the row the SQLite store's one-by-one upserts leave.
@@ -222,7 +323,7 @@ def _path_rows(paths: Iterable[PathRow]) -> list[tuple[Any, ...]]:
         row = merged.get(key)
         if row is None:
             merged[key] = [path.press_id, path.path, path.heard_at, path.heard_at, 1,
-                           path.rssi, path.snr]
+                           path.rssi, path.snr, path.press_id in new_presses]
         else:
             row[3] = max(row[3], path.heard_at)
             row[4] += 1
@@ -243,7 +344,8 @@ class PgIngestStore(PgDatabase):
         self._presses = _Ids("presses")
         self._incidents = _Ids("incidents")
         self._conn: PoolConnectionProxy | None = None
-        self._tx: Transaction | None = None
+        # BEGIN has been sent on _conn (begin() only takes the connection).
+        self._begun = False
         # Set once COMMIT has been sent: a failure after it leaves the batch in doubt, so
         # its ids may be stored and must not be handed out again.
         self._commit_sent = False
@@ -300,38 +402,52 @@ class PgIngestStore(PgDatabase):
     @property
     def conn(self) -> PoolConnectionProxy:
         """The connection of the open transaction."""
-        if self._conn is None or self._tx is None:
+        if self._conn is None:
             raise StoreError(f"{type(self).__name__} has no open transaction")
         return self._conn
 
     async def begin(self) -> None:
-        """Start the batch's transaction on a pooled connection (READ COMMITTED)."""
+        """Start the batch on a pooled connection; BEGIN itself (READ COMMITTED) goes
+        with the batch's device locks in batch_state, or before the first write."""
         conn = await self.pool.acquire()
         try:
             await self._refill(conn)
-            tx = conn.transaction()
-            await tx.start()
         except BaseException:
             await self.pool.release(conn)
             raise
-        self._conn, self._tx, self._commit_sent = conn, tx, False
+        self._conn, self._begun, self._commit_sent = conn, False, False
+
+    async def _begin_locked(self, conn: PoolConnectionProxy, keys: Sequence[int]) -> None:
+        """Send BEGIN, and take the advisory locks ``keys`` (sorted) in the same message."""
+        if self._begun:
+            if keys:
+                await conn.execute(_LOCK_DEVICES, DEVICE_LOCK_CLASS, list(keys))
+            return
+        statements = [_BEGIN]
+        if keys:
+            statements.append(_LOCK_DEVICES_LITERAL.format(
+                cls=int(DEVICE_LOCK_CLASS), keys=",".join(str(int(key)) for key in keys)))
+        # No arguments: asyncpg sends it as one simple query, both statements at once.
+        self._begun = True
+        await conn.execute("; ".join(statements))
 
     async def commit(self) -> None:
         """Make the batch durable."""
-        if self._tx is None:
-            raise StoreError(f"{type(self).__name__} has no open transaction")
-        self._commit_sent = True
-        await self._tx.commit()
+        conn = self.conn
+        if self._begun:
+            self._commit_sent = True
+            await conn.execute("COMMIT")
         self._presses.keep()
         self._incidents.keep()
         await self._release()
 
     async def rollback(self) -> None:
         """Abandon the batch (ids handed out since begin are forgotten)."""
-        tx = self._tx
+        conn = self._conn
         try:
-            if tx is not None and not self._commit_sent:
-                await tx.rollback()
+            if conn is not None and self._begun and not self._commit_sent \
+                    and not conn.is_closed():
+                await conn.execute("ROLLBACK")
         finally:
             if self._commit_sent:
                 # The COMMIT may have reached the server: never reuse these ids.
@@ -343,10 +459,11 @@ class PgIngestStore(PgDatabase):
             await self._release()
 
     async def _release(self) -> None:
-        conn, self._conn, self._tx = self._conn, None, None
-        self._commit_sent = False
+        conn, self._conn = self._conn, None
+        self._begun = self._commit_sent = False
         if conn is not None:
-            # A broken connection is terminated by the pool here, not reused.
+            # A broken connection is terminated by the pool here, not reused; one left in
+            # a transaction is rolled back by it.
             await self.pool.release(conn)
 
     async def batch_state(
@@ -354,98 +471,110 @@ class PgIngestStore(PgDatabase):
     ) -> BatchState:
         """Device state, active incidents and already stored presses for a batch, read
         under the batch's devices' locks (outside a batch: a plain read)."""
+        ids = sorted(set(device_ids))
+        key_list = sorted(set(keys))
         if self._conn is not None:
-            return await self._batch_state(self._conn, device_ids, keys)
+            locked = {device_lock_key(device) for device in {*ids, *(k[0] for k in key_list)}}
+            # Its own statement before the reads: a statement's snapshot is taken before
+            # it runs, so reads in the lock's statement would not see what it waited for.
+            await self._begin_locked(self._conn, sorted(locked))
+            return await self._batch_state(self._conn, ids, key_list)
         async with self.pool.acquire() as conn:
-            return await self._batch_state(conn, device_ids, keys)
+            return await self._batch_state(conn, ids, key_list)
 
     @staticmethod
     async def _batch_state(
-        conn: PoolConnectionProxy, device_ids: Iterable[str], keys: Iterable[tuple[str, int]]
+        conn: PoolConnectionProxy, ids: list[str], key_list: list[tuple[str, int]]
     ) -> BatchState:
-        ids = sorted(set(device_ids))
-        key_list = sorted(set(keys))
-        locked = {device_lock_key(device) for device in {*ids, *(k[0] for k in key_list)}}
-        if locked and conn.is_in_transaction():
-            # Its own statement: a statement's snapshot is taken before it runs, so reads
-            # in the same statement would not see what the lock waited for.
-            await conn.execute(_LOCK_DEVICES, DEVICE_LOCK_CLASS, sorted(locked))
         devices: dict[str, DeviceState] = {}
         active: dict[str, ActiveIncident] = {}
         active_test: dict[str, ActiveIncident] = {}
-        if ids:
-            for row in await conn.fetch(_DEVICES, ids):
-                devices[row[0]] = DeviceState(
-                    row[0], row[1], row[2], row[3], window_from_sql(row[4]), row[5]
-                )
-            for row in await conn.fetch(_ACTIVE, ids):
-                incident = ActiveIncident(
-                    id=row[0], device_id=row[1], test=bool(row[2]), opened_at=row[3],
-                    press_count=row[4], urgent=bool(row[5]),
-                )
-                (active_test if incident.test else active)[incident.device_id] = incident
         known: dict[tuple[str, int], KnownPress] = {}
-        if key_list:
-            rows = await conn.fetch(_KNOWN, [k[0] for k in key_list], [k[1] for k in key_list])
-            for row in rows:
-                known[row[0], row[1]] = KnownPress(
-                    row[2], PressKind(row[3]), row[4], Trust(row[5])
-                )
+        if not ids and not key_list:
+            return BatchState(devices, active, active_test, known)
+        rows = await conn.fetch(_STATE, ids, [k[0] for k in key_list], [k[1] for k in key_list])
+        for part, device, row_id, n1, n2, n3, n4, f, t1, t2, f2 in rows:
+            if part == 0:
+                devices[device] = DeviceState(device, n1, f, n2, window_from_sql(n3), n4)
+            elif part == 1:
+                incident = ActiveIncident(id=row_id, device_id=device, test=bool(n1),
+                                          opened_at=f, press_count=n2, urgent=bool(n3))
+                (active_test if incident.test else active)[device] = incident
+            else:
+                known[device, n1] = KnownPress(row_id, PressKind(t1), f, Trust(t2), f2)
         return BatchState(devices, active, active_test, known)
 
     async def write(self, writes: BatchWrites) -> None:
-        """Apply a batch's writes inside the open transaction."""
+        """Apply a batch's writes inside the open transaction: one statement, two when
+        the batch both changes stored incidents and opens new ones."""
         conn = self.conn
+        await self._begin_locked(conn, ())
         new_ids = {incident.id for incident in writes.incidents}
-        # Changes to incidents stored before go first: one may close an incident that a
-        # new one of this batch replaces (a test press after the test window).
-        old_changes = [c for c in writes.incident_changes if c.id not in new_ids]
-        if old_changes:
-            await conn.executemany(_UPDATE_INCIDENT, [
-                (c.add_presses, c.at, c.status, None if c.urgent is None else int(c.urgent),
-                 c.lat, c.lon, c.location_source, c.id)
-                for c in old_changes
-            ])
+        by_incident: dict[int, list[IncidentChange]] = {}
+        for change in writes.incident_changes:
+            by_incident.setdefault(change.id, []).append(change)
+        old = [_folded_change(changes) for incident_id, changes in by_incident.items()
+               if incident_id not in new_ids]
+        statement = _Statement()
+        if old:
+            if writes.incidents:
+                # Before the inserts, in a statement of its own: a change may close an
+                # incident that a new one of this batch replaces (a test press after the
+                # test window), and the unique index checks each row as it goes in, while
+                # the CTEs of one statement run in no promised order.
+                first = _Statement()
+                first.add("changed", _UPDATE_INCIDENTS, _UPDATE_TYPES, old)
+                await conn.execute(first.sql(None), *first.args)
+            else:
+                statement.add("changed", _UPDATE_INCIDENTS, _UPDATE_TYPES, old)
         if writes.incidents:
-            await conn.executemany(_INSERT_INCIDENT, [
-                _new_incident_row(i, [c for c in writes.incident_changes if c.id == i.id])
-                for i in writes.incidents
+            statement.add("opened", _INSERT_INCIDENTS, _INCIDENT_TYPES, [
+                _new_incident_row(i, by_incident.get(i.id, ())) for i in writes.incidents
             ])
         if writes.presses:
-            await self._insert_presses(conn, writes)
+            statement.add("presses_in", _INSERT_PRESSES, _PRESS_TYPES, [
+                (p.id, p.device_id, p.counter, p.kind, p.format, p.trust, p.received_at,
+                 p.device_time, p.battery, p.lat, p.lon, p.accuracy_m, p.incident_id,
+                 p.outcome)
+                for p in writes.presses
+            ])
         if writes.paths:
-            await conn.execute(_UPSERT_PATHS, *_columns(_path_rows(writes.paths), 7))
+            if not writes.presses:
+                statement.add("presses_in", "SELECT NULL::bigint AS id WHERE false{}", (), [])
+            new_presses = {p.id for p in writes.presses}
+            statement.add("paths", _UPSERT_PATHS, _PATH_TYPES,
+                          _path_rows(writes.paths, new_presses))
         if writes.timeline:
-            await conn.executemany(_INSERT_EVENT, [
+            statement.add("events", _INSERT_EVENTS, _EVENT_TYPES, [
                 (t.incident_id, t.at, t.event, t.reason, t.actor, t.press_id,
                  None if t.detail is None else json.dumps(t.detail, sort_keys=True))
                 for t in writes.timeline
             ])
+        if writes.answered:
+            statement.add("answered", _ANSWERED, _ANSWERED_TYPES, writes.answered)
         if writes.devices:
-            rows = [
+            statement.add("devices_seen", _UPSERT_DEVICES, _DEVICE_TYPES, [
                 (d.state.device_id, d.state.last_counter, d.state.last_seen_at, d.kind,
                  d.path, d.state.battery, window_to_sql(d.state.window),
                  d.state.last_network_counter)
                 for d in writes.devices.values()
-            ]
-            await conn.execute(_UPSERT_DEVICES, *_columns(rows, 8))
+            ])
         if writes.dead_letters:
-            await conn.executemany(_INSERT_DEAD_LETTER, [
+            statement.add("dead", _INSERT_DEAD_LETTERS, _DEAD_LETTER_TYPES, [
                 (d.received_at, d.source, d.path, d.format, d.device_ref, d.reason, d.detail,
                  d.payload)
                 for d in writes.dead_letters
             ])
-
-    @staticmethod
-    async def _insert_presses(conn: PoolConnectionProxy, writes: BatchWrites) -> None:
-        rows = [
-            (p.id, p.device_id, p.counter, p.kind, p.format, p.trust, p.received_at,
-             p.device_time, p.battery, p.lat, p.lon, p.accuracy_m, p.incident_id, p.outcome)
-            for p in writes.presses
-        ]
-        stored = {record[0] for record in await conn.fetch(_INSERT_PRESSES, *_columns(rows, 14))}
+        if not statement.ctes:
+            return
+        if not writes.presses:
+            await conn.execute(statement.sql(None), *statement.args)
+            return
+        stored = {record[0] for record in
+                  await conn.fetch(statement.sql("presses_in"), *statement.args)}
         skipped = [p for p in writes.presses if p.id not in stored]
         if skipped:
+            # The rest of the statement is undone by the caller's rollback.
             shown = ", ".join(f"{p.device_id}#{p.counter}" for p in skipped[:5])
             raise PressConflictError(
                 f"{len(skipped)} signed press(es) already stored by another writer: {shown}"

@@ -247,14 +247,15 @@ class SqliteStore(SqliteDatabase):
             # (VALUES …)` made SQLite 3.40 scan every press ever stored, once per batch.
             sql = (
                 f"WITH k (device_id, counter) AS (VALUES {values})"  # noqa: S608
-                " SELECT p.device_id, p.counter, p.id, p.kind, p.received_at, p.trust"
+                " SELECT p.device_id, p.counter, p.id, p.kind, p.received_at, p.trust,"
+                " p.answered_at"
                 " FROM k JOIN presses AS p ON p.device_id = k.device_id AND p.counter = k.counter"
                 " ORDER BY p.id"
             )
             rows = await self.db.execute_fetchall(sql, params)
             for row in rows:
                 known[row[0], row[1]] = KnownPress(
-                    row[2], PressKind(row[3]), row[4], Trust(row[5])
+                    row[2], PressKind(row[3]), row[4], Trust(row[5]), row[6]
                 )
         return BatchState(devices, active, active_test, known)
 
@@ -320,6 +321,12 @@ class SqliteStore(SqliteDatabase):
                 " ON CONFLICT (press_id, path) DO UPDATE SET heard = heard + 1,"
                 " last_heard_at = MAX(last_heard_at, excluded.last_heard_at)",
                 [(p.press_id, p.path, p.heard_at, p.heard_at, p.rssi, p.snr) for p in writes.paths],
+            )
+        if writes.answered:
+            await db.executemany(
+                "UPDATE presses SET answered_at = MAX(COALESCE(answered_at, 0), ?)"
+                " WHERE id = ?",
+                [(at, press_id) for press_id, at in writes.answered],
             )
         if writes.incident_changes:
             await db.executemany(

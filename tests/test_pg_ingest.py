@@ -137,6 +137,13 @@ async def test_two_instances_committing_the_same_presses_store_each_once(
     ) == []
 
 
+def _without_device_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's device locks gone: both statements that take them select instead."""
+    monkeypatch.setattr(store.pg_ingest, "_LOCK_DEVICES", "SELECT $1::int4, $2::int4[]")
+    monkeypatch.setattr(store.pg_ingest, "_LOCK_DEVICES_LITERAL",
+                        "SELECT {cls}::int4, '{{{keys}}}'::int4[]")
+
+
 async def test_without_the_device_locks_the_database_still_refuses_a_second_copy(
     instances: tuple[Instance, Instance],
     fleet: Fleet,
@@ -146,9 +153,7 @@ async def test_without_the_device_locks_the_database_still_refuses_a_second_copy
     # Why the locks are there: with them gone and both instances reading before either
     # writes, both take every press for new. The constraints keep the data exact (the
     # second line of defence), but the second batch fails and must be decided again.
-    monkeypatch.setattr(
-        store.pg_ingest, "_LOCK_DEVICES", "SELECT $1::int4, $2::int4[]"
-    )
+    _without_device_locks(monkeypatch)
     barrier = asyncio.Barrier(2)
     first, second = instances
     first.after_read = second.after_read = barrier
@@ -178,7 +183,7 @@ async def test_press_conflict_without_a_new_incident_is_refused_too(
     # trip over, so the press insert's ON CONFLICT is what catches the second copy.
     first, second = instances
     await first.commit(_round(fleet, 1, "mqtt:a"))
-    monkeypatch.setattr(store.pg_ingest, "_LOCK_DEVICES", "SELECT $1::int4, $2::int4[]")
+    _without_device_locks(monkeypatch)
     barrier = asyncio.Barrier(2)
     first.after_read = second.after_read = barrier
     results = await asyncio.gather(
@@ -247,6 +252,9 @@ async def test_ids_of_a_commit_in_doubt_are_never_handed_out_again(pg_database: 
     async with PgIngestStore(pg_database) as pg:
         await pg.begin()
         used = pg.allocate_press_id()
+        # Something written: the transaction has begun on the server.
+        await pg.write(BatchWrites(dead_letters=[DeadLetterRow(
+            T0, "local", "mqtt:a", "native", None, "bad_json", "", b"x")]))
         conn = pg.conn
         # The connection dies under commit(): the store cannot tell whether the COMMIT
         # reached the server, so it must treat the ids as possibly stored.

@@ -363,6 +363,8 @@ class MqttSource:
                     format=self._config.format,
                     trust=self._config.trust,
                     on_done=done,
+                    # Every instance subscribes: a transmission is answered once.
+                    answers_shared=self._config.format == "native",
                 )
             )
 
@@ -384,7 +386,8 @@ class MqttSource:
         if qos > 0:
             self._seams[id(client)].ack(mid, qos)
             self.acked += 1
-        if self._config.format == "native" and isinstance(outcome, Stored | Repeated):
+        if self._config.format == "native" and (
+                isinstance(outcome, Stored) or (isinstance(outcome, Repeated) and outcome.answer)):
             self._feedback(client, outcome)
 
     def _feedback(self, client: aiomqtt.Client, outcome: Stored | Repeated) -> None:
