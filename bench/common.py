@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from bench.stores import BACKENDS, Backend
+
 REPO = Path(__file__).resolve().parent.parent
 Label = TypeVar("Label", bound=str)
 
@@ -212,11 +214,24 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
              "default: SQLite in the run's temp dir",
     )
     parser.add_argument(
-        "--both", action="store_true",
-        help="run SQLite and PostgreSQL in turn in one run and print them side by side with "
-             "the ratio PostgreSQL/SQLite (PostgreSQL at --store-url if it is one, else a "
-             "private cluster)",
+        "--store", choices=("sqlite", "postgresql", "both"), default=None,
+        help="the backend (default: --store-url's, else sqlite); postgresql without a "
+             "postgresql:// --store-url is a private cluster; both: SQLite and PostgreSQL "
+             "in turn in one run, side by side with the ratio PostgreSQL/SQLite",
     )
+    parser.add_argument("--both", dest="store", action="store_const", const="both",
+                        help="the same as --store both")
+
+
+def chosen_backends(store: str | None, given: Backend | None) -> tuple[Backend, ...]:
+    """The backends ``--store`` (or else ``--store-url``) asks for, in the order run."""
+    if store == "both":
+        return BACKENDS
+    if store == "sqlite":
+        return ("sqlite",)
+    if store == "postgresql":
+        return ("postgresql",)
+    return (given or "sqlite",)
 
 
 def side_by_side(

@@ -54,12 +54,13 @@ from bench.common import (
     Panicd,
     add_run_options,
     add_store_options,
+    chosen_backends,
     labelled_runs,
     percentile,
     profiled,
     side_by_side,
 )
-from bench.stores import BACKENDS, Backend, BenchStore, Reader, Stores, server_cpu_s
+from bench.stores import Backend, BenchStore, Reader, Stores, server_cpu_s
 from firmware_sim.broker import Mosquitto, free_port
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import storm
@@ -553,14 +554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mqtt").setLevel(logging.ERROR)
 
     with Stores(args.store_url) as stores:
-        backends = BACKENDS if args.both else (stores.given or "sqlite",)
+        backends = chosen_backends(args.store, stores.given)
+        if stores.given and stores.given not in backends:
+            parser.error(f"--store-url names a {stores.given} store, not {args.store}")
         by_backend = labelled_runs(
             args.runs, "panicd-bench-dispatch-", backends,
             lambda tmp, backend: one_run(args, tmp, stores, backend),
         )
     summaries = {b: summary_of(args, *by_backend[b]) for b in backends}
     ok = all(r["lost"] == 0 for _, runs in by_backend.values() for r in runs)
-    if not args.both:
+    if len(backends) == 1:
         print(json.dumps({**summaries[backends[0]], "store": backends[0]}))
         return 0 if ok else 1
     ratios = side_by_side({b: by_backend[b][0] for b in backends}, COMPARED)

@@ -45,6 +45,7 @@ from bench.common import (
     Panicd,
     add_run_options,
     add_store_options,
+    chosen_backends,
     cpu_seconds,
     labelled_runs,
     percentile,
@@ -53,7 +54,7 @@ from bench.common import (
 )
 from bench.floor import FLOOR_CLIENT_ID, drain_floor
 from bench.history import fill_history
-from bench.stores import BACKENDS, Backend, BenchStore, Reader, Stores, server_cpu_s
+from bench.stores import Backend, BenchStore, Reader, Stores, server_cpu_s
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import SimDevice, write_fleet
 from firmware_sim.storm import storm
@@ -376,7 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--presses, --devices, --rate and --duration must be positive")
 
     with Stores(args.store_url) as stores:
-        backends = BACKENDS if args.both else (stores.given or "sqlite",)
+        backends = chosen_backends(args.store, stores.given)
+        if stores.given and stores.given not in backends:
+            parser.error(f"--store-url names a {stores.given} store, not {args.store}")
         if args.history and "postgresql" in backends:
             parser.error("--history fills a SQLite database only")
         by_backend = labelled_runs(
@@ -386,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = {backend: summary_of(*by_backend[backend]) for backend in backends}
     ok = all(r["latency_feedback"] == r["latency_sent"]
              for _, runs in by_backend.values() for r in runs)
-    if not args.both:
+    if len(backends) == 1:
         print(json.dumps({**summaries[backends[0]], "store": backends[0]}))
         return 0 if ok else 1
     ratios = side_by_side({b: by_backend[b][0] for b in backends}, COMPARED)

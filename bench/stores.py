@@ -25,6 +25,7 @@ import dataclasses
 import os
 import re
 import sqlite3
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -153,6 +154,8 @@ class Stores:
             if self._server is None:
                 self._server = PostgresServer()
                 self._server.start()
+                print(f"private PostgreSQL at {self._server.dsn} ({self._server.bin_dir})",
+                      file=sys.stderr)
             base = parse_store_url(self._server.dsn, workdir)
         with _fresh_database(base) as url:
             yield BenchStore("postgresql", url)
