@@ -103,6 +103,14 @@ def twilio_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
 
 
+@pytest.fixture
+def shared_store(pg_database: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new PostgreSQL database (tests/pg.py), and the ack-link key that every instance
+    on it shares (a PostgreSQL store refuses to start without one)."""
+    monkeypatch.setenv("PANICD_ACK_SECRET", "instances-ack-link-key-" + "5" * 32)
+    return pg_database
+
+
 def deploy(
     directory: Path, *, mosquitto: Mosquitto, client_id: str, twilio_base_url: str,
     policies: str, buttons: int = 1, store_url: str | None = None,

@@ -24,11 +24,12 @@ from tests.dispatch_e2e import (
     policies_toml,
     press_panic,
     rows,
+    shared_store,
     twilio_env,
     twilio_peer,
 )
 
-__all__ = ["client_id", "twilio_env", "twilio_peer"]  # fixtures used by name
+__all__ = ["client_id", "shared_store", "twilio_env", "twilio_peer"]  # fixtures used by name
 
 
 def _run(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) -> tuple[int, str, str]:
@@ -40,9 +41,9 @@ def _run(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) -> tuple[
 @pytest.mark.usefixtures("twilio_env")
 def test_panicctl_reads_lists_instances_and_acks_on_a_shared_store(  # noqa: PLR0917 -- fixtures
     mosquitto: Mosquitto, twilio_peer: RecordingPeer, tmp_path: Path, client_id: str,
-    pg_database: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    shared_store: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("PANICD_ACK_SECRET", "ctl-ack-link-key-" + "3" * 32)
+    pg_database = shared_store
     site = deploy(tmp_path / "cfg", mosquitto=mosquitto, client_id=client_id,
                   twilio_base_url=twilio_peer.url, policies=policies_toml(60),
                   store_url=pg_database)

@@ -26,22 +26,16 @@ from tests.dispatch_e2e import (
     forget_sessions,
     instance_configs,
     policies_toml,
+    shared_store,
     twilio_env,
     twilio_peer,
 )
 
-__all__ = ["client_id", "twilio_env", "twilio_peer"]  # fixtures used by name
+__all__ = ["client_id", "shared_store", "twilio_env", "twilio_peer"]  # fixtures used by name
 
 COUNTER = 7
 # Longer than copies of one transmission take to reach both instances and be answered.
 SETTLE_S = 2.0
-
-
-@pytest.fixture
-def shared_store(pg_database: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A new PostgreSQL database, and the ack-link key every instance on it shares."""
-    monkeypatch.setenv("PANICD_ACK_SECRET", "instances-ack-link-key-" + "7" * 32)
-    return pg_database
 
 
 @pytest.mark.usefixtures("twilio_env")

@@ -40,12 +40,13 @@ from tests.dispatch_e2e import (
     instance_configs,
     policies_toml,
     rows,
+    shared_store,
     twilio_env,
     twilio_peer,
 )
 from tests.faults.test_crash import UNSETTLED
 
-__all__ = ["client_id", "twilio_env", "twilio_peer"]  # fixtures used by name
+__all__ = ["client_id", "shared_store", "twilio_env", "twilio_peer"]  # fixtures used by name
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +75,6 @@ def _step_failover(kills: list[float], steps: list[tuple[object, ...]]) -> list[
                  if at <= float(str(due)) < at + FAILOVER_WINDOW_S]
         figures.append(max(waits) if waits else None)
     return figures
-
-
-@pytest.fixture
-def shared_store(pg_database: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A new PostgreSQL database, and the ack-link key every instance on it shares."""
-    monkeypatch.setenv("PANICD_ACK_SECRET", "instances-ack-link-key-" + "5" * 32)
-    return pg_database
 
 
 @pytest.mark.usefixtures("twilio_env")
