@@ -10,9 +10,18 @@ record are compared: presses acknowledged end to end ("received" feedback) but n
 stored, presses the broker PUBACKed but never stored, presses stored twice, and, per
 kill, the time from the kill to the next press panicd received (``failover_s``).
 
-panicd runs as a list of instances (one on SQLite for now); the PostgreSQL instances
-of item 6, their kills and the dispatch figures come later, and their fields in the
-JSON line are null until then, not 0. The last line of output is one JSON object.
+Two scenarios, chosen by ``--kill``:
+
+- ``instances`` (the default; bench/ha_instances.py): three panicd instances on one
+  PostgreSQL and one Mosquitto, 5,000 presses from 500 buttons, 50 incidents escalating
+  with nobody answering, one random instance SIGKILLed and restarted every 2 s, ten
+  times; presses lost and stored twice, incidents opened twice, steps fired twice, pages
+  sent twice (and those in the provider's accept-record window), step failover.
+- ``broker-nodes``: the RabbitMQ cluster above with one panicd on SQLite; what it does
+  not measure (the dispatch figures) is null in its JSON line, not 0.
+
+The last line of output is one JSON object; the exit status is non-zero when anything
+was lost or done twice.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import ha_instances
 from bench.common import Panicd, cpu_model
 from firmware_sim.fleet import SimDevice, write_fleet
 from firmware_sim.rabbitmq_cluster import RabbitMQCluster
@@ -42,6 +52,16 @@ COUNTER_BASE = 1_000
 # What item 6 reports that part 1 does not measure yet: null in the JSON line.
 NOT_YET = ("instance_kills", "incidents_twice", "steps_fired_twice", "pages_twice",
            "pages_twice_in_window", "step_failover_s_max")
+# Each scenario's defaults for the options both share (``None`` on the command line).
+MODE_DEFAULTS: dict[str, dict[str, float]] = {
+    # A killed node takes 10-20 s to be back on this 2-core machine under the storm, and
+    # only one node is down at a time (two would cost the quorum): three kill/restart
+    # cycles need about 70 s of pressing, so 5,000 presses go at 60/s.
+    "broker-nodes": {"rate": 60.0, "kills": 3, "down_s": 1.0, "grace": 30.0},
+    # Ten kills 2 s apart fall inside the storm's 20 s at 250/s; an instance is back in
+    # about a second; the buttons retransmit for up to 90 s after the last press.
+    "instances": {"rate": 250.0, "kills": 10, "down_s": 0.5, "grace": 90.0},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,44 +291,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run once, print the figures as they come and one JSON line last."""
     parser = argparse.ArgumentParser(prog="python -m bench.ha",
                                      description=__doc__.splitlines()[0])
+    parser.add_argument("--kill", choices=tuple(MODE_DEFAULTS), default="instances",
+                        help="what dies during the storm (%(default)s)")
     parser.add_argument("--presses", type=int, default=5_000, help="presses (%(default)s)")
     parser.add_argument("--devices", type=int, default=500, help="buttons (%(default)s)")
-    # A killed node takes 10-20 s to be back on this 2-core machine under the storm, and
-    # only one node is down at a time (two would cost the quorum): three kill/restart
-    # cycles need about 70 s of pressing, so 5,000 presses go at 60/s by default.
-    parser.add_argument("--rate", type=float, default=60.0,
-                        help="presses per second (%(default)s: the kills fit in the storm)")
-    parser.add_argument("--kills", type=int, default=3, help="broker node kills (%(default)s)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="presses per second (instances 250, broker-nodes 60: the kills"
+                             " fit in the storm)")
+    parser.add_argument("--kills", type=int, default=None,
+                        help="kills (instances 10, broker-nodes 3)")
     parser.add_argument("--first-kill-s", type=float, default=3.0,
-                        help="first kill after the storm starts, s (%(default)s)")
+                        help="broker-nodes: first kill after the storm starts, s (%(default)s)")
     parser.add_argument("--kill-every", type=float, default=2.0,
-                        help="pause after a node is back before the next kill, s (%(default)s)")
-    parser.add_argument("--down-s", type=float, default=1.0,
-                        help="how long a killed node stays dead, s (%(default)s)")
-    parser.add_argument("--grace", type=float, default=30.0,
-                        help="buttons keep retransmitting this long after the last press, s "
-                             "(%(default)s)")
-    parser.add_argument("--seed", type=int, default=1, help="which nodes die (%(default)s)")
+                        help="instances: a kill every this many s; broker-nodes: pause after a"
+                             " node is back before the next kill (%(default)s)")
+    parser.add_argument("--down-s", type=float, default=None,
+                        help="how long the killed one stays dead, s (instances 0.5,"
+                             " broker-nodes 1)")
+    parser.add_argument("--grace", type=float, default=None,
+                        help="buttons keep retransmitting this long after the last press, s"
+                             " (instances 90, broker-nodes 30)")
+    parser.add_argument("--seed", type=int, default=1, help="which ones die (%(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="bound on panicd's start, s (%(default)s)")
-    parser.add_argument("--extra-toml", default="", help="appended to [[mqtt]] of panicd.toml")
+    parser.add_argument("--extra-toml", default="",
+                        help="broker-nodes: appended to [[mqtt]] of panicd.toml")
     parser.add_argument("--log-level", default="info", help="panicd's PANICD_LOG_LEVEL")
     parser.add_argument("--keep-log", type=Path, default=None,
                         help="copy each panicd's log into this directory")
+    ha_instances.add_options(parser)
     args = parser.parse_args(argv)
+    for name, value in MODE_DEFAULTS[args.kill].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.extra_toml = args.extra_toml.replace("\\n", "\n")
     if min(args.presses, args.devices, args.kills + 1) < 1 or args.rate <= 0:
         parser.error("--presses, --devices and --rate must be positive, --kills not negative")
+    if args.kill == "instances" and not 0 < args.panic_buttons < args.devices:
+        parser.error("--panic-buttons must be between 0 and --devices")
     # aiomqtt warns per publish once many are pending; the storm keeps thousands in flight.
     logging.getLogger("mqtt").setLevel(logging.ERROR)
-    print(f"machine: {os.cpu_count()} cpu, {cpu_model()}, load {os.getloadavg()[0]:.2f}",
-          file=sys.stderr)
+    machine = f"{os.cpu_count()} cpu, {cpu_model()}"
+    print(f"machine: {machine}, load {os.getloadavg()[0]:.2f}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="panicd-bench-ha-") as tmp:
-        out = one_run(args, Path(tmp))
+        if args.kill == "instances":
+            out = ha_instances.run_instances(args, Path(tmp))
+            print(ha_instances.summary(out), file=sys.stderr)
+        else:
+            out = one_run(args, Path(tmp))
+    out["cpu"] = machine
     print(json.dumps(out))
+    if args.kill == "instances":
+        return 0 if ha_instances.clean(out, args.kills) else 1
     ok = out["lost"] == 0 and out["stored_twice"] == 0 and out["kills"] == args.kills
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
