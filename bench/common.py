@@ -29,7 +29,7 @@ Label = TypeVar("Label", bound=str)
 
 
 class Panicd:
-    """``python -m gateway.daemon`` as a subprocess, with the sd_notify READY handshake."""
+    """``python -m panicd.daemon`` as a subprocess, with the sd_notify READY handshake."""
 
     def __init__(self, config: Path, keys: Path, workdir: Path, log_level: str,
                  extra_env: Mapping[str, str] | None = None) -> None:
@@ -42,7 +42,7 @@ class Panicd:
         self.log_path = workdir / "panicd.log"
         self.log_level = log_level
         self.extra_env = dict(extra_env or {})
-        self.launcher: list[str] = ["-m", "gateway.daemon"]
+        self.launcher: list[str] = ["-m", "panicd.daemon"]
 
     def __enter__(self) -> Self:
         self._workdir.mkdir(parents=True, exist_ok=True)

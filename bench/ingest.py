@@ -216,7 +216,7 @@ def panicd_process(args: argparse.Namespace, config: Path, keys: Path, workdir: 
         panicd.launcher = [
             "-c",
             f"import runpy, sys; sys.setswitchinterval({args.switch_interval_ms / 1000!r}); "
-            "sys.argv[0] = 'panicd'; runpy.run_module('gateway.daemon', run_name='__main__')",
+            "sys.argv[0] = 'panicd'; runpy.run_module('panicd.daemon', run_name='__main__')",
         ]
     return panicd
 

@@ -90,7 +90,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def status_snapshot(runtime: Runtime, store: DispatchStore) -> dict[str, Any]:
     """The daemon's view for ``panicctl status``."""
-    # Booleans as 0/1, as panicctl's database fallback (gateway/ctl_ops.py) shows them.
+    # Booleans as 0/1, as panicctl's database fallback (panicd/ctl_ops.py) shows them.
     open_rows = [{"id": i.id, "status": i.status, "test": int(i.test), "urgent": int(i.urgent),
                   "device_id": i.device_id, "opened_at": i.opened_at,
                   "kelurahan": i.kelurahan, "kecamatan": i.kecamatan}

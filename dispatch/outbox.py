@@ -149,7 +149,7 @@ class Outbox:
         self._provider_resumed = False
         self.messages_sent = 0
         # Set whenever the provider accepts a page (before it is recorded): start-up waits
-        # on it to give the first overdue page a head start (gateway/daemon.py).
+        # on it to give the first overdue page a head start (panicd/daemon.py).
         self.accepted = asyncio.Event()
         self.retries_scheduled = 0
         # A row queued by a peer, or one a peer's send or lease freed (its number's next

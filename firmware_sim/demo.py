@@ -412,7 +412,7 @@ def _check(database: Path) -> list[str]:
 
 def _panicctl(*args: str) -> None:
     subprocess.run(  # noqa: S603 -- our own CLI
-        [sys.executable, "-m", "gateway.cli", "--config", str(DEMO_CONFIG), *args], check=False
+        [sys.executable, "-m", "panicd.cli", "--config", str(DEMO_CONFIG), *args], check=False
     )
 
 
@@ -451,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
             _say("Starting panicd (logs below are the daemon's own)")
             # PYTHONUNBUFFERED: the daemon's lines reach the demo (and the screen) as written.
             daemon = subprocess.Popen(  # noqa: S603 -- our own daemon
-                [sys.executable, "-m", "gateway.daemon", "--config", str(config_path),
+                [sys.executable, "-m", "panicd.daemon", "--config", str(config_path),
                  "--log-format", "console"],
                 env={**env, "PYTHONUNBUFFERED": "1"},
                 stdout=subprocess.PIPE,

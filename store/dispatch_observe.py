@@ -1,7 +1,7 @@
 """what operators and monitoring read of dispatch — the counts behind ``GET
 /metrics`` and the open incidents and raised conditions of ``panicctl status``.
 
-The statements are shared with panicctl's database fallback (gateway/ctl_ops.py), which
+The statements are shared with panicctl's database fallback (panicd/ctl_ops.py), which
 runs them on its own read-only connection, so both agree.
 """
 

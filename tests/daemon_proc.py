@@ -16,7 +16,7 @@ from typing import Any, Self
 
 
 class DaemonProcess:
-    """``python -m gateway.daemon`` with its own NOTIFY_SOCKET; a context manager."""
+    """``python -m panicd.daemon`` with its own NOTIFY_SOCKET; a context manager."""
 
     def __init__(self, config: Path, keys: Path, workdir: Path) -> None:
         self.config = config
@@ -41,7 +41,7 @@ class DaemonProcess:
         )
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.daemon", "--config", str(self.config),
+            [sys.executable, "-m", "panicd.daemon", "--config", str(self.config),
              "--log-format", "json"],
             env=env,
             stdout=log,

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import structlog
 
-from gateway.cli import main
 from gateway.dedup import DedupPolicy
 from gateway.formats import native, ttn
 from gateway.ingest import Ingestor
 from gateway.model import Frame, PressKind, Trust
+from panicd.cli import main
 from store import queries
 from store.sqlite import SqliteStore
 from tests.pipeline import T0, Collector, Fleet, frame_bytes, make_fleet
@@ -416,11 +416,11 @@ def test_decode_of_a_hostile_frame_prints_no_raw_control_character(
 
 
 def test_panicctl_prints_only_through_the_escaping_boundary() -> None:
-    # One boundary (gateway.ctl_format.out / err / print_json) escapes everything, so a
+    # One boundary (panicd.ctl_format.out / err / print_json) escapes everything, so a
     # command added later cannot print a wire string raw by forgetting to escape it.
     root = Path(__file__).resolve().parent.parent
     offenders = []
-    for module in ("gateway/cli.py", "gateway/ctl_ops.py", "dispatch/ctl.py",
+    for module in ("panicd/cli.py", "panicd/ctl_ops.py", "panicd/ctl_dispatch.py",
                    "gateway/explain.py"):
         tree = ast.parse((root / module).read_text(encoding="utf-8"))
         for node in ast.walk(tree):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli
 from gateway.formats import lora_frame, native
 from gateway.model import GeoFix, PressKind
+from panicd import cli
 from tests import test_formats_chirpstack as cs
 from tests import test_formats_ttn as ttn
 from tests.test_formats_shelly import GEN1, GEN2_EVENT

@@ -14,9 +14,9 @@ import structlog
 
 from dispatch.service import shared_ack_secret_missing
 from gateway.config import Config, load_config
-from gateway.daemon import load
 from gateway.errors import ConfigError
 from gateway.redact import scrub_event
+from panicd.daemon import load
 from store.url import PgHost
 from tests.test_config import BASE_MAIN, DEMO, _assert_names, _error, _write
 
@@ -93,7 +93,7 @@ def test_a_shared_store_with_dispatch_needs_the_ack_link_key_given(tmp_path: Pat
     assert shared_ack_secret_missing(config, {"CREDENTIALS_DIRECTORY": str(creds)}) is None
     (creds / "ack-link-secret").write_text("\n", encoding="utf-8")  # a placeholder: absent
     assert shared_ack_secret_missing(config, {"CREDENTIALS_DIRECTORY": str(creds)}) is not None
-    # panicd and check-config both load through gateway.daemon.load, which refuses it.
+    # panicd and check-config both load through panicd.daemon.load, which refuses it.
     with pytest.raises(ConfigError, match="needs the ack-link key"):
         load(path)
     # SQLite keeps its own key beside the file.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from panicd.cli import main
 from store.pg_schema import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from tests.pg import pg_rows

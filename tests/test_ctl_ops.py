@@ -18,10 +18,10 @@ import pytest
 import structlog
 
 from firmware_sim.broker import Mosquitto
-from gateway.cli import main
 from gateway.dedup import DedupPolicy
 from gateway.ingest import Ingestor
 from gateway.model import PressKind
+from panicd.cli import main
 from store.sqlite import SqliteStore
 from tests.daemon_proc import DaemonProcess
 from tests.pipeline import T0, Collector, Fleet, frame_bytes, make_fleet, rows

@@ -15,7 +15,7 @@ import pytest
 
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import write_fleet
-from gateway.cli import main
+from panicd.cli import main
 from tests.daemon_proc import DaemonProcess, count_rows, wait_until
 from tests.dispatch_e2e import (
     RecordingPeer,

@@ -24,7 +24,7 @@ import pytest
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import write_fleet
 from firmware_sim.storm import storm
-from gateway.daemon import GC_YOUNG_THRESHOLD, settle_gc
+from panicd.daemon import GC_YOUNG_THRESHOLD, settle_gc
 from store.sqlite_schema import SCHEMA_VERSION
 from tests.daemon_proc import DaemonProcess, count_rows, wait_until
 from tests.prism import free_port
@@ -60,7 +60,7 @@ def _run_panicd(config: Path, keys: Path | None = None,
         env["PANICD_DEVICE_KEYS_FILE"] = str(keys)
     env.update(extra_env)
     return subprocess.run(
-        [sys.executable, "-m", "gateway.daemon", "--config", str(config), "--log-format", "json"],
+        [sys.executable, "-m", "panicd.daemon", "--config", str(config), "--log-format", "json"],
         env=env, capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
     )
 
@@ -334,8 +334,8 @@ def test_a_stop_leaves_a_socket_another_process_bound_since(tmp_path: Path) -> N
 def test_network_availability_maps_to_the_registered_device_and_clears_on_return(
     tmp_path: Path,
 ) -> None:
-    from gateway.daemon import Daemon, Loaded  # noqa: PLC0415 -- only this test needs them
     from gateway.sdnotify import Notifier  # noqa: PLC0415
+    from panicd.daemon import Daemon, Loaded  # noqa: PLC0415 -- only this test needs them
     from tests.pipeline import make_fleet  # noqa: PLC0415
 
     fleet = make_fleet(

@@ -298,14 +298,14 @@ def test_encoding_round_trips_both_field_forms() -> None:
 
 def test_capture_logs_still_sees_events_after_configuration() -> None:
     configure_logging(mode="json", stream=io.StringIO())
-    log = get_logger("gateway.daemon")
+    log = get_logger("panicd.daemon")
     with capture_logs() as logs:
         log.info("daemon.ready", sources=3)
     assert logs == [
         {
             "event": "daemon.ready",
             "sources": 3,
-            "logger_name": "gateway.daemon",
+            "logger_name": "panicd.daemon",
             "log_level": "info",
         }
     ]

@@ -50,7 +50,7 @@ def _write(path: Path, features: list[dict[str, object]]) -> Path:
 
 def test_importing_the_daemon_loads_neither_geometry_nor_web_nor_sources() -> None:
     probe = (
-        "import json, sys, gateway.daemon;"
+        "import json, sys, panicd.daemon;"
         f"print(json.dumps([m for m in {DEFERRED_MODULES!r} if m in sys.modules]))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
@@ -111,7 +111,7 @@ def test_the_daemon_exits_2_on_a_bad_polygon_before_it_is_ready(
            if key != "NOTIFY_SOCKET" and not key.startswith("TWILIO_")}
     env["PANICD_DEVICE_KEYS_FILE"] = str(keys)
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.daemon", "--config", str(config), "--log-format",
+        [sys.executable, "-m", "panicd.daemon", "--config", str(config), "--log-format",
          "json"], env=env, capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
     )
     assert result.returncode == 2, result.stderr

@@ -13,8 +13,8 @@ import aiohttp
 
 from dispatch.oncall import oncall_report
 from dispatch.responders import WIB
-from gateway.ctl_format import out, print_json
-from gateway.daemon import load
+from panicd.ctl_format import out, print_json
+from panicd.daemon import load
 
 
 class ControlError(Exception):

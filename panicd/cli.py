@@ -15,15 +15,15 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from dispatch import ctl as dispatch_ctl
-from gateway import ctl_migrate, ctl_ops
 from gateway.config import Config, load_config, unheard_devices
-from gateway.ctl_format import WIB, err, out, print_json, table, when
-from gateway.daemon import DEFAULT_CONFIG, load
 from gateway.errors import ConfigError
 from gateway.explain import FORMATS, UnsupportedFormatError, explain
 from gateway.locate import Locator, map_link
 from gateway.model import GeoFix
+from panicd import ctl_dispatch as dispatch_ctl
+from panicd import ctl_migrate, ctl_ops
+from panicd.ctl_format import WIB, err, out, print_json, table, when
+from panicd.daemon import DEFAULT_CONFIG, load
 from store import queries
 from store.sqlite_schema import StoreError
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     dispatch_ctl.register(add)
     # ack also works on a shared PostgreSQL store with no instance answering here: the
-    # one of gateway/ctl_ops.py, which needs the store (dispatch/ctl.py's needs the socket).
+    # one of panicd/ctl_ops.py, which needs the store (panicd/ctl_dispatch.py's needs the socket).
     sub.choices["ack"].set_defaults(func=ctl_ops.cmd_ack)
     ctl_ops.register(add)
     ctl_migrate.register(add)

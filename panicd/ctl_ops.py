@@ -38,9 +38,9 @@ from dispatch.responders import load_responders
 from firmware_sim.button import build_frame, topic_for
 from firmware_sim.fleet import SimDevice
 from gateway.config import Config, MqttSourceConfig, load_config
-from gateway.ctl_format import err, out, print_json, table, when
 from gateway.formats import native
 from gateway.model import PressKind
+from panicd.ctl_format import err, out, print_json, table, when
 from store.dispatch import Notice
 from store.queries import DeviceSeen, StoreAccessError, StoreReader, open_reader, read_only
 from store.url import StoreUrl

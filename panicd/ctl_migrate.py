@@ -19,7 +19,7 @@ from typing import Any
 import aiosqlite
 
 from gateway.config import Config, load_config
-from gateway.ctl_format import err, out, print_json
+from panicd.ctl_format import err, out, print_json
 from store.errors import StoreError, StoreUnreachableError
 from store.sqlite_schema import SCHEMA_VERSION, migrate, refuse_newer_schema
 
@@ -127,7 +127,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def register(add: Any) -> None:
-    """Add ``migrate`` to panicctl's subcommands (``add`` as in gateway.cli)."""
+    """Add ``migrate`` to panicctl's subcommands (``add`` as in panicd.cli)."""
     p = add("migrate", cmd_migrate, "apply the store's schema migrations")
     p.add_argument("--check", action="store_true",
                    help="apply nothing; exit 1 when migrations are pending")
