@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -95,10 +96,21 @@ class PostgresServer:
     ``start`` makes the cluster and the database ``panicd_test``; ``dsn`` then names it.
     ``stop`` stops the server (``pg_ctl stop -m fast``, killed if that hangs) and removes
     the directory.
+
+    With ``standby_of`` the cluster is instead a streaming standby of that (started)
+    server: ``pg_basebackup -R`` copies it, and the standby connects as ``name``
+    (``cluster_name``, which the walreceiver sends as its application name), the name
+    :meth:`make_synchronous` gives the primary. :meth:`crash` and :meth:`promote` are a
+    primary's loss and the standby's promotion (docs/HA.md).
     """
 
-    def __init__(self, bin_dir: Path | None = None, *, port: int | None = None) -> None:
-        self.bin_dir = bin_dir
+    def __init__(self, bin_dir: Path | None = None, *, port: int | None = None,
+                 standby_of: PostgresServer | None = None, name: str = "primary") -> None:
+        self.bin_dir: Path | None = bin_dir
+        if bin_dir is None and standby_of is not None:
+            self.bin_dir = standby_of.bin_dir
+        self.standby_of = standby_of
+        self.name = name
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.user = ROLE
@@ -175,14 +187,22 @@ class PostgresServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="panicd-pg-"))
         try:
             self._prepare_user(self.workdir)
-            self._run([self._tool("initdb"), "-D", str(self.data_dir), "-U", self.user,
-                       "--auth=trust", "-E", "UTF8", "--no-locale", "--no-instructions"],
-                      timeout_s=START_TIMEOUT_S)
+            primary = self.standby_of
+            if primary is None:
+                self._run([self._tool("initdb"), "-D", str(self.data_dir), "-U", self.user,
+                           "--auth=trust", "-E", "UTF8", "--no-locale", "--no-instructions"],
+                          timeout_s=START_TIMEOUT_S)
+            else:
+                # initdb's trust pg_hba.conf already admits replication from loopback.
+                self._run([self._tool("pg_basebackup"), "-h", primary.host, "-p",
+                           str(primary.port), "-U", primary.user, "-D", str(self.data_dir),
+                           "-R", "-X", "stream", "-c", "fast"], timeout_s=START_TIMEOUT_S)
             self.socket_dir.mkdir(mode=0o700)
             if self._owner is not None:
                 os.chown(self.socket_dir, *self._owner)
             settings = {**SETTINGS, "port": str(self.port),
-                        "unix_socket_directories": f"'{self.socket_dir}'"}
+                        "unix_socket_directories": f"'{self.socket_dir}'",
+                        "cluster_name": f"'{self.name}'"}
             lines = "".join(f"{key} = {value}\n" for key, value in settings.items())
             conf = self.data_dir / "postgresql.conf"
             # Later lines win in postgresql.conf; root may write the postgres user's file.
@@ -191,11 +211,52 @@ class PostgresServer:
             self._run([self._tool("pg_ctl"), "start", "-D", str(self.data_dir), "-l",
                        str(self.log_path), "-w", "-t", str(START_TIMEOUT_S)],
                       timeout_s=START_TIMEOUT_S + 5)
-            self._run([self._tool("createdb"), "-h", self.host, "-p", str(self.port),
-                       "-U", self.user, self.database], timeout_s=30, as_server=False)
+            if primary is None:
+                self._run([self._tool("createdb"), "-h", self.host, "-p", str(self.port),
+                           "-U", self.user, self.database], timeout_s=30, as_server=False)
         except BaseException:
             self.stop()
             raise
+
+    def query(self, statement: str) -> str:
+        """One statement through ``psql``; its unaligned output (``psql -At``)."""
+        try:
+            result = subprocess.run(  # noqa: S603 -- our own tool, arguments not shell-parsed
+                [self._tool("psql"), "-h", self.host, "-p", str(self.port), "-U", self.user,
+                 "-d", self.database, "-At", "-v", "ON_ERROR_STOP=1", "-c", statement],
+                capture_output=True, timeout=30, check=False, stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise PostgresError(f"psql did not answer in 30 s: {statement}") from exc
+        if result.returncode != 0:
+            raise PostgresError(f"psql failed ({result.returncode}): "
+                                f"{result.stderr.decode(errors='replace').strip()}")
+        return result.stdout.decode().strip()
+
+    def make_synchronous(self, standby: PostgresServer, timeout_s: float = 30.0) -> None:
+        """Make ``standby`` this primary's synchronous standby: a commit returns only once
+        the standby has flushed it. Waits until the primary reports it ``sync``."""
+        self.query(f"ALTER SYSTEM SET synchronous_standby_names = '{standby.name}'")
+        self.query("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = self.query("SELECT application_name, sync_state FROM pg_stat_replication")
+            if f"{standby.name}|sync" in states.splitlines():
+                return
+            time.sleep(0.1)
+        raise PostgresError(f"{standby.name} did not become a synchronous standby in "
+                            f"{timeout_s} s")
+
+    def crash(self) -> None:
+        """Lose the server as a crash would (``pg_ctl stop -m immediate``: no checkpoint,
+        clients cut off); its directory stays until :meth:`stop`."""
+        self._run([self._tool("pg_ctl"), "stop", "-D", str(self.data_dir), "-m",
+                   "immediate", "-w", "-t", str(STOP_TIMEOUT_S)], timeout_s=STOP_TIMEOUT_S + 5)
+
+    def promote(self) -> None:
+        """Promote this standby to primary (``pg_ctl promote``, waits until it writes)."""
+        self._run([self._tool("pg_ctl"), "promote", "-D", str(self.data_dir), "-w", "-t",
+                   str(START_TIMEOUT_S)], timeout_s=START_TIMEOUT_S + 5)
 
     def _postmaster_pid(self) -> int | None:
         try:
