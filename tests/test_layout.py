@@ -31,11 +31,12 @@ def imported_packages(path: Path) -> set[tuple[str, int]]:
     """(our top-level package, line) for every import in ``path``."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-        names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
+        else:
+            continue
         for name in names:
             top = name.split(".", 1)[0]
             if top in OURS:
