@@ -25,7 +25,7 @@ from panicd import ctl_migrate, ctl_ops
 from panicd.ctl_format import WIB, err, out, print_json, table, when
 from panicd.daemon import DEFAULT_CONFIG, load
 from store import queries
-from store.sqlite_schema import StoreError
+from store.errors import StoreError
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -20,8 +20,8 @@ import aiosqlite
 
 from gateway.config import Config, load_config
 from panicd.ctl_format import err, out, print_json
-from store.errors import StoreError, StoreUnreachableError
-from store.sqlite_schema import SCHEMA_VERSION, migrate, refuse_newer_schema
+from store.errors import StoreError, StoreUnreachableError, refuse_newer_schema
+from store.sqlite_schema import SCHEMA_VERSION, migrate
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import sqlite3
 
-# Defined with the SQLite migrations, where it began; raised by both backends.
-from store.sqlite_schema import StoreError
-
 __all__ = ["ConflictError", "StoreError", "StoreUnreachableError", "is_conflict",
-           "is_data_error"]
+           "is_data_error", "refuse_newer_schema"]
+
+
+class StoreError(Exception):
+    """The database refused an operation (corrupt file, newer schema, disk full...)."""
+
+
+def refuse_newer_schema(found: int, known: int) -> None:
+    """Raise the one-line StoreError for a database from a newer panicd (both backends)."""
+    if found > known:
+        raise StoreError(f"database schema version {found} is newer than this panicd ({known})")
 
 
 class StoreUnreachableError(StoreError):

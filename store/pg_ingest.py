@@ -37,6 +37,7 @@ from gateway.dedup import ActiveIncident
 from gateway.model import PressKind, Trust
 from gateway.verify import DeviceState, KnownPress
 from store import locks
+from store.errors import StoreError
 from store.ingest import (
     BatchState,
     BatchWrites,
@@ -47,7 +48,6 @@ from store.ingest import (
     window_to_sql,
 )
 from store.pg import PgDatabase
-from store.sqlite_schema import StoreError
 
 # The first key of the two-int4 advisory locks ingest takes per device (the two-key
 # space is apart from the single-bigint one migrations use).

@@ -17,7 +17,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from store import locks
-from store.sqlite_schema import refuse_newer_schema
+from store.errors import refuse_newer_schema
 
 # A connection of its own or one borrowed from a pool: both take the same calls.
 Connection = asyncpg.Connection | PoolConnectionProxy

@@ -21,8 +21,9 @@ import aiosqlite
 from gateway.dedup import ActiveIncident
 from gateway.model import PressKind, Trust
 from gateway.verify import DeviceState, KnownPress
+from store.errors import StoreError
 from store.ingest import BatchState, BatchWrites, window_from_sql, window_to_sql
-from store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, StoreError, migrate
+from store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 
 # Re-exported: the store is where callers look for these.
 __all__ = [

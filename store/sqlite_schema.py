@@ -8,16 +8,7 @@ from __future__ import annotations
 
 import aiosqlite
 
-
-class StoreError(Exception):
-    """The database refused an operation (corrupt file, newer schema, disk full...)."""
-
-
-def refuse_newer_schema(found: int, known: int) -> None:
-    """Raise the one-line StoreError for a database from a newer panicd (both backends)."""
-    if found > known:
-        raise StoreError(f"database schema version {found} is newer than this panicd ({known})")
-
+from store.errors import refuse_newer_schema
 
 # Each entry moves the schema from version N to N+1 (PRAGMA user_version). Never edit a
 # shipped migration: append a new one.

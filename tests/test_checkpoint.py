@@ -11,9 +11,9 @@ import pytest
 import structlog
 
 from store.checkpoint import WalCheckpointer
+from store.errors import StoreError
 from store.ingest import BatchWrites, DeadLetterRow
 from store.sqlite import SqliteStore, Writers
-from store.sqlite_schema import StoreError
 
 T0 = 1_700_000_000.0
 

@@ -20,10 +20,10 @@ from gateway.batch import BatchProcessor, Inbound, Outcome, Repeated, Stored, ba
 from gateway.dedup import DedupPolicy
 from gateway.formats import native
 from gateway.model import Reception, Trust
+from store.errors import StoreError
 from store.ingest import BatchState, BatchWrites, DeadLetterRow
 from store.pg import PgDatabase
 from store.pg_ingest import PgIngestStore, PressConflictError
-from store.sqlite_schema import StoreError
 from tests.pipeline import T0, Fleet, decode_native, frame_bytes, make_fleet
 
 POLICY = DedupPolicy(cancel_grace_s=120.0, burst_urgent_presses=3, test_window_s=600.0)

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 
 from store import pg_schema, sqlite_schema
+from store.errors import StoreError
 from store.pg import PgDatabase, check_url
-from store.sqlite_schema import StoreError
 
 
 @dataclass(frozen=True, slots=True)
