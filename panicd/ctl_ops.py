@@ -285,7 +285,7 @@ async def ack_in_store(store_url: StoreUrl, incident_id: int, *, person_id: str 
     # instances, so it acks only on the schema it knows.
     await require_current_schema(store_url)
     async with PgDispatchStore(str(store_url.dsn), password=store_url.password,
-                               max_size=1) as store:
+                               max_size=1, listen=False) as store:
         incident = await store.incident(incident_id)
         if incident is None:
             return reply

@@ -196,7 +196,7 @@ class Daemon:
             leader = stores.leader()
             await stack.enter_async_context(leader)
             self.health = await stack.enter_async_context(
-                HealthMonitor(stores.dispatch(pool=PG_HEALTH_POOL), config.devices,
+                HealthMonitor(stores.dispatch(pool=PG_HEALTH_POOL, listen=False), config.devices,
                               self._source_flags, HealthSettings.from_config(config.health),
                               ops=running.dispatcher if running else None,
                               reported_offline=lambda: self.reported_offline,

@@ -74,8 +74,11 @@ class Stores:
         return PgIngestStore(self._dsn(), password=self.url.password, batch_max=batch_max,
                              max_size=PG_INGEST_POOL)
 
-    def dispatch(self, *, pool: int = PG_DISPATCH_POOL) -> SqliteDispatchStore | PgDispatchStore:
-        """A dispatch store (the dispatcher's, or device health's own connection)."""
+    def dispatch(self, *, pool: int = PG_DISPATCH_POOL,
+                 listen: bool = True) -> SqliteDispatchStore | PgDispatchStore:
+        """A dispatch store (the dispatcher's, or device health's own connection);
+        ``listen=False`` when its user never waits on a peer's commit (on PostgreSQL: no
+        LISTEN connection of its own)."""
         if self.url.path is not None:
             from store.sqlite_dispatch import SqliteDispatchStore  # noqa: PLC0415
 
@@ -83,7 +86,7 @@ class Stores:
         from store.pg_dispatch import PgDispatchStore  # noqa: PLC0415  # see module doc
 
         return PgDispatchStore(self._dsn(), password=self.url.password, max_size=pool,
-                               instance=self.instance, lease_s=self.lease_s)
+                               instance=self.instance, lease_s=self.lease_s, listen=listen)
 
     def leader(self) -> SoleLeader | PgLeader:
         """Who runs the cluster's once-only work (device health): this process on

@@ -43,6 +43,7 @@ from store.dispatch_observe import Observe
 from store.dispatch_outbox import Outbox
 from store.dispatch_responses import Responses
 from store.dispatch_steps import Steps
+from store.errors import StoreError
 from store.pg import CONNECT_TIMEOUT_S, PgDatabase
 from store.pg_schema import WAKE_CHANNEL
 from store.sql import PG, PgTx, Tx
@@ -78,8 +79,12 @@ class PgDispatchBase(PgDatabase, DispatchBase):
         lease_s: float = DEFAULT_LEASE_S,
         tx_idle_limit_s: float = DEFAULT_TX_IDLE_LIMIT_S,
         max_size: int = 4,
+        listen: bool = True,
     ) -> None:
+        """``listen=False`` for a user that never waits on a peer's commit (device
+        health, panicctl): no listening connection, and :meth:`on_wake` refuses."""
         super().__init__(url, password=password, max_size=max_size)
+        self.listens = listen
         # Unique per process by default: a restarted instance is a new claimant, and what
         # its previous run left 'sending' is taken back when the lease runs out, by it or
         # by a peer, in doubt.
@@ -100,6 +105,8 @@ class PgDispatchBase(PgDatabase, DispatchBase):
 
     async def __aenter__(self) -> Self:
         await super().__aenter__()
+        if not self.listens:
+            return self
         try:
             # The first LISTEN is in place before the store is handed out: whatever its
             # owner reads at start, a change committed after that read notifies it.
@@ -133,6 +140,8 @@ class PgDispatchBase(PgDatabase, DispatchBase):
     def on_wake(self, kind: WakeKind, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever a commit, by any instance, changes work of ``kind``;
         and after the listening connection was lost, since a notification may be too."""
+        if not self.listens:
+            raise StoreError("this dispatch store was opened without wake-ups (listen=False)")
         self._wake[kind].append(callback)
 
     shared_clock = True

@@ -51,6 +51,9 @@ def test_panicctl_reads_lists_instances_and_acks_on_a_shared_store(  # noqa: PLR
         press_panic(mosquitto, site.devices[0])
         assert wait_until("SELECT COUNT(*) FROM incidents", pg_database, 1, 30) == 1
         assert wait_until("SELECT COUNT(*) FROM instances", pg_database, 1, 30) == 1
+        # One listening connection for the instance, its dispatcher's: device health
+        # (and panicctl, below) never wait on a peer's commit. There were two.
+        assert _wake_connections(pg_database) == 1
 
         code, out, _ = _run(capsys, site.config, "incidents", "--open", "--json")
         assert code == 0
@@ -71,6 +74,7 @@ def test_panicctl_reads_lists_instances_and_acks_on_a_shared_store(  # noqa: PLR
         code, out, _ = _run(capsys, site.config, "status")
         assert "Instances: 1" in out
         assert "device health" in out
+        assert _wake_connections(pg_database) == 1
 
     # No instance answers here now: the ack goes into the database, as any instance
     # would record it, and the first ack wins.
@@ -103,3 +107,9 @@ def test_check_config_of_a_postgresql_store_names_the_store_and_no_file(
     assert (code, err) == (0, "")
     summary = json.loads(out)
     assert (summary["store"], summary["database"]) == (url, None)
+
+
+def _wake_connections(database: str) -> int:
+    """LISTEN connections open on ``database`` (they name themselves panicd-wake …)."""
+    return count_rows(database, "SELECT COUNT(*) FROM pg_stat_activity WHERE datname ="
+                                " current_database() AND application_name LIKE 'panicd-wake %'")

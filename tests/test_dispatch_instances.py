@@ -27,6 +27,7 @@ from store.dispatch import (
     Plan,
     StepRow,
 )
+from store.errors import StoreError
 from store.pg_dispatch import PgDispatchStore
 from store.sql import Tx
 from tests.dispatch_backends import T0, run, store_incidents
@@ -370,6 +371,20 @@ async def test_a_killed_listening_connection_comes_back_and_wakes_everything(
         await a.queue_messages([_sms(1)], T0)
         async with asyncio.timeout(30):
             await woken["outbox"].wait()
+
+
+async def test_a_store_opened_without_wake_ups_holds_no_listening_connection(
+    pg_database: str,
+) -> None:
+    async with (PgDispatchStore(pg_database, instance="a") as a,
+                PgDispatchStore(pg_database, instance="quiet", listen=False) as quiet):
+        listening = await run(a, "SELECT application_name FROM pg_stat_activity WHERE"
+                                 " datname = current_database() AND application_name"
+                                 " LIKE 'panicd-wake %'")
+        assert listening == [("panicd-wake a",)]
+        with pytest.raises(StoreError, match="without wake-ups"):
+            quiet.on_wake("step", lambda: None)
+        assert await quiet.database_time() is not None
 
 
 async def test_an_incident_a_peer_stored_and_never_planned_is_planned_by_another(
