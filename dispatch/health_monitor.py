@@ -151,6 +151,11 @@ class HealthMonitor:
                     # Leading from now on (at start, or a peer died): first queue what
                     # the previous leader recorded but may not have sent.
                     self._led = True
+                    # Silence is the device's since the cluster has watched, not since
+                    # this instance started: a takeover does not restart the grace.
+                    since = self._leader.watching_since()
+                    if since is not None:
+                        self._baseline = min(self._baseline, since)
                     await self._guarded("heal", self.heal)
                 await self._guarded("check", self.check)
                 await self._guarded("external", self.announce_external)

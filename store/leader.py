@@ -52,11 +52,26 @@ _HEARTBEAT = (
 )
 
 
+# The earliest start among the instances alive when this one took the lead: since then
+# the cluster has received every press without a gap (each instance receives them all).
+# "Alive": heartbeat within this many retry intervals (the last leader's included).
+_WATCHING_SINCE = (
+    "SELECT min(started_at) FROM instances"
+    " WHERE heartbeat_at > extract(epoch FROM clock_timestamp()) - $1"
+)
+ALIVE_RETRIES = 3
+
+
 class Leader(Protocol):
     """Whether this instance does the cluster's once-only work now."""
 
     def leading(self) -> bool:
         """True while this instance leads."""
+        ...
+
+    def watching_since(self) -> float | None:
+        """Since when (Unix time) the presses have been watched without a gap, as far
+        as the leader knows when it took the lead; None: since this process started."""
         ...
 
 
@@ -67,6 +82,10 @@ class SoleLeader:
     def leading(self) -> bool:
         """Always True."""
         return True
+
+    def watching_since(self) -> float | None:
+        """None: one process watches, since it started."""
+        return None
 
     async def __aenter__(self) -> Self:
         return self
@@ -98,10 +117,18 @@ class PgLeader:
         self._task: asyncio.Task[None] | None = None
         self._started_at = time.time()
         self._host = socket.gethostname()
+        self._watching_since: float | None = None
 
     def leading(self) -> bool:
         """True while this instance holds the lock (as last checked)."""
         return self._leading
+
+    def watching_since(self) -> float | None:
+        """The earliest start among the instances alive when this one last took the
+        lead (its own included): a peer that has run for days has received every press
+        as this one would have, so device health need not wait out a fresh grace
+        period after a takeover. None until this instance leads."""
+        return self._watching_since
 
     async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._run(), name="store.leader")
@@ -149,8 +176,13 @@ class PgLeader:
         # the lock) while leading.
         if not self._leading and await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1)", self._key, timeout=self._retry_s * 2):
+            peers = await conn.fetchval(_WATCHING_SINCE, ALIVE_RETRIES * self._retry_s,
+                                        timeout=self._retry_s * 2)
+            self._watching_since = (self._started_at if peers is None
+                                    else min(self._started_at, float(peers)))
             self._set(leading=True)
-            log.info("store.leading", instance=self._instance, work="device health")
+            log.info("store.leading", instance=self._instance, work="device health",
+                     watching_since=round(self._watching_since, 3))
         await conn.execute(_HEARTBEAT, self._instance, self._host, os.getpid(),
                            self._started_at, self._leading, timeout=self._retry_s * 2)
 

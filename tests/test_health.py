@@ -25,6 +25,7 @@ from dispatch.health import (
     DeviceView,
     Finding,
     HealthSettings,
+    Key,
     SourceState,
     SourceWatch,
     Summary,
@@ -463,6 +464,53 @@ async def test_the_monitor_task_checks_on_start(tmp_path: Path) -> None:
                 await ops.queued.wait()
     assert next(iter(ops.sent.values())).startswith("OPS panicd: broker MQTT local terputus")
     assert any(e["event"] == "health.raised" for e in logs)
+
+
+class _TookOver:
+    """A leader that took the lead from a cluster watching since ``since``."""
+
+    def __init__(self, since: float | None) -> None:
+        self.since = since
+
+    def leading(self) -> bool:
+        return True
+
+    def watching_since(self) -> float | None:
+        return self.since
+
+
+@pytest.mark.parametrize(("watching_since", "alerted"), [
+    (T0 - HOUR, True),  # a peer had watched since before the button went quiet
+    (None, False),      # nobody watched before this process: the grace starts now
+])
+async def test_a_takeover_does_not_restart_the_offline_grace(
+    tmp_path: Path, watching_since: float | None, alerted: bool,
+) -> None:
+    # The button was last heard at T0; 2 h later (its interval is 1 h) the leader dies
+    # and a freshly started instance takes over. Before, the new leader counted the
+    # silence from its own start and said nothing for another 1.5 h.
+    fleet = make_fleet(tmp_path / "cfg", devices=1)
+    ops = RecordingOps()
+    clock = Clock(T0)
+    with structlog.testing.capture_logs():
+        async with (SqliteStore(fleet.database) as store,
+                    Ingestor(store, fleet.config, fleet.locator, policy=DedupPolicy()) as ingestor):
+            pipe = Collector(ingestor)
+            await pipe.send(pipe.item(frame_bytes(fleet.devices[0], 1, PressKind.HEARTBEAT),
+                                      at=T0))
+        clock.now = T0 + 2 * HOUR
+        async with HealthMonitor(fleet.database, fleet.config.devices,
+                                 lambda: [("local", "mqtt", True)], SETTINGS, ops=ops,
+                                 clock=clock, leader=_TookOver(watching_since)) as monitor:
+            deadline = asyncio.get_running_loop().time() + (5.0 if alerted else 0.5)
+            offline: list[Key] = []
+            while not offline and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+                offline = [key for key in monitor.active if key[1] == Condition.OFFLINE]
+    assert offline == ([(f"device:{fleet.devices[0].id}", Condition.OFFLINE)] if alerted
+                       else [])
+    texts = [body for key, body in ops.sent.items() if "summary" not in key]
+    assert len(texts) == (1 if alerted else 0)
 
 
 async def test_a_sources_session_alarm_reaches_operations_once(tmp_path: Path) -> None:

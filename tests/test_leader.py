@@ -135,6 +135,29 @@ async def test_each_instance_heartbeats_and_its_row_says_whether_it_leads(
         await conn.close()
 
 
+async def test_a_new_leader_counts_the_watch_from_the_oldest_live_instance(
+    migrated: str,
+) -> None:
+    # "old" has run for an hour and still heartbeats; "gone" started two hours ago and
+    # stopped a minute ago: the cluster has watched without a gap for the last hour.
+    conn = await asyncpg.connect(migrated)
+    now = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+    await conn.executemany(
+        "INSERT INTO instances (instance_id, host, pid, started_at, heartbeat_at, is_leader)"
+        " VALUES ($1, 'h', 1, $2, $3, false)",
+        [("old", now - 3600, now), ("gone", now - 7200, now - 60)])
+    leader = PgLeader(migrated, password=None, instance="new", retry_s=1.0)
+    assert leader.watching_since() is None
+    try:
+        async with leader:
+            await _until(leader.leading)
+            since = leader.watching_since()
+    finally:
+        await conn.close()
+    assert since is not None
+    assert abs(since - (now - 3600)) < 1.0
+
+
 async def test_the_sole_leader_of_one_box_always_leads() -> None:
     async with SoleLeader() as leader:
         assert leader.leading()
@@ -143,6 +166,9 @@ async def test_the_sole_leader_of_one_box_always_leads() -> None:
 class _NotLeading:
     def leading(self) -> bool:
         return False
+
+    def watching_since(self) -> float | None:
+        return None
 
 
 async def test_device_health_checks_only_on_the_leading_instance(pg_database: str) -> None:
