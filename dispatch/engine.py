@@ -118,6 +118,12 @@ class Dispatcher:
         """The public base URL (no trailing slash)."""
         return self.base_url_of(self._settings)
 
+    @property
+    def shared_clock(self) -> SharedClock | None:
+        """The database's clock this dispatcher keeps in sync on a shared store (None on
+        one box): the daemon stamps receptions with it too (docs/HA.md, Clocks)."""
+        return self._shared
+
     async def __aenter__(self) -> Self:
         if self._shared is not None:
             # Before anything is planned or claimed: due times and leases in its clock.

@@ -15,7 +15,8 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,8 @@ class Daemon:
         self.dispatch_plan = loaded.dispatch
         self.notifier = notifier
         self.stop = asyncio.Event()
+        # A reception's time: this host's clock, or the database's on a shared store.
+        self._stamp: Callable[[], float] = time.time
         self.sources: list[Source] = []
         self._mqtt: list[MqttSource] = []
         self._serial: list[SerialSource] = []
@@ -184,6 +187,10 @@ class Daemon:
             # need, in a thread so the event loop keeps sending meanwhile. No press can
             # arrive before this returns: nothing that takes one exists yet.
             await asyncio.to_thread(_finish_loading, self.locator)
+            # On a shared store a reception is stamped in the database's clock, as due
+            # times are, so instances whose clocks differ still merge bursts alike.
+            shared = running.dispatcher.shared_clock if running is not None else None
+            self._stamp = shared if shared is not None else time.time
             self._make_sources(ingestor)
             if running is not None:
                 await stack.enter_async_context(
@@ -228,12 +235,12 @@ class Daemon:
         config, ingest = self.config, self.config.ingest
         self._mqtt = [
             MqttSource(source, ingestor, drain_timeout_s=ingest.drain_timeout_s,
-                       on_availability=self._availability)
+                       on_availability=self._availability, clock=self._stamp)
             for source in config.mqtt
         ]
         self._serial = [
             SerialSource(receiver, ingestor, devices=config.devices,
-                         drain_timeout_s=ingest.drain_timeout_s)
+                         drain_timeout_s=ingest.drain_timeout_s, clock=self._stamp)
             for receiver in config.serial
         ]
         self.sources = [*self._mqtt, *self._serial]
@@ -259,7 +266,7 @@ class Daemon:
 
         settings = AppSettings(app.rate_per_minute, app.burst, app.commit_timeout_s,
                                trusted_proxies=app.trusted_proxies)
-        return [("/app", app_api(ingestor, settings, self.config))]
+        return [("/app", app_api(ingestor, settings, self.config, stamp=self._stamp))]
 
     def _feedback(self, device_id: str, incident_id: int, state: str) -> None:
         """Presser feedback after an ack or closure: MQTT command topics and LoRa downlinks."""

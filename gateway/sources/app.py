@@ -171,6 +171,7 @@ LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
 SETTINGS: web.AppKey[AppSettings] = web.AppKey("app_settings", AppSettings)
 REGISTRY: web.AppKey[DeviceLookup] = web.AppKey("registry", DeviceLookup)
 COUNTERS: web.AppKey[FreshCounters] = web.AppKey("fresh_counters", FreshCounters)
+STAMP: web.AppKey[Callable[[], float]] = web.AppKey("stamp")
 
 
 def _error(status: int, reason: str, detail: str = "", **extra: object) -> web.Response:
@@ -242,7 +243,8 @@ async def panic(request: web.Request) -> web.Response:
     inbound = Inbound(
         decoded=decoded,
         payload=payload,
-        reception=Reception(path=f"app:{remote}", received_at=time.time(), source=SOURCE),
+        reception=Reception(path=f"app:{remote}", received_at=request.app[STAMP](),
+                            source=SOURCE),
         format=FORMAT,
         trust=Trust.SIGNED,
         on_done=on_done,
@@ -263,10 +265,14 @@ async def panic(request: web.Request) -> web.Response:
 
 
 def app_api(ingestor: Ingestor, settings: AppSettings, registry: DeviceLookup,
-            clock: Callable[[], float] = time.monotonic) -> web.Application:
-    """The sub-application mounted at ``/app`` on panicd's public web server."""
+            clock: Callable[[], float] = time.monotonic,
+            stamp: Callable[[], float] = time.time) -> web.Application:
+    """The sub-application mounted at ``/app`` on panicd's public web server. ``clock``
+    paces the rate limit; ``stamp`` is a press's reception time (the database's clock
+    on a store several instances share)."""
     app = web.Application(client_max_size=native.MAX_FRAME_BYTES * 2)
     app[INGESTOR] = ingestor
+    app[STAMP] = stamp
     app[LIMITER] = RateLimiter(settings.per_minute, settings.burst, clock,
                                max_keys=settings.max_buckets)
     app[SETTINGS] = settings
