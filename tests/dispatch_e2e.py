@@ -392,3 +392,81 @@ def twilio_peer(prism: str) -> Iterator[RecordingPeer]:
     """Prism behind a recording proxy; its ``url`` is panicd's twilio_base_url."""
     with RecordingPeer(prism) as peer:
         yield peer
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a storm against several instances left, counted in the store, at the
+    provider and in the buttons' and instances' own records (tests/faults)."""
+
+    sent: int
+    stored: int
+    lost: int
+    stored_twice: int
+    unconfirmed: int
+    retransmissions: int
+    incidents: list[tuple[str, int]]
+    alerts: int
+    pages_twice: int
+    pages_twice_in_window: int
+    pages_in_doubt: int
+    pages_never: int
+    steps_fired_twice: int
+
+    @property
+    def incidents_twice(self) -> int:
+        """Buttons with more than one incident."""
+        return sum(1 for _, n in self.incidents if n > 1)
+
+    def report(self) -> str:
+        """The figures, as the fault report prints them."""
+        return (
+            f"presses {self.sent}, stored {self.stored}, lost {self.lost}, stored twice"
+            f" {self.stored_twice}, unconfirmed {self.unconfirmed}, retransmissions"
+            f" {self.retransmissions}; incidents {sum(n for _, n in self.incidents)}, twice"
+            f" {self.incidents_twice}; steps fired twice {self.steps_fired_twice}; pages"
+            f" {self.alerts}, twice {self.pages_twice}, twice in the accept-record window"
+            f" {self.pages_twice_in_window} (in doubt {self.pages_in_doubt}), never"
+            f" {self.pages_never}"
+        )
+
+
+def count_outcome(database: Path | str, storms: Iterable[Any], peer: RecordingPeer,
+                  public_url: str, journals: Iterable[Any]) -> Outcome:
+    """Count a storm's outcome: ``storms`` are the buttons' StormResults, ``journals``
+    every run of every instance (tests.daemon_proc.DaemonProcess)."""
+    results = list(storms)
+    sent = {key: at for result in results for key, at in result.sent.items()}
+    feedback = {key for result in results for key in result.feedback}
+    stored = rows(database, "SELECT device_id, counter, COUNT(*) FROM presses"
+                            " GROUP BY device_id, counter")
+    incidents = rows(database, "SELECT device_id, COUNT(*) FROM incidents GROUP BY device_id")
+    alerts = rows(database, "SELECT id, channel, in_doubt_since FROM outbox"
+                            " WHERE purpose = 'alert'")
+    accepted = {**peer.creates("Messages.json"), **peer.creates("Calls.json")}
+
+    def callback(outbox_id: object, channel: object) -> str:
+        kind = "sms" if channel == "sms" else "call"
+        return f"{public_url}/twilio/status/{kind}/{outbox_id}"
+
+    twice = [doubt for i, ch, doubt in alerts if accepted.get(callback(i, ch), 0) > 1]
+    fired: dict[tuple[object, object], int] = {}
+    for journal in journals:
+        for entry in journal.events("escalation.step_due"):
+            if entry.get("incident") is not None:
+                key = (entry["incident"], entry["level"])
+                fired[key] = fired.get(key, 0) + 1
+    return Outcome(
+        sent=len(sent), stored=len(stored),
+        lost=len(set(sent) - {(str(d), int(str(c))) for d, c, _ in stored}),
+        stored_twice=sum(1 for *_, n in stored if int(str(n)) > 1),
+        unconfirmed=len(set(sent) - feedback),
+        retransmissions=sum(result.retransmissions for result in results),
+        incidents=sorted((str(d), int(str(n))) for d, n in incidents),
+        alerts=len(alerts),
+        pages_twice=sum(1 for doubt in twice if doubt is None),
+        pages_twice_in_window=sum(1 for doubt in twice if doubt is not None),
+        pages_in_doubt=sum(1 for *_, doubt in alerts if doubt is not None),
+        pages_never=sum(1 for i, ch, _ in alerts if callback(i, ch) not in accepted),
+        steps_fired_twice=sum(1 for n in fired.values() if n > 1),
+    )

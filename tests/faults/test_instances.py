@@ -34,6 +34,7 @@ from tests.daemon_proc import DaemonProcess, count_rows
 from tests.dispatch_e2e import (
     RecordingPeer,
     client_id,
+    count_outcome,
     deploy,
     duplicated_outbox_keys,
     forget_sessions,
@@ -137,57 +138,21 @@ def test_three_instances_lose_nothing_and_double_nothing_across_ten_kills(  # no
         forget_sessions(mosquitto, [f"{client_id}-{k}" for k in range(INSTANCES)])
 
     database = site.database
-    sent = {**results["panic"].sent, **results["heartbeat"].sent}
-    feedback = {**results["panic"].feedback, **results["heartbeat"].feedback}
-    stored = rows(database, "SELECT device_id, counter, COUNT(*) FROM presses"
-                            " GROUP BY device_id, counter")
-    stored_twice = sum(1 for *_, n in stored if int(str(n)) > 1)
-    lost = set(sent) - {(str(d), int(str(c))) for d, c, _ in stored}
-    unconfirmed = set(sent) - set(feedback)
-    incidents = rows(database, "SELECT device_id, COUNT(*) FROM incidents GROUP BY device_id")
-    incidents_twice = sum(1 for _, n in incidents if int(str(n)) > 1)
-    alerts = rows(database, "SELECT id, channel, in_doubt_since FROM outbox"
-                            " WHERE purpose = 'alert'")
-    accepted = {**twilio_peer.creates("Messages.json"), **twilio_peer.creates("Calls.json")}
-
-    def callback(outbox_id: object, channel: object) -> str:
-        return f"{site.public_url}/twilio/status/{'sms' if channel == 'sms' else 'call'}/" \
-               f"{outbox_id}"
-
-    twice = [(i, doubt) for i, ch, doubt in alerts if accepted.get(callback(i, ch), 0) > 1]
-    pages_twice = sum(1 for _, doubt in twice if doubt is None)
-    pages_twice_in_window = sum(1 for _, doubt in twice if doubt is not None)
-    pages_in_doubt = sum(1 for *_, doubt in alerts if doubt is not None)
-    pages_never = sum(1 for i, ch, _ in alerts if callback(i, ch) not in accepted)
-    fired: dict[tuple[object, object], int] = {}
-    for daemon in everyone:
-        for entry in daemon.events("escalation.step_due"):
-            if entry.get("incident") is not None:
-                key = (entry["incident"], entry["level"])
-                fired[key] = fired.get(key, 0) + 1
-    steps_fired_twice = sum(1 for n in fired.values() if n > 1)
+    outcome = count_outcome(database, results.values(), twilio_peer, site.public_url, everyone)
     steps = rows(database, "SELECT due_at, fired_at FROM escalation_steps"
                            " WHERE state = 'fired'")
     failover = [f for f in _step_failover(kills, steps) if f is not None]
     fault_report(
-        f"{INSTANCES} instances on PostgreSQL, SIGKILL x{len(kills)}: presses {len(sent)},"
-        f" stored {len(stored)}, lost {len(lost)}, stored twice {stored_twice}, unconfirmed"
-        f" {len(unconfirmed)}, retransmissions"
-        f" {sum(r.retransmissions for r in results.values())}; incidents"
-        f" {sum(int(str(n)) for _, n in incidents)}, twice {incidents_twice}; steps"
-        f" {len(steps)}, fired twice {steps_fired_twice}; pages {len(alerts)}, twice"
-        f" {pages_twice}, twice in the accept-record window {pages_twice_in_window} (in"
-        f" doubt {pages_in_doubt}), never {pages_never}; step failover max"
-        f" {max(failover, default=0.0):.2f} s over {len(failover)} kills; settled"
-        f" {settle_s:.1f} s after the storm"
+        f"{INSTANCES} instances on PostgreSQL, SIGKILL x{len(kills)}: {outcome.report()};"
+        f" steps {len(steps)}; step failover max {max(failover, default=0.0):.2f} s over"
+        f" {len(failover)} kills; settled {settle_s:.1f} s after the storm"
     )
-    assert len(sent) == PRESSES
-    assert (lost, stored_twice, unconfirmed) == (set(), 0, set())
-    assert sorted((str(d), int(str(n))) for d, n in incidents) == sorted(
-        (device.id, 1) for device in panic)
+    assert outcome.sent == PRESSES
+    assert (outcome.lost, outcome.stored_twice, outcome.unconfirmed) == (0, 0, 0)
+    assert outcome.incidents == sorted((device.id, 1) for device in panic)
     assert len(steps) == 2 * PANIC_BUTTONS
-    assert (steps_fired_twice, pages_twice, pages_never) == (0, 0, 0)
-    assert len(alerts) == 6 * PANIC_BUTTONS
+    assert (outcome.steps_fired_twice, outcome.pages_twice, outcome.pages_never) == (0, 0, 0)
+    assert outcome.alerts == 6 * PANIC_BUTTONS
     assert duplicated_outbox_keys(database) == []
     assert count_rows(database, "SELECT COUNT(*) FROM dead_letters") == 0
 

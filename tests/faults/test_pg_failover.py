@@ -34,12 +34,12 @@ from tests.daemon_proc import DaemonProcess, count_rows
 from tests.dispatch_e2e import (
     RecordingPeer,
     client_id,
+    count_outcome,
     deploy,
     duplicated_outbox_keys,
     forget_sessions,
     instance_configs,
     policies_toml,
-    rows,
     twilio_env,
     twilio_peer,
 )
@@ -140,56 +140,25 @@ def test_a_lost_primary_and_a_promoted_standby_lose_no_press_and_double_no_page(
         forget_sessions(mosquitto, [f"{client_id}-{k}" for k in range(INSTANCES)])
 
     database = standby.dsn
-    sent = {**results["panic"].sent, **results["heartbeat"].sent}
-    feedback = {**results["panic"].feedback, **results["heartbeat"].feedback}
-    stored = rows(database, "SELECT device_id, counter, COUNT(*) FROM presses"
-                            " GROUP BY device_id, counter")
-    stored_twice = sum(1 for *_, n in stored if int(str(n)) > 1)
-    lost = set(sent) - {(str(d), int(str(c))) for d, c, _ in stored}
-    unconfirmed = set(sent) - set(feedback)
-    incidents = rows(database, "SELECT device_id, COUNT(*) FROM incidents GROUP BY device_id")
-    alerts = rows(database, "SELECT id, channel, in_doubt_since FROM outbox"
-                            " WHERE purpose = 'alert'")
-    accepted = {**twilio_peer.creates("Messages.json"), **twilio_peer.creates("Calls.json")}
-
-    def callback(outbox_id: object, channel: object) -> str:
-        return f"{site.public_url}/twilio/status/{'sms' if channel == 'sms' else 'call'}/" \
-               f"{outbox_id}"
-
-    pages_twice = sum(1 for i, ch, _ in alerts if accepted.get(callback(i, ch), 0) > 1)
-    pages_never = sum(1 for i, ch, _ in alerts if callback(i, ch) not in accepted)
-    pages_in_doubt = sum(1 for *_, doubt in alerts if doubt is not None)
-    fired: dict[tuple[object, object], int] = {}
-    unavailable = 0
-    for daemon in instances:
-        unavailable += len(daemon.events("store.unavailable"))
-        for entry in daemon.events("escalation.step_due"):
-            if entry.get("incident") is not None:
-                key = (entry["incident"], entry["level"])
-                fired[key] = fired.get(key, 0) + 1
-    steps_fired_twice = sum(1 for n in fired.values() if n > 1)
+    outcome = count_outcome(database, results.values(), twilio_peer, site.public_url,
+                            instances)
+    unavailable = sum(len(daemon.events("store.unavailable")) for daemon in instances)
     steps = count_rows(database, "SELECT COUNT(*) FROM escalation_steps WHERE state = 'fired'")
     fault_report(
         f"PostgreSQL primary crashed {CRASH_AT_S:.0f} s into the storm ({stored_before} presses"
         f" stored), standby promoted {promoted_s:.1f} s later, {INSTANCES} instances:"
-        f" presses {len(sent)}, stored {len(stored)}, lost {len(lost)}, stored twice"
-        f" {stored_twice}, unconfirmed {len(unconfirmed)}, retransmissions"
-        f" {sum(r.retransmissions for r in results.values())}; incidents"
-        f" {sum(int(str(n)) for _, n in incidents)}; steps {steps}, fired twice"
-        f" {steps_fired_twice}; pages {len(alerts)}, twice {pages_twice} (in doubt"
-        f" {pages_in_doubt}), never {pages_never}; store.unavailable {unavailable};"
-        f" settled {settle_s:.1f} s after the storm, {time.monotonic() - started:.0f} s in all"
+        f" {outcome.report()}; steps {steps}; store.unavailable {unavailable}; settled"
+        f" {settle_s:.1f} s after the storm, {time.monotonic() - started:.0f} s in all"
     )
     assert alive == [True] * INSTANCES, "an instance died with the primary"
     assert codes == [0] * INSTANCES
     assert 0 < stored_before < PRESSES, "the crash did not fall inside the storm"
-    assert len(sent) == PRESSES
-    assert (lost, stored_twice, unconfirmed) == (set(), 0, set())
-    assert sorted((str(d), int(str(n))) for d, n in incidents) == sorted(
-        (device.id, 1) for device in panic)
+    assert outcome.sent == PRESSES
+    assert (outcome.lost, outcome.stored_twice, outcome.unconfirmed) == (0, 0, 0)
+    assert outcome.incidents == sorted((device.id, 1) for device in panic)
     assert steps == 2 * PANIC_BUTTONS
-    assert (steps_fired_twice, pages_twice, pages_never) == (0, 0, 0)
-    assert len(alerts) == 6 * PANIC_BUTTONS
+    assert (outcome.steps_fired_twice, outcome.pages_twice, outcome.pages_never) == (0, 0, 0)
+    assert outcome.alerts == 6 * PANIC_BUTTONS
     assert duplicated_outbox_keys(database) == []
     assert count_rows(database, "SELECT COUNT(*) FROM dead_letters") == 0
 
