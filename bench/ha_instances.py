@@ -22,13 +22,11 @@ after it waited past its due time (``failover_s``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import random
 import shutil
 import sys
-import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -40,9 +38,8 @@ from bench.common import Panicd, percentile
 from bench.dispatch import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, RecordingProxy, prism
 from bench.stores import Reader, Stores
 from firmware_sim.broker import Mosquitto, free_port
-from firmware_sim.fleet import SimDevice, write_fleet
-from firmware_sim.storm import StormResult, storm
-from gateway.model import PressKind
+from firmware_sim.fleet import instance_configs, write_fleet
+from firmware_sim.storm import PanicAndHeartbeats
 
 RESPONDERS_TOML = """
 people = [
@@ -81,25 +78,6 @@ class Instance:
     name: str
     config: Path
     runs: list[Panicd]
-
-
-def instance_configs(config: Path, count: int) -> list[Path]:
-    """``count`` copies of ``config``: each its own instance name, MQTT session, web port
-    and control socket; store, devices, policies and public URL shared."""
-    text = config.read_text(encoding="utf-8")
-    port_line = next(line for line in text.splitlines() if line.startswith("listen_port = "))
-    socket_line = next(line for line in text.splitlines()
-                       if line.startswith("control_socket = "))
-    paths = []
-    for k in range(count):
-        own = (text.replace("[panicd]\n", f'[panicd]\ninstance = "i{k}"\n', 1)
-               .replace(f'client_id = "{CLIENT_ID}"', f'client_id = "{CLIENT_ID}-{k}"', 1)
-               .replace(port_line, f"listen_port = {free_port()}", 1)
-               .replace(socket_line, f'control_socket = "{config.parent}/control-{k}.sock"', 1))
-        path = config.with_name(f"panicd-{k}.toml")
-        path.write_text(own, encoding="utf-8")
-        paths.append(path)
-    return paths
 
 
 def step_failover(kills: Sequence[float], steps: Sequence[tuple[Any, ...]]) -> list[float]:
@@ -174,7 +152,7 @@ def run_instances(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  #
             cfg, devices=args.devices, mqtt_port=broker.port, client_id=CLIENT_ID,
             store_url=store.url, extra_toml=dispatch_toml)
         instances = [Instance(f"i{k}", path, [])
-                     for k, path in enumerate(instance_configs(config, args.instances))]
+                     for k, path in enumerate(instance_configs(config, args.instances, CLIENT_ID))]
 
         def start(instance: Instance) -> None:
             run = Panicd(instance.config, keys, workdir / f"{instance.name}-run"
@@ -186,28 +164,13 @@ def run_instances(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  #
         try:
             for instance in instances:
                 start(instance)
-            panic, heartbeat = devices[:args.panic_buttons], devices[args.panic_buttons:]
-            panic_presses = 2 * len(panic)
-            storm_s = args.presses / args.rate
-            results: dict[str, StormResult] = {}
-
-            def publish(name: str, group: list[SimDevice], count: int, kind: PressKind) -> None:
-                results[name] = asyncio.run(storm(
-                    broker.host, broker.port, group, count=count, rate=count / storm_s,
-                    counter_base=1, kind=kind, retransmit=True,
-                    feedback_grace_s=args.grace, client_id=f"{CLIENT_ID}-storm-{name}"))
-
-            threads = [
-                threading.Thread(target=publish,
-                                 args=("panic", panic, panic_presses, PressKind.PANIC)),
-                threading.Thread(target=publish, args=("heartbeat", heartbeat,
-                                                       args.presses - panic_presses,
-                                                       PressKind.HEARTBEAT)),
-            ]
+            buttons = PanicAndHeartbeats(
+                broker.host, broker.port, devices[:args.panic_buttons],
+                devices[args.panic_buttons:], presses=args.presses, rate=args.rate,
+                feedback_grace_s=args.grace, client_id=CLIENT_ID)
             kills: list[float] = []
             started = time.monotonic()
-            for thread in threads:
-                thread.start()
+            buttons.start()
             for n in range(1, args.kills + 1):
                 time.sleep(max(0.0, started + n * args.kill_every - time.monotonic()))
                 victim = instances[chance.randrange(len(instances))]
@@ -220,8 +183,7 @@ def run_instances(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  #
                       f" (run {len(victim.runs) - 1}) SIGKILLed", file=sys.stderr, flush=True)
                 time.sleep(args.down_s)
                 start(victim)
-            for thread in threads:
-                thread.join(timeout=args.timeout + args.grace)
+            buttons.join(args.timeout + args.grace)
             reader = stack.enter_context(Reader(store, args.timeout))
             deadline = time.monotonic() + args.grace
             while (reader.scalar("SELECT COUNT(*) FROM escalation_steps WHERE state ="
@@ -247,6 +209,7 @@ def run_instances(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  #
                 for run in instance.runs:
                     run.__exit__(None, None, None)
                 keep_logs(instance, args.keep_log)
+    results = buttons.results
     sent = {**results["panic"].sent, **results["heartbeat"].sent}
     feedback = {**results["panic"].feedback, **results["heartbeat"].feedback}
     stored_keys = {(str(d), int(c)) for d, c, _ in stored}

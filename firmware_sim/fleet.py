@@ -127,3 +127,27 @@ def write_fleet(directory: Path, *, devices: int, mqtt_port: int, client_id: str
         encoding="utf-8",
     )
     return config, keys_path, sims
+
+
+def instance_configs(config: Path, count: int, client_id: str) -> list[Path]:
+    """``count`` instances of the panicd config ``config`` (as :func:`write_fleet` wrote
+    it, with a [dispatch] table) on its one store: each its own [panicd] instance name,
+    persistent MQTT session (``client_id-k``), web port and control socket; the rest
+    (store, devices, policies, public URL) shared. Used by tests and benchmarks."""
+    from firmware_sim.broker import free_port  # noqa: PLC0415 -- only several instances
+
+    text = config.read_text(encoding="utf-8")
+    port_line = next(line for line in text.splitlines() if line.startswith("listen_port = "))
+    socket_line = next(line for line in text.splitlines()
+                       if line.startswith("control_socket = "))
+    configs = []
+    for k in range(count):
+        own = (text.replace("[panicd]\n", f'[panicd]\ninstance = "i{k}"\n', 1)
+               .replace(f'client_id = "{client_id}"', f'client_id = "{client_id}-{k}"', 1)
+               .replace(port_line, f"listen_port = {free_port()}", 1)
+               .replace(socket_line,
+                        f'control_socket = "{config.parent / f"control-{k}.sock"}"', 1))
+        path = config.with_name(f"panicd-{k}.toml")
+        path.write_text(own, encoding="utf-8")
+        configs.append(path)
+    return configs

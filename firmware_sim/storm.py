@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import random
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -298,3 +299,41 @@ async def publish_all(host: str, port: int, messages: Sequence[tuple[str, bytes]
                 await asyncio.sleep(delay)
             await client.publish(topic, payload, qos=1, timeout=30)
     return len(messages)
+
+
+class PanicAndHeartbeats:
+    """Two storms in threads of their own over one stretch of time: ``panic`` buttons
+    press panic twice each (an incident and a press joining its burst), the rest send
+    heartbeats, ``presses`` in all; every press retransmitted until its feedback. Used
+    by the multi-instance fault tests and ``bench.ha``: ``start``, then ``join``;
+    ``results`` holds each storm's :class:`StormResult` by name ("panic", "heartbeat").
+    """
+
+    def __init__(self, host: str, port: int, panic: Sequence[SimDevice],
+                 heartbeat: Sequence[SimDevice], *, presses: int, rate: float,
+                 feedback_grace_s: float, client_id: str) -> None:
+        storm_s = presses / rate
+        panic_presses = 2 * len(panic)
+        groups = (("panic", panic, panic_presses, PressKind.PANIC),
+                  ("heartbeat", heartbeat, presses - panic_presses, PressKind.HEARTBEAT))
+        self.results: dict[str, StormResult] = {}
+
+        def publish(name: str, devices: Sequence[SimDevice], count: int,
+                    kind: PressKind) -> None:
+            self.results[name] = asyncio.run(storm(
+                host, port, devices, count=count, rate=count / storm_s, counter_base=1,
+                kind=kind, retransmit=True, feedback_grace_s=feedback_grace_s,
+                client_id=f"{client_id}-storm-{name}"))
+
+        self._threads = [threading.Thread(target=publish, args=group) for group in groups]
+
+    def start(self) -> None:
+        """Start both storms."""
+        for thread in self._threads:
+            thread.start()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for each; True when both ended."""
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
+        return not any(thread.is_alive() for thread in self._threads)

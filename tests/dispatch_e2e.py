@@ -23,6 +23,7 @@ from aiohttp import web
 from firmware_sim.broker import Mosquitto
 from firmware_sim.button import press
 from firmware_sim.fleet import SimDevice, write_fleet
+from firmware_sim.fleet import instance_configs as fleet_instance_configs
 from gateway.model import PressKind
 from tests.daemon_proc import store_rows
 from tests.prism import free_port
@@ -138,24 +139,8 @@ def deploy(
 
 
 def instance_configs(site: Deployment, count: int, client_id: str) -> list[Path]:
-    """``count`` instances of ``site`` on its one store: each its own config with its
-    own [panicd] instance name, persistent MQTT session (``client_id-k``), web port and
-    control socket; the rest (store, devices, policies, public URL) shared."""
-    text = site.config.read_text(encoding="utf-8")
-    port_line = next(line for line in text.splitlines() if line.startswith("listen_port = "))
-    socket_line = next(line for line in text.splitlines()
-                       if line.startswith("control_socket = "))
-    configs = []
-    for k in range(count):
-        own = (text.replace("[panicd]\n", f'[panicd]\ninstance = "i{k}"\n', 1)
-               .replace(f'client_id = "{client_id}"', f'client_id = "{client_id}-{k}"', 1)
-               .replace(port_line, f"listen_port = {free_port()}", 1)
-               .replace(socket_line,
-                        f'control_socket = "{site.config.parent / f"control-{k}.sock"}"', 1))
-        path = site.config.with_name(f"panicd-{k}.toml")
-        path.write_text(own, encoding="utf-8")
-        configs.append(path)
-    return configs
+    """``count`` instances of ``site`` on its one store (firmware_sim.fleet)."""
+    return fleet_instance_configs(site.config, count, client_id)
 
 
 def forget_sessions(mosquitto: Mosquitto, client_ids: Iterable[str]) -> None:

@@ -17,9 +17,7 @@ past its due time before some instance fired it (docs/HA.md).
 
 from __future__ import annotations
 
-import asyncio
 import random
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +25,7 @@ from pathlib import Path
 import pytest
 
 from firmware_sim.broker import Mosquitto
-from firmware_sim.fleet import SimDevice
-from firmware_sim.storm import StormResult, storm
-from gateway.model import PressKind
+from firmware_sim.storm import PanicAndHeartbeats
 from tests.daemon_proc import DaemonProcess, count_rows
 from tests.dispatch_e2e import (
     RecordingPeer,
@@ -53,10 +49,10 @@ pytestmark = pytest.mark.slow
 
 INSTANCES = 3
 BUTTONS = 500
+# Each panic button presses twice (PanicAndHeartbeats), spread over the storm so that
+# incidents open and steps fall due through all ten kills; the second press joins the
+# first one's burst.
 PANIC_BUTTONS = 50
-# Each panic button presses twice, spread over the storm so that incidents open and
-# steps fall due through all ten kills; the second press joins the first one's burst.
-PANIC_PRESSES = 2 * PANIC_BUTTONS
 PRESSES = 5_000
 RATE = 250.0
 KILLS = 10
@@ -90,31 +86,18 @@ def test_three_instances_lose_nothing_and_double_nothing_across_ten_kills(  # no
     configs = instance_configs(site, INSTANCES, client_id)
     chance = random.Random(1304)
     panic, heartbeat = site.devices[:PANIC_BUTTONS], site.devices[PANIC_BUTTONS:]
-    panic_presses = PANIC_PRESSES
-    storm_s = PRESSES / RATE
-    results: dict[str, StormResult] = {}
-
-    def publish(name: str, devices: list[SimDevice], count: int, kind: PressKind) -> None:
-        results[name] = asyncio.run(storm(
-            mosquitto.host, mosquitto.port, devices,
-            count=count, rate=count / storm_s, counter_base=1, kind=kind,
-            retransmit=True, feedback_grace_s=90.0, client_id=f"{client_id}-storm-{name}",
-        ))
+    buttons = PanicAndHeartbeats(mosquitto.host, mosquitto.port, panic, heartbeat,
+                                 presses=PRESSES, rate=RATE, feedback_grace_s=90.0,
+                                 client_id=client_id)
 
     running = [DaemonProcess(config, site.keys, tmp_path / f"i{k}-run0")
                for k, config in enumerate(configs)]
     everyone = list(running)
     for daemon in running:
         daemon.start()
-    storms = [
-        threading.Thread(target=publish, args=("panic", panic, panic_presses, PressKind.PANIC)),
-        threading.Thread(target=publish, args=("heartbeat", heartbeat, PRESSES - panic_presses,
-                                               PressKind.HEARTBEAT)),
-    ]
     kills: list[float] = []
     started = time.monotonic()
-    for thread in storms:
-        thread.start()
+    buttons.start()
     try:
         for n in range(1, KILLS + 1):
             time.sleep(max(0.0, started + n * KILL_EVERY_S - time.monotonic()))
@@ -125,9 +108,7 @@ def test_three_instances_lose_nothing_and_double_nothing_across_ten_kills(  # no
             running[k] = DaemonProcess(configs[k], site.keys, tmp_path / f"i{k}-run{n}")
             everyone.append(running[k])
             running[k].start()
-        for thread in storms:
-            thread.join(timeout=180)
-            assert not thread.is_alive(), "the storm did not end"
+        assert buttons.join(180), "the storm did not end"
         settle_s = _settle(site.database, PRESSES, 120)
         for daemon in running:
             assert daemon.terminate() == 0, daemon.log()[-3000:]
@@ -138,7 +119,8 @@ def test_three_instances_lose_nothing_and_double_nothing_across_ten_kills(  # no
         forget_sessions(mosquitto, [f"{client_id}-{k}" for k in range(INSTANCES)])
 
     database = site.database
-    outcome = count_outcome(database, results.values(), twilio_peer, site.public_url, everyone)
+    outcome = count_outcome(database, buttons.results.values(), twilio_peer,
+                            site.public_url, everyone)
     steps = rows(database, "SELECT due_at, fired_at FROM escalation_steps"
                            " WHERE state = 'fired'")
     failover = [f for f in _step_failover(kills, steps) if f is not None]

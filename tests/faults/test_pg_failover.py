@@ -17,8 +17,6 @@ Before it ran, docs/HA.md could only say "not yet tested here" of this failure.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,10 +24,8 @@ from pathlib import Path
 import pytest
 
 from firmware_sim.broker import Mosquitto
-from firmware_sim.fleet import SimDevice
 from firmware_sim.pgserver import PostgresNotInstalledError, PostgresServer
-from firmware_sim.storm import StormResult, storm
-from gateway.model import PressKind
+from firmware_sim.storm import PanicAndHeartbeats
 from tests.daemon_proc import DaemonProcess, count_rows
 from tests.dispatch_e2e import (
     RecordingPeer,
@@ -93,29 +89,16 @@ def test_a_lost_primary_and_a_promoted_standby_lose_no_press_and_double_no_page(
                   buttons=BUTTONS, store_url=both)
     configs = instance_configs(site, INSTANCES, client_id)
     panic, heartbeat = site.devices[:PANIC_BUTTONS], site.devices[PANIC_BUTTONS:]
-    storm_s = PRESSES / RATE
-    results: dict[str, StormResult] = {}
-
-    def publish(name: str, devices: list[SimDevice], count: int, kind: PressKind) -> None:
-        results[name] = asyncio.run(storm(
-            mosquitto.host, mosquitto.port, devices,
-            count=count, rate=count / storm_s, counter_base=1, kind=kind,
-            retransmit=True, feedback_grace_s=90.0, client_id=f"{client_id}-storm-{name}",
-        ))
+    buttons = PanicAndHeartbeats(mosquitto.host, mosquitto.port, panic, heartbeat,
+                                 presses=PRESSES, rate=RATE, feedback_grace_s=90.0,
+                                 client_id=client_id)
 
     instances = [DaemonProcess(config, site.keys, tmp_path / f"i{k}")
                  for k, config in enumerate(configs)]
     for daemon in instances:
         daemon.start()
-    storms = [
-        threading.Thread(target=publish, args=("panic", panic, 2 * PANIC_BUTTONS,
-                                               PressKind.PANIC)),
-        threading.Thread(target=publish, args=("heartbeat", heartbeat,
-                                               PRESSES - 2 * PANIC_BUTTONS, PressKind.HEARTBEAT)),
-    ]
     started = time.monotonic()
-    for thread in storms:
-        thread.start()
+    buttons.start()
     try:
         time.sleep(CRASH_AT_S)
         stored_before = count_rows(standby.dsn, "SELECT COUNT(*) FROM presses")
@@ -124,9 +107,7 @@ def test_a_lost_primary_and_a_promoted_standby_lose_no_press_and_double_no_page(
         time.sleep(DOWN_S)
         standby.promote()
         promoted_s = time.monotonic() - crashed
-        for thread in storms:
-            thread.join(timeout=180)
-            assert not thread.is_alive(), "the storm did not end"
+        assert buttons.join(180), "the storm did not end"
         ended = time.monotonic()
         settle(standby.dsn, PRESSES, 120)
         settle_s = time.monotonic() - ended
@@ -140,7 +121,7 @@ def test_a_lost_primary_and_a_promoted_standby_lose_no_press_and_double_no_page(
         forget_sessions(mosquitto, [f"{client_id}-{k}" for k in range(INSTANCES)])
 
     database = standby.dsn
-    outcome = count_outcome(database, results.values(), twilio_peer, site.public_url,
+    outcome = count_outcome(database, buttons.results.values(), twilio_peer, site.public_url,
                             instances)
     unavailable = sum(len(daemon.events("store.unavailable")) for daemon in instances)
     steps = count_rows(database, "SELECT COUNT(*) FROM escalation_steps WHERE state = 'fired'")
