@@ -190,7 +190,8 @@ class Daemon:
             # On a shared store a reception is stamped in the database's clock, as due
             # times are, so instances whose clocks differ still merge bursts alike.
             shared = running.dispatcher.shared_clock if running is not None else None
-            self._stamp = shared if shared is not None else time.time
+            if shared is not None:
+                self._stamp = shared
             self._make_sources(ingestor)
             if running is not None:
                 await stack.enter_async_context(
