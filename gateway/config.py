@@ -121,7 +121,7 @@ class IngestConfig:
     """Tuning and semantics of the ingest pipeline."""
 
     batch_max: int = 256
-    batch_window_ms: float = 2.0
+    batch_window_ms: float = 0.0
     queue_max: int = 10_000
     cancel_grace_s: float = 120.0
     burst_urgent_presses: int = 3
@@ -732,7 +732,7 @@ def _load(path: Path, environ: Mapping[str, str] | None, asked: set[str]) -> Con
     ingest_t = root.table("ingest")
     ingest = IngestConfig(
         batch_max=ingest_t.integer("batch_max", 256, 1, 10_000),
-        batch_window_ms=ingest_t.number("batch_window_ms", 2.0, 0, 1000),
+        batch_window_ms=ingest_t.number("batch_window_ms", 0.0, 0, 1000),
         queue_max=ingest_t.integer("queue_max", 10_000, 1, 1_000_000),
         cancel_grace_s=ingest_t.number("cancel_grace_s", 120, 0, 86400),
         burst_urgent_presses=ingest_t.integer("burst_urgent_presses", 3, 2, 1000),

@@ -86,7 +86,7 @@ class Ingestor:
         *,
         policy: DedupPolicy,
         batch_max: int = 256,
-        batch_window_s: float = 0.002,
+        batch_window_s: float = 0.0,
         queue_max: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -174,7 +174,8 @@ class Ingestor:
         while True:
             batch = [await self._queue.get()]
             if self._batch_window_s > 0:
-                # Group commits: a few ms of waiting turns one fsync into one per batch.
+                # Optional: wait for more presses. The default (0) needs no wait to group
+                # commits: what arrives while one COMMIT is in flight is the next batch.
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + self._batch_window_s
                 while len(batch) < self._batch_max:
