@@ -257,6 +257,9 @@ def test_missing_kelurahan_file_names_geo_key(tmp_path: Path) -> None:
         ("format = 'bogus'", "mqtt[0].format", "unknown format 'bogus'"),
         ("format = 'zigbee2mqtt'\nformat_options = { nonsense = 1 }", "mqtt[0].format_options", ""),
         ("format_options = { base_topic = 'x' }", "mqtt[0].format_options", "native"),
+        ("format = 'chirpstack'\n"
+         "format_options = { mapping = [ { field = 'sos', panik = [true] } ] }",
+         "mqtt[0].format_options", "unknown key(s) panik"),
         ("ca_file = 'absent.pem'", "mqtt[0].ca_file", "does not exist"),
         ("clientid = 'x'", "mqtt[0].clientid", "unknown key"),
         ("reconnect_min_s = 10\nreconnect_max_s = 5", "mqtt[0].reconnect_max_s", "between"),

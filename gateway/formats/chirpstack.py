@@ -27,10 +27,11 @@ from collections.abc import Mapping
 from gateway.errors import DecodeError
 from gateway.formats import _common as c
 from gateway.formats import lora_frame
+from gateway.formats.mapping import DEFAULT_RULES, FieldRule, kind_by_rules, rules_option
 from gateway.model import Frame, GeoFix, Ignored, PressKind
 
 FORMAT = "chirpstack"
-OPTIONS = ("events",)
+OPTIONS = ("events", "mapping")
 
 # What a device-profile codec is expected to put in ``object.event``.
 DEFAULT_EVENTS: Mapping[str, PressKind] = {
@@ -51,12 +52,16 @@ class ChirpstackDecoder:
     events: Mapping[str, PressKind] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_EVENTS)
     )
+    # For a codec object without ``event`` (gateway/formats/mapping.py).
+    rules: tuple[FieldRule, ...] = DEFAULT_RULES
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> ChirpstackDecoder:
-        """Build from config options: ``events`` maps codec event names to kinds."""
+        """Build from config options: ``events`` maps codec event names to kinds,
+        ``mapping`` field values to kinds."""
         c.reject_unknown_options(options, OPTIONS)
-        return cls(events=c.action_map(options, "events", DEFAULT_EVENTS, fold=True))
+        return cls(events=c.action_map(options, "events", DEFAULT_EVENTS, fold=True),
+                   rules=rules_option(options))
 
     def __call__(self, topic: str, payload: bytes) -> Frame | Ignored:
         """Decode one MQTT message."""
@@ -108,11 +113,15 @@ class ChirpstackDecoder:
         gateway_fix: GeoFix | None,
     ) -> Frame:
         name = c.as_str(obj.get("event"))
-        if name is None:
-            raise DecodeError("no_event", "codec object has no event")
-        kind = self.events.get(name.casefold())
-        if kind is None:
-            raise DecodeError("unknown_event", name[:64])
+        if name is not None:
+            kind = self.events.get(name.casefold())
+            if kind is None:
+                raise DecodeError("unknown_event", name[:64])
+        else:
+            mapped, read = kind_by_rules(obj, self.rules)
+            if mapped is None:
+                raise DecodeError("no_event", f"codec object has no event; {read}")
+            kind = mapped
         f_cnt = doc.get("fCnt", 0)  # proto3 JSON omits fCnt when it is 0
         counter = c.as_int(f_cnt)
         if counter is None or not 0 <= counter <= c.MAX_FCNT:

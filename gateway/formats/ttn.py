@@ -29,10 +29,11 @@ from collections.abc import Mapping
 from gateway.errors import DecodeError
 from gateway.formats import _common as c
 from gateway.formats import lora_frame
+from gateway.formats.mapping import DEFAULT_RULES, FieldRule, kind_by_rules, rules_option
 from gateway.model import Frame, GeoFix, Ignored, PressKind
 
 FORMAT = "ttn"
-OPTIONS = ("events", "identity", "simulated")
+OPTIONS = ("events", "identity", "simulated", "mapping")
 IDENTITIES = ("device_id", "dev_eui")
 SIMULATED = ("ignore", "test", "accept")
 
@@ -56,15 +57,19 @@ class TtnDecoder:
     )
     identity: str = "device_id"
     simulated: str = "ignore"
+    # For a decoded_payload without ``event`` (gateway/formats/mapping.py).
+    rules: tuple[FieldRule, ...] = DEFAULT_RULES
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> TtnDecoder:
-        """Build from options: ``events``, ``identity`` (device_id|dev_eui), ``simulated``."""
+        """Build from options: ``events``, ``identity`` (device_id|dev_eui), ``simulated``,
+        ``mapping`` (field values to kinds, gateway/formats/mapping.py)."""
         c.reject_unknown_options(options, OPTIONS)
         return cls(
             events=c.action_map(options, "events", DEFAULT_EVENTS, fold=True),
             identity=c.choice(options, "identity", IDENTITIES),
             simulated=c.choice(options, "simulated", SIMULATED),
+            rules=rules_option(options),
         )
 
     def __call__(self, topic: str, payload: bytes) -> Frame | Ignored:
@@ -123,11 +128,15 @@ class TtnDecoder:
                 return dataclasses.replace(inner, gateway_ref=gateway_ref, gateway_fix=gateway_fix)
             raise DecodeError("no_payload", "neither decoded_payload nor frm_payload")
         name = c.as_str(decoded.get("event"))
-        if name is None:
-            raise DecodeError("no_event", "decoded_payload has no event")
-        kind = self.events.get(name.casefold())
-        if kind is None:
-            raise DecodeError("unknown_event", name[:64])
+        if name is not None:
+            kind = self.events.get(name.casefold())
+            if kind is None:
+                raise DecodeError("unknown_event", name[:64])
+        else:
+            mapped, read = kind_by_rules(decoded, self.rules)
+            if mapped is None:
+                raise DecodeError("no_event", f"decoded_payload has no event; {read}")
+            kind = mapped
         f_cnt = up.get("f_cnt", 0)  # omitted when 0
         counter = c.as_int(f_cnt)
         if counter is None or not 0 <= counter <= c.MAX_FCNT:
