@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from gateway.errors import DecodeError
 from gateway.formats import _common as c
 from gateway.formats import lora_frame
-from gateway.formats.mapping import DEFAULT_RULES, FieldRule, kind_by_rules, rules_option
+from gateway.formats.mapping import DEFAULT_RULES, FieldRule, press_kind, rules_option
 from gateway.model import Frame, GeoFix, Ignored, PressKind
 
 FORMAT = "chirpstack"
@@ -112,16 +112,7 @@ class ChirpstackDecoder:
         gateway_ref: str | None,
         gateway_fix: GeoFix | None,
     ) -> Frame:
-        name = c.as_str(obj.get("event"))
-        if name is not None:
-            kind = self.events.get(name.casefold())
-            if kind is None:
-                raise DecodeError("unknown_event", name[:64])
-        else:
-            mapped, read = kind_by_rules(obj, self.rules)
-            if mapped is None:
-                raise DecodeError("no_event", f"codec object has no event; {read}")
-            kind = mapped
+        kind = press_kind(obj, self.events, self.rules, "codec object")
         f_cnt = doc.get("fCnt", 0)  # proto3 JSON omits fCnt when it is 0
         counter = c.as_int(f_cnt)
         if counter is None or not 0 <= counter <= c.MAX_FCNT:

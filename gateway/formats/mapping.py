@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.formats._common import OptionError
+from gateway.errors import DecodeError
+from gateway.formats._common import OptionError, as_str
 from gateway.model import PressKind
 
 KINDS = tuple(kind.value for kind in PressKind)
@@ -99,6 +100,24 @@ def _rule(key: str, index: int, table: object) -> FieldRule:
     if not values:
         raise OptionError(f"{where}: names no value for any of {', '.join(KINDS)}")
     return FieldRule(name, tuple(values))
+
+
+def press_kind(
+    doc: Mapping[str, object], events: Mapping[str, PressKind], rules: Sequence[FieldRule],
+    what: str,
+) -> PressKind:
+    """The kind of a decoded payload (``what`` names it in errors): its ``event`` name if
+    it has one, else the first rule that maps it; DecodeError when neither does."""
+    name = as_str(doc.get("event"))
+    if name is not None:
+        kind = events.get(name.casefold())
+        if kind is None:
+            raise DecodeError("unknown_event", name[:64])
+        return kind
+    mapped, read = kind_by_rules(doc, rules)
+    if mapped is None:
+        raise DecodeError("no_event", f"{what} has no event; {read}")
+    return mapped
 
 
 def kind_by_rules(

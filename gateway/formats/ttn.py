@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from gateway.errors import DecodeError
 from gateway.formats import _common as c
 from gateway.formats import lora_frame
-from gateway.formats.mapping import DEFAULT_RULES, FieldRule, kind_by_rules, rules_option
+from gateway.formats.mapping import DEFAULT_RULES, FieldRule, press_kind, rules_option
 from gateway.model import Frame, GeoFix, Ignored, PressKind
 
 FORMAT = "ttn"
@@ -127,16 +127,7 @@ class TtnDecoder:
                 inner = lora_frame.decode_bytes(data, format_name=FORMAT)
                 return dataclasses.replace(inner, gateway_ref=gateway_ref, gateway_fix=gateway_fix)
             raise DecodeError("no_payload", "neither decoded_payload nor frm_payload")
-        name = c.as_str(decoded.get("event"))
-        if name is not None:
-            kind = self.events.get(name.casefold())
-            if kind is None:
-                raise DecodeError("unknown_event", name[:64])
-        else:
-            mapped, read = kind_by_rules(decoded, self.rules)
-            if mapped is None:
-                raise DecodeError("no_event", f"decoded_payload has no event; {read}")
-            kind = mapped
+        kind = press_kind(decoded, self.events, self.rules, "decoded_payload")
         f_cnt = up.get("f_cnt", 0)  # omitted when 0
         counter = c.as_int(f_cnt)
         if counter is None or not 0 <= counter <= c.MAX_FCNT:
