@@ -10,10 +10,20 @@ from pathlib import Path
 class DecodeError(ValueError):
     """A frame could not be decoded; ``reason`` is a stable snake_case code for dead letters."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, fields: tuple[str, ...] = ()) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        #: The payload fields read to find the press kind (for ``panicctl decode``).
+        self.fields = fields
+        #: Who and which frame, when the envelope decoded before the press did not.
+        self.device_ref: str | None = None
+        self.counter: int | None = None
+
+    def about(self, device_ref: str, counter: int | None) -> DecodeError:
+        """This error, noting the device and counter the envelope named."""
+        self.device_ref, self.counter = device_ref, counter
+        return self
 
 
 # The key of a problem with a whole file (missing, unreadable, not TOML): there is no key

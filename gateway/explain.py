@@ -74,9 +74,12 @@ def _radio(mode: str, payload: bytes) -> Decoded:
     return Decoded(DecodeError("no_packet", "no received packet in the input"))
 
 
+_OWN_FORMATS = ("native", "lora-frame", *RADIO_FORMATS)
+
+
 def _trust(config: Config, format_name: str) -> Trust:
     """The trust a configured source gives this format (signed for our own formats)."""
-    if format_name in ("native", "lora-frame", *RADIO_FORMATS):
+    if format_name in _OWN_FORMATS:
         return Trust.SIGNED
     for source in config.mqtt:
         if source.format == format_name:
@@ -107,6 +110,14 @@ def explain(
         out["snr"] = decoded.snr
     frame = decoded.result
     if isinstance(frame, DecodeError):
+        # What the envelope told before the press did not decode: an installer sees
+        # whether the device was recognised at all, and which fields were looked at.
+        if frame.device_ref is not None:
+            out.update(device=frame.device_ref, counter=frame.counter)
+            device_id = config.external_index.get((format_name, frame.device_ref))
+            _registry(out, format_name, frame.device_ref, device_id, by_id=False)
+        if frame.fields:
+            out["fields_read"] = list(frame.fields)
         out.update(verdict=frame.reason, detail=frame.detail)
         return out
     if isinstance(frame, Ignored):
@@ -119,7 +130,8 @@ def explain(
     if frame.gateway_ref is not None:
         out["gateway"] = frame.gateway_ref
     device = config.device_for(frame)
-    out["registry_device"] = device.id if device else None
+    by_id = frame.tag is not None or format_name in (*_OWN_FORMATS, "app")
+    _registry(out, format_name, frame.device_ref, device.id if device else None, by_id=by_id)
     verdict = verify(frame, device=device, trust=_trust(config, format_name), state=None,
                      known=None, now=now)
     match verdict:
@@ -130,3 +142,16 @@ def explain(
             if verdict.detail:
                 out["detail"] = verdict.detail
     return out
+
+
+def _registry(out: dict[str, object], format_name: str, device_ref: str,
+              device_id: str | None, *, by_id: bool) -> None:
+    """The registry entry a device matched, or why none did (``by_id``: the frame names
+    a registry id, as our own signed frames do; else the network's identity)."""
+    out["registry_device"] = device_id
+    if device_id is None:
+        if by_id:
+            out["registry_detail"] = f"no [[device]] with id = {device_ref!r}"
+        else:
+            out["registry_detail"] = (f"no [[device]] with external_ids.{format_name} = "
+                                      f"{device_ref!r}")

@@ -171,6 +171,34 @@ def test_ttn_uplink_with_decoded_payload(decode: Decode) -> None:
         "dev1", 12, 64, "gtw1")
 
 
+def test_an_uplink_that_is_no_press_still_says_device_counter_and_fields(
+    decode: Decode,
+) -> None:
+    # A door sensor's status (issue 16): the verdict used to be all an installer saw.
+    code, out = decode("chirpstack", cs._up(fCnt=9, data=None, object={"door": "open"}),
+                       topic=cs.TOPIC)
+    assert code == 1
+    assert (out["verdict"], out["device"], out["registry_device"], out["counter"]) == (
+        "no_event", "0101010101010101", "TP-0", 9)
+    assert out["fields_read"] == ["event", "sos"]
+    assert "sos" in str(out["detail"])
+
+
+def test_an_unregistered_device_says_which_registry_entry_is_missing(decode: Decode) -> None:
+    payload = ttn._up(f_cnt=3, decoded_payload={"sos": True},
+                      top={"end_device_ids": {"device_id": "stranger"}})
+    code, out = decode("ttn", payload, topic="v3/app1@ttn/devices/stranger/up")
+    assert code == 1
+    assert (out["kind"], out["device"], out["registry_device"]) == ("panic", "stranger", None)
+    assert out["registry_detail"] == "no [[device]] with external_ids.ttn = 'stranger'"
+
+
+def test_ttn_sos_true_is_a_press_of_the_registered_device(decode: Decode) -> None:
+    payload = ttn._up(f_cnt=4, decoded_payload={"sos": True, "battery": 94})
+    code, out = decode("ttn", payload, topic=ttn.TOPIC)
+    assert (code, out["kind"], out["registry_device"], out["battery"]) == (0, "panic", "TP-1", 94)
+
+
 def test_zigbee2mqtt_sos_button(decode: Decode) -> None:
     code, out = decode("zigbee2mqtt",
                         b'{"action":"emergency","battery":84,"linkquality":120}',

@@ -112,9 +112,12 @@ class ChirpstackDecoder:
         gateway_ref: str | None,
         gateway_fix: GeoFix | None,
     ) -> Frame:
-        kind = press_kind(obj, self.events, self.rules, "codec object")
         f_cnt = doc.get("fCnt", 0)  # proto3 JSON omits fCnt when it is 0
         counter = c.as_int(f_cnt)
+        try:
+            kind = press_kind(obj, self.events, self.rules, "codec object")
+        except DecodeError as exc:
+            raise exc.about(dev_eui, counter) from None
         if counter is None or not 0 <= counter <= c.MAX_FCNT:
             raise DecodeError("bad_counter", repr(f_cnt)[:64])
         return Frame(

@@ -116,7 +116,8 @@ def press_kind(
         return kind
     mapped, read = kind_by_rules(doc, rules)
     if mapped is None:
-        raise DecodeError("no_event", f"{what} has no event; {read}")
+        fields = ("event", *dict.fromkeys(rule.field for rule in rules))
+        raise DecodeError("no_event", f"{what} has no event; {read}", fields=fields)
     return mapped
 
 

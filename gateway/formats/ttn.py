@@ -127,9 +127,12 @@ class TtnDecoder:
                 inner = lora_frame.decode_bytes(data, format_name=FORMAT)
                 return dataclasses.replace(inner, gateway_ref=gateway_ref, gateway_fix=gateway_fix)
             raise DecodeError("no_payload", "neither decoded_payload nor frm_payload")
-        kind = press_kind(decoded, self.events, self.rules, "decoded_payload")
         f_cnt = up.get("f_cnt", 0)  # omitted when 0
         counter = c.as_int(f_cnt)
+        try:
+            kind = press_kind(decoded, self.events, self.rules, "decoded_payload")
+        except DecodeError as exc:
+            raise exc.about(device_ref, counter) from None
         if counter is None or not 0 <= counter <= c.MAX_FCNT:
             raise DecodeError("bad_counter", repr(f_cnt)[:64])
         battery = c.battery_percent(decoded.get("battery"))
