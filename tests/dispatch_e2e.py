@@ -416,6 +416,18 @@ class Outcome:
         )
 
 
+def steps_fired(journals: Iterable[Any]) -> dict[tuple[object, object], int]:
+    """How often each escalation step (incident, level) fired, over every journal
+    (tests.daemon_proc.DaemonProcess) of every run of every instance."""
+    fired: dict[tuple[object, object], int] = {}
+    for journal in journals:
+        for entry in journal.events("escalation.step_due"):
+            if entry.get("incident") is not None:
+                key = (entry["incident"], entry["level"])
+                fired[key] = fired.get(key, 0) + 1
+    return fired
+
+
 def count_outcome(database: Path | str, storms: Iterable[Any], peer: RecordingPeer,
                   public_url: str, journals: Iterable[Any]) -> Outcome:
     """Count a storm's outcome: ``storms`` are the buttons' StormResults, ``journals``
@@ -435,12 +447,7 @@ def count_outcome(database: Path | str, storms: Iterable[Any], peer: RecordingPe
         return f"{public_url}/twilio/status/{kind}/{outbox_id}"
 
     twice = [doubt for i, ch, doubt in alerts if accepted.get(callback(i, ch), 0) > 1]
-    fired: dict[tuple[object, object], int] = {}
-    for journal in journals:
-        for entry in journal.events("escalation.step_due"):
-            if entry.get("incident") is not None:
-                key = (entry["incident"], entry["level"])
-                fired[key] = fired.get(key, 0) + 1
+    fired = steps_fired(journals)
     return Outcome(
         sent=len(sent), stored=len(stored),
         lost=len(set(sent) - {(str(d), int(str(c))) for d, c, _ in stored}),

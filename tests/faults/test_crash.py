@@ -33,6 +33,7 @@ from tests.dispatch_e2e import (
     duplicated_outbox_keys,
     policies_toml,
     rows,
+    steps_fired,
     twilio_env,
     twilio_peer,
 )
@@ -126,12 +127,7 @@ def test_every_press_stored_once_and_every_incident_paged_once_across_random_kil
                  for i, ch, _ in alerts]
     pages_twice = sum(1 for key in callbacks if accepted.get(key, 0) > 1)
     pages_never = sum(1 for key in callbacks if key not in accepted)
-    due_lines: dict[tuple[object, object], int] = {}
-    for daemon in daemons:
-        for entry in daemon.events("escalation.step_due"):
-            if entry.get("incident") is not None:
-                key = (entry["incident"], entry["level"])
-                due_lines[key] = due_lines.get(key, 0) + 1
+    due_lines = steps_fired(daemons)
     steps_twice = sum(1 for n in due_lines.values() if n > 1)
     fault_report(
         f"panicd SIGKILL x{KILLS} at {', '.join(f'{t:.1f}' for t in kill_at)} s of a mixed"
