@@ -215,9 +215,19 @@ class Config:
         by the identity that network gives it (devEui, friendly name, …), never by
         registry id, so a device cannot claim another one's id by its name.
         """
-        if frame.format in _SIGNED_FORMATS or frame.tag is not None:
+        if self.names_registry_id(frame):
             return self.devices.get(frame.device_ref)
-        device_id = self.external_index.get((frame.format, frame.device_ref))
+        return self.external_device(frame.format, frame.device_ref)
+
+    @staticmethod
+    def names_registry_id(frame: Frame) -> bool:
+        """Whether the frame's identity is a registry id (our own signed frames), not the
+        identity its network gives it."""
+        return frame.format in _SIGNED_FORMATS or frame.tag is not None
+
+    def external_device(self, format_name: str, device_ref: str) -> Device | None:
+        """The device registered with ``external_ids.<format_name> = device_ref``."""
+        device_id = self.external_index.get((format_name, device_ref))
         return None if device_id is None else self.devices.get(device_id)
 
 

@@ -74,12 +74,9 @@ def _radio(mode: str, payload: bytes) -> Decoded:
     return Decoded(DecodeError("no_packet", "no received packet in the input"))
 
 
-_OWN_FORMATS = ("native", "lora-frame", *RADIO_FORMATS)
-
-
 def _trust(config: Config, format_name: str) -> Trust:
     """The trust a configured source gives this format (signed for our own formats)."""
-    if format_name in _OWN_FORMATS:
+    if format_name in ("native", "lora-frame", *RADIO_FORMATS):
         return Trust.SIGNED
     for source in config.mqtt:
         if source.format == format_name:
@@ -114,8 +111,9 @@ def explain(
         # whether the device was recognised at all, and which fields were looked at.
         if frame.device_ref is not None:
             out.update(device=frame.device_ref, counter=frame.counter)
-            device_id = config.external_index.get((format_name, frame.device_ref))
-            _registry(out, format_name, frame.device_ref, device_id, by_id=False)
+            known = config.external_device(format_name, frame.device_ref)
+            _registry(out, format_name, frame.device_ref, known.id if known else None,
+                      by_id=False)
         if frame.fields:
             out["fields_read"] = list(frame.fields)
         out.update(verdict=frame.reason, detail=frame.detail)
@@ -130,8 +128,8 @@ def explain(
     if frame.gateway_ref is not None:
         out["gateway"] = frame.gateway_ref
     device = config.device_for(frame)
-    by_id = frame.tag is not None or format_name in (*_OWN_FORMATS, "app")
-    _registry(out, format_name, frame.device_ref, device.id if device else None, by_id=by_id)
+    _registry(out, format_name, frame.device_ref, device.id if device else None,
+              by_id=config.names_registry_id(frame))
     verdict = verify(frame, device=device, trust=_trust(config, format_name), state=None,
                      known=None, now=now)
     match verdict:

@@ -35,15 +35,12 @@ class FieldRule:
     field: str
     values: tuple[tuple[bool | int | float | str, PressKind], ...]
 
-    def kind_of(self, doc: Mapping[str, object]) -> tuple[bool, PressKind | None]:
-        """(whether the field is present, the kind its value means or None)."""
-        found, value = _lookup(doc, self.field)
-        if not found:
-            return False, None
+    def kind_for(self, value: object) -> PressKind | None:
+        """The kind the field's ``value`` means, or None."""
         for wanted, kind in self.values:
             if _same(value, wanted):
-                return True, kind
-        return True, None
+                return kind
+        return None
 
 
 # Out of the box, with nothing configured: a codec's {"sos": true} is a panic.
@@ -127,11 +124,13 @@ def kind_by_rules(
     """The kind the first matching rule gives, and what was read (for a dead letter)."""
     read: list[str] = []
     for rule in rules:
-        present, kind = rule.kind_of(doc)
+        present, value = _lookup(doc, rule.field)
+        if not present:
+            continue
+        kind = rule.kind_for(value)
         if kind is not None:
-            return kind, f"{rule.field}"
-        if present:
-            read.append(f"{rule.field}={_lookup(doc, rule.field)[1]!r}"[:80])
+            return kind, rule.field
+        read.append(f"{rule.field}={value!r}"[:80])
     if read:
         return None, "no mapping matched: " + ", ".join(read)
     fields = ", ".join(sorted({rule.field for rule in rules}))
